@@ -1,0 +1,22 @@
+"""lightning-te-moe: a Lightning precision plugin for training MoE models with NVIDIA Transformer Engine."""
+
+from .environment import Environment, probe_environment
+from .plan import Plan, Reason, Rung
+from .plugin import TEMoEPrecision
+from .policy import PlanError, PrecisionRequest, make_plan
+from .recipes import RECIPE_NAMES, RecipeSpec
+
+__all__ = [
+    "RECIPE_NAMES",
+    "Environment",
+    "Plan",
+    "PlanError",
+    "PrecisionRequest",
+    "Reason",
+    "RecipeSpec",
+    "Rung",
+    "TEMoEPrecision",
+    "make_plan",
+    "probe_environment",
+]
+__version__ = "0.1.0"

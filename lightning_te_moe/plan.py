@@ -1,0 +1,125 @@
+"""The result of the policy: which recipe dense layers and experts start on, the ladder of fallbacks, and why."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .environment import Environment
+from .recipes import RecipeSpec
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One explained decision, naming the rule (or the user's request) that produced it."""
+
+    rule: str
+    text: str
+    ref: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"rule": self.rule, "text": self.text, "ref": self.ref}
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of the ladder: the recipe for dense layers and the one for expert GEMMs."""
+
+    dense: RecipeSpec
+    experts: RecipeSpec
+
+    def label(self) -> str:
+        dense, experts = self.dense.label(), self.experts.label()
+        return dense if dense == experts else f"{dense} / experts {experts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.to_dict(), "experts": self.experts.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rung:
+        return cls(RecipeSpec.from_dict(data["dense"]), RecipeSpec.from_dict(data["experts"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run, in what order to fall back, and why. ``ladder[0]`` is where training starts."""
+
+    ladder: tuple[Rung, ...]
+    environment: Environment
+    reasons: tuple[Reason, ...] = ()
+    env_vars: dict[str, str] = field(default_factory=dict)
+    fused_attention: bool = False
+    request: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dense(self) -> RecipeSpec:
+        return self.ladder[0].dense
+
+    @property
+    def experts(self) -> RecipeSpec:
+        return self.ladder[0].experts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dense": self.dense.to_dict(),
+            "experts": self.experts.to_dict(),
+            "ladder": [r.to_dict() for r in self.ladder],
+            "env_vars": dict(self.env_vars),
+            "fused_attention": self.fused_attention,
+            "reasons": [r.to_dict() for r in self.reasons],
+            "request": dict(self.request),
+            "environment": self.environment.to_dict(),
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            ladder=tuple(Rung.from_dict(r) for r in data["ladder"]),
+            environment=Environment.from_dict(data["environment"]),
+            reasons=tuple(Reason(**r) for r in data.get("reasons", ())),
+            env_vars=dict(data.get("env_vars") or {}),
+            fused_attention=bool(data.get("fused_attention", False)),
+            request=dict(data.get("request") or {}),
+        )
+
+    def summary(self) -> str:
+        """One line: start recipe and ladder."""
+        return " -> ".join(r.label() for r in self.ladder)
+
+    def render(self) -> Any:
+        """A rich renderable: the chosen recipes, the ladder, and every reason."""
+        from rich.console import Group
+        from rich.table import Table
+
+        head = Table(title="lightning-te-moe precision plan", show_header=False, title_justify="left")
+        head.add_column(style="bold")
+        head.add_column()
+        head.add_row("environment", self.environment.summary())
+        head.add_row("dense layers", self.dense.label())
+        pad = f"tokens per expert padded to {self.experts.alignment}" if self.experts.alignment > 1 else "no padding"
+        head.add_row("experts", f"{self.experts.label()} ({pad})")
+        head.add_row("ladder", " -> ".join(r.label() for r in self.ladder))
+        head.add_row("attention", "TE fused" if self.fused_attention else "model's own")
+        if self.env_vars:
+            head.add_row("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items()))
+        why = Table(title="why", title_justify="left")
+        why.add_column("rule", style="cyan", no_wrap=True)
+        why.add_column("reason")
+        why.add_column("reference", style="dim")
+        for reason in self.reasons:
+            why.add_row(reason.rule, reason.text, reason.ref)
+        return Group(head, why)
+
+    def render_text(self, width: int = 120) -> str:
+        """The rendered table as plain text (logs, tests)."""
+        import io
+
+        from rich.console import Console
+
+        console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+        console.print(self.render())
+        return console.export_text()

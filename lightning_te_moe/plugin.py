@@ -1,0 +1,217 @@
+"""``TEMoEPrecision``: the Lightning precision plugin. Thin hooks over environment -> policy -> plan -> state."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from .decisions import DecisionLog
+from .environment import Environment, probe_environment
+from .plan import Plan
+from .policy import PrecisionRequest, make_plan
+from .recipes import RecipeName, spec_from_te_recipe
+from .state import PrecisionState
+
+RecipeChoice = Literal["auto", "bf16", "fp16", "fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
+
+#: Lightning's precision string for each recipe family (``trainer.precision``).
+_LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
+
+class TERecipe:
+    """Type stand-in for a ``transformer_engine.common.recipe.Recipe`` instance passed from Python."""
+
+
+class TEMoEPrecision(Precision):
+    """Train MoE models with Transformer Engine in the best precision the machine runs, and explain why.
+
+    At setup it probes the device and TE/cuDNN/CUDA versions, makes a :class:`~lightning_te_moe.plan.Plan`
+    from the rules table, prints it, and runs forward passes under the plan's current rung (TE ``autocast``
+    for quantized recipes, torch autocast for the compute dtype). The rung is saved in checkpoints.
+
+    Args:
+        recipe: ``"auto"``, a recipe name, or a TE recipe object.
+        allow: recipe names the plan may use (empty: all).
+        deny: recipe names the plan must not use.
+        auto_nvfp4: let ``auto`` choose NVFP4 where the device runs it.
+        prefer_stability: ``auto`` avoids delayed scaling and NVFP4 and starts with a high-precision backward.
+        strict: a requested recipe the device cannot run is an error; with False the plan steps down.
+        params_dtype: dtype the model's parameters are kept in (the optimizer's master weights).
+        print_plan: print the plan table at setup (rank 0).
+    """
+
+    precision: str = "32-true"
+
+    def __init__(
+        self,
+        recipe: Union[RecipeChoice, TERecipe] = "auto",
+        *,
+        allow: Optional[list[RecipeName]] = None,
+        deny: Optional[list[RecipeName]] = None,
+        auto_nvfp4: bool = False,
+        prefer_stability: bool = False,
+        strict: bool = True,
+        params_dtype: Literal["float32", "bfloat16"] = "float32",
+        print_plan: bool = True,
+    ) -> None:
+        if not isinstance(recipe, str):
+            spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
+        self.request = PrecisionRequest(recipe=recipe, allow=tuple(allow or ()), deny=tuple(deny or ()),
+                                        auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability, strict=strict)
+        self.params_dtype = getattr(torch, params_dtype)
+        self.print_plan = print_plan
+        self.state: Optional[PrecisionState] = None
+        self.decisions = DecisionLog()
+        self._device_type = "cpu"
+        self._amp: Optional[MixedPrecision] = None
+        self._trainer: Any = None
+        self._resume_step: Optional[int] = None
+        #: Module swaps run at setup, in order: ``fn(model, state) -> (summary, details) or None``.
+        self.module_swaps: list[Callable[[torch.nn.Module, PrecisionState], Optional[tuple[str, dict]]]] = []
+
+    # -- planning -------------------------------------------------------------------------------
+    def make_plan(self, device: torch.device, torch_compile: bool = False,
+                  environment: Optional[Environment] = None) -> Plan:
+        """Probe ``device`` (unless an environment is given) and plan; does not change the plugin."""
+        env = environment or probe_environment(device)
+        request = dataclasses.replace(self.request, torch_compile=torch_compile)
+        return make_plan(env, request)
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        return self.state.plan if self.state else None
+
+    def _set_up(self, plan: Plan, device: torch.device) -> None:
+        self._device_type = device.type
+        self.state = PrecisionState(plan)
+        self.state.on_change(lambda old, new: self._sync_precision_label())
+        self._sync_precision_label()
+        os.environ.update(plan.env_vars)
+        if device.type == "cuda" and any(r.dense.name == "fp16" for r in plan.ladder):
+            self._amp = MixedPrecision("16-mixed", device="cuda")
+        self.decisions.environment = plan.environment.summary()
+        self.decisions.record("plan", f"start on {plan.ladder[0].label()}; ladder {plan.summary()}",
+                              to=plan.ladder[0].label(), rule="policy",
+                              evidence={"reasons": [r.to_dict() for r in plan.reasons]})
+        if self.print_plan:
+            _print_rank_zero(plan)
+
+    def _sync_precision_label(self) -> None:
+        assert self.state is not None
+        dense = self.state.dense.name
+        self.precision = "transformer-engine" if self.state.dense.is_te else _LIGHTNING_PRECISION[dense]
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Plan on the real device, run the module swaps, cast parameters. Changes ``module`` in place."""
+        trainer = getattr(module, "_trainer", None)
+        self._trainer = trainer
+        if self.state is None:
+            device = trainer.strategy.root_device if trainer is not None else _default_device()
+            compiled = getattr(module, "_compiler_ctx", None) is not None
+            plan = self.make_plan(device, torch_compile=compiled)
+            if trainer is not None and trainer.world_size > 1:  # every rank runs rank 0's plan
+                plan = Plan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+            self._set_up(plan, device)
+        assert self.state is not None
+        for swap in self.module_swaps:
+            result = swap(module, self.state)
+            if result is not None:
+                summary, details = result
+                self.decisions.record("swap", summary, rule="swap", evidence=details)
+        module.to(dtype=self.params_dtype)
+        return module
+
+    def forward_context(self) -> AbstractContextManager:
+        """torch autocast for the compute dtype, TE autocast for a quantized dense recipe."""
+        stack = ExitStack()
+        if self.state is None:
+            return stack
+        dense = self.state.dense
+        if dense.name != "fp32":
+            stack.enter_context(torch.autocast(self._device_type, dtype=dense.compute_dtype, cache_enabled=False))
+        if dense.is_te:
+            import transformer_engine.pytorch as te
+
+            stack.enter_context(te.autocast(enabled=True, recipe=self.state.te_recipe(dense)))
+        return stack
+
+    def _scaler_active(self) -> bool:
+        return self._amp is not None and self.state is not None and self.state.dense.name == "fp16"
+
+    def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:
+        if self._scaler_active():
+            return self._amp.pre_backward(tensor, module)
+        return super().pre_backward(tensor, module)
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        if self._scaler_active():
+            return self._amp.optimizer_step(optimizer, model, closure, **kwargs)
+        return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+
+    def clip_gradients(self, optimizer: Any, clip_val: Union[int, float] = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        target = self._amp if self._scaler_active() else super()
+        kwargs = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
+        target.clip_gradients(optimizer, clip_val=clip_val, **kwargs)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.state is None:
+            return {}
+        return {
+            "plan": self.state.plan.to_dict(),
+            "rung": self.state.index,
+            "decisions": self.decisions.state_dict(),
+            "scaler": self._amp.state_dict() if self._amp is not None else {},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_step = int(checkpoint.get("global_step", 0))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue on the checkpoint's plan and rung when it was made for this same kind of machine."""
+        if not state_dict:
+            return
+        saved = Plan.from_dict(state_dict["plan"])
+        history = state_dict.get("decisions", [])
+        step = self._resume_step or 0
+        if self.state is None:  # restored before setup (e.g. a strategy that restores early)
+            self._set_up(saved, _default_device())
+        current_env = self.state.plan.environment
+        same = (saved.environment.compute_capability, saved.environment.te_version) == (
+            current_env.compute_capability, current_env.te_version)
+        self.decisions.load_state_dict(history)
+        if same:
+            self.state.plan = saved
+            self.state.set_index(int(state_dict["rung"]))
+            if self._amp is not None and state_dict.get("scaler"):
+                self._amp.load_state_dict(state_dict["scaler"])
+            self.decisions.record("resume", f"resumed on rung {self.state.index}: {self.state.rung.label()}",
+                                  step=step, to=self.state.rung.label(), rule="checkpoint")
+        else:
+            self.decisions.record(
+                "resume", f"checkpoint was planned for {saved.environment.summary()}; this machine is"
+                f" {current_env.summary()}: keeping this machine's plan {self.state.plan.summary()}",
+                step=step, from_=saved.ladder[int(state_dict['rung'])].label(), to=self.state.rung.label(),
+                rule="checkpoint")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _print_rank_zero(plan: Plan) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        from rich.console import Console
+
+        Console().print(plan.render())
+    rank_zero_info(f"[lightning-te-moe] plan: {plan.summary()}")

@@ -1,0 +1,278 @@
+"""Environment + the user's wishes -> a ``Plan``, using only the rules table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .environment import Environment
+from .plan import Plan, Reason, Rung
+from .recipes import RECIPE_NAMES, RecipeSpec, spec_from_te_recipe
+from .rules import Rule, matching_rules
+
+#: Where each recipe steps down to when it is forbidden and ``strict=False`` (and for experts when
+#: their GEMMs cannot run the dense recipe): the next more conservative recipe.
+STEP_DOWN: dict[str, tuple[str, ...]] = {
+    "nvfp4": ("mxfp8", "fp8_current", "bf16", "fp32"),
+    "mxfp8": ("fp8_current", "bf16", "fp32"),
+    "fp8_block": ("fp8_current", "bf16", "fp32"),
+    "fp8_delayed": ("fp8_current", "bf16", "fp32"),
+    "fp8_current": ("bf16", "fp32"),
+    "bf16": ("fp16", "fp32"),
+    "fp16": ("fp32",),
+    "fp32": (),
+}
+
+
+class PlanError(ValueError):
+    """A requested recipe the environment cannot run (with ``strict=True``)."""
+
+
+@dataclass(frozen=True)
+class PrecisionRequest:
+    """What the user asked for. ``recipe`` is ``"auto"``, a recipe name, or a TE recipe object."""
+
+    recipe: Union[str, Any] = "auto"
+    allow: tuple[str, ...] = ()  # empty: every recipe
+    deny: tuple[str, ...] = ()
+    auto_nvfp4: bool = False
+    prefer_stability: bool = False
+    strict: bool = True
+    torch_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recipe, str) and self.recipe != "auto":
+            _check_name(self.recipe, "recipe", allow_auto=True)
+        for label, names in (("allow", self.allow), ("deny", self.deny)):
+            for name in names:
+                _check_name(name, label)
+
+    def to_dict(self) -> dict[str, Any]:
+        recipe = self.recipe if isinstance(self.recipe, str) else spec_from_te_recipe(self.recipe).to_dict()
+        return {
+            "recipe": recipe, "allow": list(self.allow), "deny": list(self.deny), "auto_nvfp4": self.auto_nvfp4,
+            "prefer_stability": self.prefer_stability, "strict": self.strict, "torch_compile": self.torch_compile,
+        }
+
+
+def _check_name(name: str, label: str, allow_auto: bool = False) -> None:
+    if name not in RECIPE_NAMES:
+        valid = ("auto, " if allow_auto else "") + ", ".join(RECIPE_NAMES)
+        raise ValueError(f"{label}: unknown recipe {name!r}; valid names are: {valid}")
+
+
+@dataclass
+class _Constraints:
+    """The matched rules folded into lookups."""
+
+    forbidden: dict[str, Reason] = field(default_factory=dict)
+    experts_forbidden: dict[str, Reason] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    setting_reasons: dict[str, list[Reason]] = field(default_factory=dict)
+    prefer: tuple[str, ...] = ()
+    prefer_reason: Optional[Reason] = None
+    drop_hp_backward: Optional[Reason] = None
+    hp_via: dict[str, tuple[str, Reason]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    env_reasons: list[Reason] = field(default_factory=list)
+    fused_attention_off: Optional[Reason] = None
+
+    def why_forbidden(self, name: str, experts: bool = False) -> Optional[Reason]:
+        return self.forbidden.get(name) or (self.experts_forbidden.get(name) if experts else None)
+
+
+def _reason(rule: Rule, env: Environment) -> Reason:
+    text = rule.why
+    family = rule.when.te_reports_unavailable
+    if family and env.te_checks.get(family) and env.te_checks[family].reason:
+        text = f"{text} TE says: {env.te_checks[family].reason}"
+    return Reason(rule.id, text, rule.ref)
+
+
+def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
+    c = _Constraints()
+    for rule in matching_rules(env, torch_compile=request.torch_compile):
+        reason, effect = _reason(rule, env), rule.effect
+        target = c.experts_forbidden if effect.experts_only else c.forbidden
+        for name in effect.forbid:
+            target.setdefault(name, reason)
+        for name, values in effect.settings.items():
+            c.settings.setdefault(name, {}).update(values)
+            c.setting_reasons.setdefault(name, []).append(reason)
+        if effect.prefer and not c.prefer:
+            c.prefer, c.prefer_reason = effect.prefer, reason
+        if effect.drop_high_precision_backward and c.drop_hp_backward is None:
+            c.drop_hp_backward = reason
+        for src, dst in effect.high_precision_backward_via.items():
+            c.hp_via.setdefault(src, (dst, reason))
+        if effect.env:
+            c.env.update(effect.env)
+            c.env_reasons.append(reason)
+        if effect.fused_attention is False and c.fused_attention_off is None:
+            c.fused_attention_off = reason
+    for name in request.deny:
+        c.forbidden.setdefault(name, Reason("request.deny", f"{name} is in deny=", "TEMoEPrecision(deny=...)"))
+    if request.allow:
+        for name in RECIPE_NAMES:
+            if name not in request.allow:
+                c.forbidden.setdefault(name, Reason("request.allow", f"{name} is not in allow=", "TEMoEPrecision(allow=...)"))
+    return c
+
+
+def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> Plan:
+    """Choose the starting recipes and the ladder for ``env``, explaining every choice."""
+    request = request or PrecisionRequest()
+    c = _fold(env, request)
+    reasons: list[Reason] = []
+
+    dense = _choose_dense(env, request, c, reasons)
+    dense = _apply_settings(dense, c, reasons, user_given=not isinstance(request.recipe, str), strict=request.strict)
+    experts = _choose_experts(dense, c, reasons)
+
+    ladder = _ladder(Rung(dense, experts), c, reasons)
+    if request.prefer_stability and len(ladder) > 1 and ladder[1].dense.backward_override == "high_precision":
+        reasons.append(Reason("request.prefer_stability",
+                              f"prefer_stability: start on {ladder[1].label()} (high-precision backward)",
+                              "TEMoEPrecision(prefer_stability=True)"))
+        ladder = ladder[1:]
+
+    if ladder[0].experts.alignment > 1:
+        spec = ladder[0].experts
+        reasons.append(Reason("grouped-gemm-alignment",
+                              f"{spec.name} grouped GEMMs need each expert's token count padded to a multiple of"
+                              f" {spec.alignment}", "TE get_align_size_for_quantization; TE #2966 (MXFP8: 32)"))
+    reasons.extend(c.env_reasons)
+    fused = env.device_type == "cuda" and env.has_te and c.fused_attention_off is None
+    if c.fused_attention_off is not None:
+        reasons.append(c.fused_attention_off)
+    return Plan(ladder=tuple(ladder), environment=env, reasons=tuple(_dedupe(reasons)), env_vars=dict(c.env),
+                fused_attention=fused, request=request.to_dict())
+
+
+def _choose_dense(env: Environment, request: PrecisionRequest, c: _Constraints, reasons: list[Reason]) -> RecipeSpec:
+    if isinstance(request.recipe, str) and request.recipe == "auto":
+        return _choose_auto(request, c, reasons)
+    spec = request.recipe if isinstance(request.recipe, RecipeSpec) else (
+        RecipeSpec.of(request.recipe) if isinstance(request.recipe, str) else spec_from_te_recipe(request.recipe))
+    why = c.why_forbidden(spec.name)
+    if why is None:
+        reasons.append(Reason("request.recipe", f"{spec.name} was requested and nothing forbids it here",
+                              "TEMoEPrecision(recipe=...)"))
+        return spec
+    allowed = [n for n in RECIPE_NAMES if c.why_forbidden(n) is None]
+    if request.strict:
+        raise PlanError(
+            f"recipe {spec.name!r} cannot run on {env.summary()}: {why.text} [{why.rule}: {why.ref}]. "
+            f"Recipes allowed here: {', '.join(allowed) or 'none'}. Pass strict=False to step down automatically."
+        )
+    for name in STEP_DOWN[spec.name]:
+        if c.why_forbidden(name) is None:
+            reasons.append(Reason(why.rule, f"{spec.name} was requested but {why.text} Stepped down to {name}"
+                                  " (strict=False).", why.ref))
+            return RecipeSpec.of(name)
+    raise PlanError(f"recipe {spec.name!r} cannot run and no fallback is allowed: {why.text}")
+
+
+def _choose_auto(request: PrecisionRequest, c: _Constraints, reasons: list[Reason]) -> RecipeSpec:
+    order = c.prefer or ("bf16", "fp32")
+    if c.prefer_reason:
+        reasons.append(c.prefer_reason)
+    for name in order:
+        why = c.why_forbidden(name)
+        if why is not None:
+            reasons.append(Reason(why.rule, f"auto skips {name}: {why.text}", why.ref))
+            continue
+        if name == "nvfp4" and not request.auto_nvfp4:
+            reasons.append(Reason("request.auto_nvfp4", "auto skips nvfp4: NVFP4 is only chosen automatically with"
+                                  " auto_nvfp4=True", "TEMoEPrecision(auto_nvfp4=True)"))
+            continue
+        if name == "fp8_delayed" and request.prefer_stability:
+            reasons.append(Reason("request.prefer_stability", "auto skips fp8_delayed: prefer_stability",
+                                  "TEMoEPrecision(prefer_stability=True)"))
+            continue
+        reasons.append(Reason("auto", f"auto chose {name}: the first recipe in this device's order that is allowed",
+                              c.prefer_reason.ref if c.prefer_reason else ""))
+        return RecipeSpec.of(name)
+    raise PlanError("no recipe is allowed here; check allow=/deny= (valid names: " + ", ".join(RECIPE_NAMES) + ")")
+
+
+def _apply_settings(spec: RecipeSpec, c: _Constraints, reasons: list[Reason], user_given: bool,
+                    strict: bool) -> RecipeSpec:
+    forced = c.settings.get(spec.name, {})
+    changed = {k: v for k, v in forced.items() if spec.settings.get(k) != v}
+    if not forced:
+        return spec
+    if changed and user_given and strict:
+        why = c.setting_reasons[spec.name][0]
+        raise PlanError(f"the {spec.name} recipe passed in has {', '.join(f'{k}={spec.settings.get(k)!r}' for k in changed)}"
+                        f" but this environment needs {', '.join(f'{k}={v!r}' for k, v in changed.items())}: {why.text}"
+                        f" [{why.rule}: {why.ref}]. Fix the recipe or pass strict=False.")
+    reasons.extend(Reason(r.rule, f"{spec.name}: {r.text} Forced " + ", ".join(f"{k}={v}" for k, v in forced.items())
+                          + ".", r.ref) for r in c.setting_reasons[spec.name])
+    return RecipeSpec(spec.name, {**spec.settings, **forced})
+
+
+def _choose_experts(dense: RecipeSpec, c: _Constraints, reasons: list[Reason]) -> RecipeSpec:
+    why = c.why_forbidden(dense.name, experts=True)
+    if why is None:
+        return dense
+    order = [n for n in (c.prefer or ()) if n in STEP_DOWN[dense.name]] or list(STEP_DOWN[dense.name])
+    for name in order:
+        if c.why_forbidden(name, experts=True) is None:
+            spec = _apply_settings(RecipeSpec.of(name), c, reasons, user_given=False, strict=False)
+            reasons.append(Reason(why.rule, f"experts run {name} while dense layers run {dense.name}: {why.text}",
+                                  why.ref))
+            return spec
+    raise PlanError(f"no recipe is allowed for the experts: {why.text}")
+
+
+def _with_hp_backward(spec: RecipeSpec, c: _Constraints, reasons: list[Reason]) -> Optional[RecipeSpec]:
+    """The same recipe with a high-precision backward, or None if there is no such step for it."""
+    if not spec.is_te:
+        return spec
+    name = spec.name
+    if name in c.hp_via:
+        name, why = c.hp_via[name]
+        if c.why_forbidden(name) is not None:
+            return None
+        reasons.append(Reason(why.rule, f"{why.text} ({spec.name} -> {name}+hp_bwd)", why.ref))
+        spec = _apply_settings(RecipeSpec.of(name), c, [], user_given=False, strict=False)
+    return RecipeSpec(spec.name, {**spec.settings, "backward_override": "high_precision"})
+
+
+def _ladder(start: Rung, c: _Constraints, reasons: list[Reason]) -> list[Rung]:
+    ladder = [start]
+    if start.dense.is_te or start.experts.is_te:
+        if c.drop_hp_backward is not None:
+            reasons.append(c.drop_hp_backward)
+        else:
+            dense, experts = _with_hp_backward(start.dense, c, reasons), _with_hp_backward(start.experts, c, [])
+            if dense is not None and experts is not None:
+                ladder.append(Rung(dense, experts))
+    floor = _floor(start.dense.name, c)
+    if floor is not None:
+        ladder.append(Rung(RecipeSpec.of(floor), RecipeSpec.of(floor)))
+    reasons.append(Reason("ladder", "on divergence: " + " -> ".join(r.label() for r in ladder), "docs/policy.md"))
+    return ladder
+
+
+def _floor(start: str, c: _Constraints) -> Optional[str]:
+    """Where the ladder ends: BF16 (FP32 where BF16 is not allowed, or below an FP16 start)."""
+    if start == "fp32":
+        return None
+    if start == "fp16":
+        return "fp32"
+    if start == "bf16":
+        return None
+    return "bf16" if c.why_forbidden("bf16") is None else "fp32"
+
+
+def _dedupe(reasons: list[Reason]) -> list[Reason]:
+    seen, out = set(), []
+    for r in reasons:
+        if (r.rule, r.text) not in seen:
+            seen.add((r.rule, r.text))
+            out.append(r)
+    return out
+
+

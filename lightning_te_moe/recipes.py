@@ -1,0 +1,133 @@
+"""Recipe names, their settings, and the one place that turns them into TE recipe objects (lazily)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args
+
+import torch
+
+RecipeName = Literal["bf16", "fp16", "fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
+RECIPE_NAMES: tuple[str, ...] = get_args(RecipeName)
+
+#: Recipes that run through TE's quantized ``autocast``; the others are plain torch dtypes.
+TE_RECIPES: tuple[str, ...] = ("fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4")
+
+#: TE recipe class for each quantized recipe name.
+TE_CLASSES: dict[str, str] = {
+    "fp8_delayed": "DelayedScaling",
+    "fp8_current": "Float8CurrentScaling",
+    "fp8_block": "Float8BlockScaling",
+    "mxfp8": "MXFP8BlockScaling",
+    "nvfp4": "NVFP4BlockScaling",
+}
+
+#: Settings each quantized recipe is built with unless a rule or the user says otherwise.
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "fp8_delayed": {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_algo": "max"},
+    "fp8_current": {"fp8_format": "HYBRID"},
+    "fp8_block": {"fp8_format": "E4M3"},
+    "mxfp8": {"fp8_format": "E4M3"},
+    "nvfp4": {"disable_rht": False},
+}
+
+#: Per-expert token-count multiple the grouped GEMM needs (TE ``get_align_size_for_quantization``).
+ALIGNMENT: dict[str, int] = {"fp8_delayed": 16, "fp8_current": 16, "fp8_block": 16, "mxfp8": 32, "nvfp4": 128}
+
+#: Torch compute dtype for a recipe's non-quantized math.
+COMPUTE_DTYPE: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def check_recipe_name(name: str) -> str:
+    """The name itself, or a ValueError that lists the valid ones."""
+    if name not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipe names are: {', '.join(RECIPE_NAMES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A recipe by name plus its settings: JSON-serialisable, comparable, buildable into a TE recipe."""
+
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_recipe_name(self.name)
+
+    @property
+    def is_te(self) -> bool:
+        return self.name in TE_RECIPES
+
+    @property
+    def alignment(self) -> int:
+        """Per-expert token multiple for grouped GEMMs (1: no padding needed)."""
+        return ALIGNMENT.get(self.name, 1)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return COMPUTE_DTYPE.get(self.name, torch.bfloat16)
+
+    @property
+    def backward_override(self) -> Optional[str]:
+        return self.settings.get("backward_override")
+
+    def label(self) -> str:
+        """Short human form, e.g. ``fp8_current+hp_bwd``."""
+        defaults = DEFAULT_SETTINGS.get(self.name, {})
+        extras = [
+            f"{k}={v}"
+            for k, v in sorted(self.settings.items())
+            if k != "backward_override" and (k not in defaults or defaults[k] != v)
+        ]
+        text = self.name + ("+hp_bwd" if self.backward_override == "high_precision" else "")
+        return text + (f"({', '.join(extras)})" if extras else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipeSpec:
+        return cls(data["name"], dict(data.get("settings") or {}))
+
+    @classmethod
+    def of(cls, name: str, **overrides: Any) -> RecipeSpec:
+        """The recipe with its default settings, then ``overrides``."""
+        settings = dict(DEFAULT_SETTINGS.get(check_recipe_name(name), {}))
+        settings.update(overrides)
+        return cls(name, settings)
+
+    def build(self) -> Any:
+        """The TE recipe object (imports TE); None for the plain-dtype recipes."""
+        if not self.is_te:
+            return None
+        from transformer_engine.common import recipe as te_recipe
+
+        kwargs = dict(self.settings)
+        if "fp8_format" in kwargs:
+            kwargs["fp8_format"] = getattr(te_recipe.Format, kwargs["fp8_format"])
+        if self.name != "fp8_delayed":
+            kwargs.setdefault("backward_override", None)  # never inherit NVTE_BACKWARD_OVERRIDE silently
+        return getattr(te_recipe, TE_CLASSES[self.name])(**kwargs)
+
+
+def spec_from_te_recipe(recipe: Any) -> RecipeSpec:
+    """Name and settings of a TE recipe object a user passed in (no TE import needed to call this)."""
+    cls_name = type(recipe).__name__
+    names = {v: k for k, v in TE_CLASSES.items()}
+    if cls_name not in names:
+        raise ValueError(
+            f"unsupported TE recipe type {cls_name}; supported are {', '.join(sorted(names))} "
+            f"(or a recipe name: {', '.join(RECIPE_NAMES)})"
+        )
+    name = names[cls_name]
+    settings: dict[str, Any] = {}
+    for key in set(DEFAULT_SETTINGS[name]) | {"backward_override", "disable_rht"}:
+        if hasattr(recipe, key):
+            value = getattr(recipe, key)
+            settings[key] = getattr(value, "name", value)  # Format enum -> its name
+    if name != "nvfp4":
+        settings.pop("disable_rht", None)
+    if settings.get("backward_override") is None:
+        settings.pop("backward_override", None)
+    return RecipeSpec(name, settings)

@@ -1,0 +1,253 @@
+"""Known facts about devices and TE versions, as data.
+
+Each rule says when it applies (compute capability, TE/cuDNN/CUDA/cuBLASLt versions, what TE itself
+reports), what it does (forbid recipes, force settings, drop a ladder step, set environment variables,
+keep attention off TE's fused backend, or give the order ``auto`` tries recipes in) and why, citing its
+source. The policy (``policy.py``) only reads this table; ``docs/policy.md`` is generated from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from .environment import parse_version
+from .recipes import TE_RECIPES
+
+if TYPE_CHECKING:
+    from .environment import Environment
+
+
+@dataclass(frozen=True)
+class When:
+    """Where a rule applies. Unset fields match anything; ranges are [min, below)."""
+
+    device: Optional[str] = None  # "cpu" or "cuda"
+    cc_min: Optional[float] = None
+    cc_below: Optional[float] = None
+    te_installed: Optional[bool] = None
+    te_min: Optional[str] = None  # the rule holds from this TE version on ...
+    te_fixed_in: Optional[str] = None  # ... and until this one; None while unfixed
+    cudnn_below: Optional[str] = None
+    torch_cuda_below: Optional[str] = None
+    cublaslt_below: Optional[str] = None
+    cpu_bf16: Optional[bool] = None
+    torch_compile: Optional[bool] = None
+    te_reports_unavailable: Optional[str] = None  # a family of TE's is_*_available checks
+
+    def matches(self, env: Environment, torch_compile: bool = False) -> bool:
+        if self.device is not None and env.device_type != self.device:
+            return False
+        if self.cc_min is not None and (env.cc is None or env.cc < self.cc_min):
+            return False
+        if self.cc_below is not None and (env.cc is None or env.cc >= self.cc_below):
+            return False
+        if self.te_installed is not None and env.has_te != self.te_installed:
+            return False
+        if (self.te_min or self.te_fixed_in) and not env.has_te:
+            return False
+        if self.te_min and env.te < parse_version(self.te_min):
+            return False
+        if self.te_fixed_in and env.te >= parse_version(self.te_fixed_in):
+            return False
+        for have, below in (
+            (env.cudnn_version, self.cudnn_below),
+            (env.torch_cuda, self.torch_cuda_below),
+            (env.cublaslt_version, self.cublaslt_below),
+        ):
+            # an unknown version below a required one counts as too old: the safe side
+            if below is not None and have is not None and parse_version(have) >= parse_version(below):
+                return False
+        if self.cpu_bf16 is not None and env.cpu_bf16 != self.cpu_bf16:
+            return False
+        if self.torch_compile is not None and torch_compile != self.torch_compile:
+            return False
+        if self.te_reports_unavailable is not None:
+            check = env.te_checks.get(self.te_reports_unavailable)
+            if check is None or check.available:
+                return False
+        return True
+
+    def describe(self) -> str:
+        """Human form for the generated docs."""
+        parts = []
+        if self.device:
+            parts.append(f"device {self.device}")
+        if self.cc_min is not None or self.cc_below is not None:
+            lo = f"{self.cc_min} <= " if self.cc_min is not None else ""
+            hi = f" < {self.cc_below}" if self.cc_below is not None else ""
+            parts.append(f"{lo}CC{hi}")
+        if self.te_installed is not None:
+            parts.append("TE installed" if self.te_installed else "TE not installed")
+        if self.te_min or self.te_fixed_in:
+            lo = f"TE >= {self.te_min}" if self.te_min else "TE"
+            hi = f" < {self.te_fixed_in} (fixed in {self.te_fixed_in})" if self.te_fixed_in else " (unfixed)"
+            parts.append(lo + hi)
+        for label, below in (("cuDNN", self.cudnn_below), ("torch CUDA", self.torch_cuda_below),
+                             ("cuBLASLt", self.cublaslt_below)):
+            if below:
+                parts.append(f"{label} < {below}")
+        if self.cpu_bf16 is not None:
+            parts.append("CPU with native BF16" if self.cpu_bf16 else "CPU without native BF16")
+        if self.torch_compile is not None:
+            parts.append("under torch.compile" if self.torch_compile else "without torch.compile")
+        if self.te_reports_unavailable:
+            parts.append(f"TE reports {self.te_reports_unavailable} unavailable")
+        return ", ".join(parts) or "always"
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a rule does to the plan."""
+
+    forbid: tuple[str, ...] = ()
+    experts_only: bool = False  # forbid for the expert GEMMs only; dense layers may still use it
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe -> forced settings
+    prefer: tuple[str, ...] = ()  # the order ``auto`` tries recipes in (first matching rule wins)
+    drop_high_precision_backward: bool = False
+    high_precision_backward_via: dict[str, str] = field(default_factory=dict)  # recipe -> recipe to use
+    env: dict[str, str] = field(default_factory=dict)
+    fused_attention: Optional[bool] = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.forbid:
+            parts.append(("experts: no " if self.experts_only else "no ") + ", ".join(self.forbid))
+        for recipe, values in self.settings.items():
+            parts.append(f"{recipe}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        if self.prefer:
+            parts.append("auto tries " + " > ".join(self.prefer))
+        if self.drop_high_precision_backward:
+            parts.append("ladder skips the high-precision-backward step")
+        for src, dst in self.high_precision_backward_via.items():
+            parts.append(f"high-precision backward from {src} runs as {dst}")
+        if self.env:
+            parts.append("sets " + ", ".join(f"{k}={v}" for k, v in self.env.items()))
+        if self.fused_attention is False:
+            parts.append("attention stays off TE's fused backend")
+        return "; ".join(parts) or "note"
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    ref: str
+    when: When
+    effect: Effect
+    why: str
+
+
+_QUANTIZED = TE_RECIPES
+_FP8_SCALED = ("fp8_delayed", "fp8_current")
+
+RULES: tuple[Rule, ...] = (
+    # -- what the machine can run at all, and the order auto tries -------------------------------
+    Rule("cpu-bf16", "torch CPU autocast", When(device="cpu", cpu_bf16=True),
+         Effect(forbid=_QUANTIZED + ("fp16",), prefer=("bf16", "fp32")),
+         "CPU: TE needs a GPU; this CPU has native BF16 (AVX512-BF16/AMX), so torch autocast BF16."),
+    Rule("cpu-fp32", "torch CPU autocast", When(device="cpu", cpu_bf16=False),
+         Effect(forbid=_QUANTIZED + ("fp16",), prefer=("fp32", "bf16")),
+         "CPU: TE needs a GPU; this CPU emulates BF16 (slower than FP32), so FP32."),
+    Rule("no-te", "pip install 'lightning-te-moe[te]'", When(device="cuda", te_installed=False),
+         Effect(forbid=_QUANTIZED),
+         "Transformer Engine is not installed: torch autocast only (BF16, or FP16 before Ampere)."),
+    Rule("pre-ampere", "CUDA bf16 needs sm_80", When(device="cuda", cc_below=8.0),
+         Effect(forbid=_QUANTIZED + ("bf16",), prefer=("fp16", "fp32")),
+         "Compute capability < 8.0 has no BF16: FP16 mixed precision with loss scaling."),
+    Rule("ampere-bf16-only", "TE is_fp8_available: CC >= 8.9", When(device="cuda", cc_min=8.0, cc_below=8.9),
+         Effect(forbid=_QUANTIZED, prefer=("bf16", "fp32")),
+         "Compute capability 8.0-8.8 has BF16 tensor cores but no FP8."),
+    Rule("ada-fp8", "TE is_fp8_available", When(device="cuda", cc_min=8.9, cc_below=9.0),
+         Effect(forbid=("fp8_block", "mxfp8", "nvfp4"), prefer=("fp8_current", "fp8_delayed", "bf16", "fp32")),
+         "Ada (8.9): per-tensor FP8 only; block scaling needs Hopper, MXFP8/NVFP4 need Blackwell."),
+    Rule("ada-cublaslt", "TE is_fp8_available (cuBLASLt >= 12.1.3 on sm_89)",
+         When(device="cuda", cc_min=8.9, cc_below=9.0, cublaslt_below="12.1.3"),
+         Effect(forbid=_QUANTIZED),
+         "FP8 on Ada needs cuBLASLt >= 12.1.3."),
+    Rule("hopper-fp8", "TE is_mxfp8_available / is_nvfp4_available: CC >= 10.0",
+         When(device="cuda", cc_min=9.0, cc_below=10.0),
+         Effect(forbid=("mxfp8", "nvfp4"), prefer=("fp8_current", "fp8_block", "fp8_delayed", "bf16", "fp32")),
+         "Hopper (9.x): FP8 with per-tensor (current, delayed) or block scaling; no MXFP8/NVFP4."),
+    Rule("block-needs-cuda-12.9", "TE is_fp8_block_scaling_available",
+         When(device="cuda", cc_min=9.0, torch_cuda_below="12.9"),
+         Effect(forbid=("fp8_block",)),
+         "FP8 block scaling needs torch built with CUDA >= 12.9."),
+    Rule("blackwell-mxfp8", "TE get_default_recipe (MXFP8 on 10.x/11.x)",
+         When(device="cuda", cc_min=10.0, cc_below=12.0),
+         Effect(prefer=("nvfp4", "mxfp8", "fp8_current", "fp8_block", "fp8_delayed", "bf16", "fp32")),
+         "Blackwell (10.x/11.x): MXFP8 by default; NVFP4 only when allowed."),
+    Rule("sm120-order", "DGX Spark users: NVFP4 with disable_rht=True trains",
+         When(device="cuda", cc_min=12.0),
+         Effect(prefer=("nvfp4", "fp8_current", "fp8_delayed", "bf16", "fp32")),
+         "SM120/SM121: NVFP4 (with disable_rht) when allowed, else FP8 current scaling, else BF16."),
+    # -- known TE problems -----------------------------------------------------------------------
+    Rule("sm120-no-block", "TE #2382", When(device="cuda", cc_min=12.0),
+         Effect(forbid=("fp8_block",)),
+         "FP8 block scaling does not converge on SM120/SM121."),
+    Rule("sm120-nvfp4-no-rht", "TE #2372", When(device="cuda", cc_min=12.0),
+         Effect(settings={"nvfp4": {"disable_rht": True}}),
+         "NVFP4's random Hadamard transform fails on SM120 ('Failed to set Shared Memory size')."),
+    Rule("sm120-no-mxfp8", "TE #2668", When(device="cuda", cc_min=12.0),
+         Effect(forbid=("mxfp8",)),
+         "TE has no MXFP8 kernels for SM120/SM121."),
+    Rule("sm120-nvfp4-no-sr", "TE PR #3281 (fix merged 2026-07; first release not verified)",
+         When(device="cuda", cc_min=12.0),
+         Effect(settings={"nvfp4": {"disable_stochastic_rounding": True}}),
+         "NVFP4 stochastic rounding could produce all-zero data on SM120/SM121."),
+    Rule("sm120-experts-no-nvfp4", "TE #2455; TE grouped_linear.is_module_grouped_tensor_path_supported",
+         When(device="cuda", cc_min=12.0),
+         Effect(forbid=("nvfp4",), experts_only=True),
+         "TE's NVFP4 grouped GEMM runs on CC 10.x/11.0 with RHT only; SM120 must disable RHT."),
+    Rule("sm120-fused-attn-cudnn", "TE PR #2693", When(device="cuda", cc_min=12.0, cudnn_below="9.18.1"),
+         Effect(env={"NVTE_FUSED_ATTN": "0"}, fused_attention=False),
+         "Fused attention on SM120 needs cuDNN >= 9.18.1; NVTE_FUSED_ATTN=0 keeps TE on another backend."),
+    Rule("sm120-fused-attn-te", "TE PR #2693 (first in TE 2.14)",
+         When(device="cuda", cc_min=12.0, te_installed=True, te_fixed_in="2.14"),
+         Effect(env={"NVTE_FUSED_ATTN": "0"}, fused_attention=False),
+         "TE before 2.14 disables fused attention on SM120; NVTE_FUSED_ATTN=0 says so up front."),
+    Rule("mxfp8-e4m3", "Megatron-Bridge #638", When(),
+         Effect(settings={"mxfp8": {"fp8_format": "E4M3"}}),
+         "MXFP8 with the HYBRID format diverges: MXFP8 uses E4M3 in both directions."),
+    Rule("experts-no-nvfp4-grouped", "TE #2455 (NVFP4 GroupedLinear path first in TE 2.17)",
+         When(te_installed=True, te_fixed_in="2.17"),
+         Effect(forbid=("nvfp4",), experts_only=True),
+         "No NVFP4 grouped GEMM for GroupedLinear experts in this TE: experts use the next recipe."),
+    Rule("experts-no-nvfp4-unknown-te", "TE #2455", When(te_installed=False),
+         Effect(forbid=("nvfp4",), experts_only=True),
+         "TE version unknown: experts do not get NVFP4 without a TE known to have NVFP4 grouped GEMMs (>= 2.17)."),
+    Rule("te-too-old-mxfp8", "TE 2.0 release (MXFP8BlockScaling)", When(te_installed=True, te_fixed_in="2.0"),
+         Effect(forbid=("mxfp8",)), "MXFP8BlockScaling first shipped in TE 2.0."),
+    Rule("te-too-old-current", "TE 2.2 release (Float8CurrentScaling)", When(te_installed=True, te_fixed_in="2.2"),
+         Effect(forbid=("fp8_current",)), "Float8CurrentScaling first shipped in TE 2.2."),
+    Rule("te-too-old-block", "TE 2.3 release (Float8BlockScaling)", When(te_installed=True, te_fixed_in="2.3"),
+         Effect(forbid=("fp8_block",)), "Float8BlockScaling first shipped in TE 2.3."),
+    Rule("te-too-old-nvfp4", "TE 2.8 release (NVFP4BlockScaling, PR #2177)",
+         When(te_installed=True, te_fixed_in="2.8"),
+         Effect(forbid=("nvfp4",)), "NVFP4BlockScaling first shipped in TE 2.8."),
+    Rule("backward-override-needs-2.15", "TE PR #2644 (first in TE 2.15)", When(te_installed=True, te_fixed_in="2.15"),
+         Effect(drop_high_precision_backward=True),
+         "backward_override exists from TE 2.15: the ladder goes straight to BF16."),
+    Rule("delayed-rejects-backward-override", "TE recipe.DelayedScaling (backward_override must be None)", When(),
+         Effect(high_precision_backward_via={"fp8_delayed": "fp8_current"}),
+         "DelayedScaling rejects backward_override: the high-precision-backward step uses current scaling."),
+    Rule("compile-no-delayed", "TE check_recipe_support", When(torch_compile=True),
+         Effect(forbid=("fp8_delayed",)),
+         "DelayedScaling is rejected under torch.compile."),
+    # -- TE's own availability checks, when TE is installed on the real device ------------------
+    Rule("te-check-fp8", "TE is_fp8_available", When(te_reports_unavailable="fp8"),
+         Effect(forbid=_FP8_SCALED + ("fp8_block", "mxfp8", "nvfp4")),
+         "TE reports FP8 unavailable on this device."),
+    Rule("te-check-fp8-block", "TE is_fp8_block_scaling_available", When(te_reports_unavailable="fp8_block"),
+         Effect(forbid=("fp8_block",)),
+         "TE reports FP8 block scaling unavailable on this device."),
+    Rule("te-check-mxfp8", "TE is_mxfp8_available", When(te_reports_unavailable="mxfp8"),
+         Effect(forbid=("mxfp8",)),
+         "TE reports MXFP8 unavailable on this device."),
+    Rule("te-check-nvfp4", "TE is_nvfp4_available", When(te_reports_unavailable="nvfp4"),
+         Effect(forbid=("nvfp4",)),
+         "TE reports NVFP4 unavailable on this device."),
+)
+
+
+def matching_rules(env: Environment, torch_compile: bool = False) -> list[Rule]:
+    return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile)]
