@@ -134,7 +134,7 @@ class Environment:
             return cls(device_name=device_name or "cpu", cpu_bf16=cpu_bf16, te_version=te, assumed=True)
         return cls(
             device_type="cuda",
-            device_name=device_name or f"assumed GPU sm_{capability[0]}{capability[1]}",
+            device_name=device_name or "assumed GPU",
             compute_capability=capability,
             torch_cuda=torch_cuda or "13.0",
             te_version=te,

@@ -142,6 +142,7 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
                               f"{spec.name} grouped GEMMs need each expert's token count padded to a multiple of"
                               f" {spec.alignment}", "TE get_align_size_for_quantization; TE #2966 (MXFP8: 32)"))
     reasons.extend(c.env_reasons)
+    reasons.extend(_rules_out(c, reasons))
     fused = env.device_type == "cuda" and env.has_te and c.fused_attention_off is None
     if c.fused_attention_off is not None:
         reasons.append(c.fused_attention_off)
@@ -264,7 +265,19 @@ def _floor(start: str, c: _Constraints) -> Optional[str]:
         return "fp32"
     if start == "bf16":
         return None
-    return "bf16" if c.why_forbidden("bf16") is None else "fp32"
+    return next((name for name in ("bf16", "fp32") if c.why_forbidden(name) is None), None)
+
+
+def _rules_out(c: _Constraints, reasons: list[Reason]) -> list[Reason]:
+    """Every forbidding rule not yet cited, so the plan also says why the other recipes are out."""
+    cited = {r.rule for r in reasons}
+    out: dict[str, tuple[Reason, list[str]]] = {}
+    for scope, table in (("", c.forbidden), ("experts: ", c.experts_forbidden)):
+        for name, why in table.items():
+            if why.rule not in cited:
+                out.setdefault(scope + why.rule, (why, []))[1].append(name)
+    return [Reason(why.rule, f"rules out {key.split(why.rule)[0]}{', '.join(names)}: {why.text}", why.ref)
+            for key, (why, names) in out.items()]
 
 
 def _dedupe(reasons: list[Reason]) -> list[Reason]:

@@ -1,0 +1,266 @@
+"""Table-driven tests of the policy: every supported device class x TE version, and the user's wishes."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_te_moe import Environment, PlanError, PrecisionRequest, RecipeSpec, make_plan
+from lightning_te_moe.environment import TECheck
+from lightning_te_moe.rules import RULES
+
+RULE_IDS = {r.id for r in RULES}
+
+# (compute capability, TE version, expected ladder) for the default request (recipe="auto").
+# Read each row as a claim about that machine; the reasons are checked in the tests below.
+AUTO = [
+    (None, None, "fp32"),
+    (None, '2.8', "fp32"),
+    (None, '2.14', "fp32"),
+    (None, '2.15', "fp32"),
+    (None, '2.20', "fp32"),
+    ('7.0', None, "fp16 -> fp32"),
+    ('7.0', '2.8', "fp16 -> fp32"),
+    ('7.0', '2.14', "fp16 -> fp32"),
+    ('7.0', '2.15', "fp16 -> fp32"),
+    ('7.0', '2.20', "fp16 -> fp32"),
+    ('8.0', None, "bf16"),
+    ('8.0', '2.8', "bf16"),
+    ('8.0', '2.14', "bf16"),
+    ('8.0', '2.15', "bf16"),
+    ('8.0', '2.20', "bf16"),
+    ('8.6', None, "bf16"),
+    ('8.6', '2.8', "bf16"),
+    ('8.6', '2.14', "bf16"),
+    ('8.6', '2.15', "bf16"),
+    ('8.6', '2.20', "bf16"),
+    ('8.9', None, "bf16"),
+    ('8.9', '2.8', "fp8_current -> bf16"),
+    ('8.9', '2.14', "fp8_current -> bf16"),
+    ('8.9', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('8.9', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('9.0', None, "bf16"),
+    ('9.0', '2.8', "fp8_current -> bf16"),
+    ('9.0', '2.14', "fp8_current -> bf16"),
+    ('9.0', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('9.0', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('10.0', None, "bf16"),
+    ('10.0', '2.8', "mxfp8 -> bf16"),
+    ('10.0', '2.14', "mxfp8 -> bf16"),
+    ('10.0', '2.15', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('10.0', '2.20', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('10.3', None, "bf16"),
+    ('10.3', '2.8', "mxfp8 -> bf16"),
+    ('10.3', '2.14', "mxfp8 -> bf16"),
+    ('10.3', '2.15', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('10.3', '2.20', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('11.0', None, "bf16"),
+    ('11.0', '2.8', "mxfp8 -> bf16"),
+    ('11.0', '2.14', "mxfp8 -> bf16"),
+    ('11.0', '2.15', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('11.0', '2.20', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('12.0', None, "bf16"),
+    ('12.0', '2.8', "fp8_current -> bf16"),
+    ('12.0', '2.14', "fp8_current -> bf16"),
+    ('12.0', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('12.0', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('12.1', None, "bf16"),
+    ('12.1', '2.8', "fp8_current -> bf16"),
+    ('12.1', '2.14', "fp8_current -> bf16"),
+    ('12.1', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('12.1', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+]
+
+
+@pytest.mark.parametrize(("cc", "te", "ladder"), AUTO)
+def test_auto_plan_per_device_and_te_version(cc, te, ladder):
+    plan = make_plan(Environment.assume(cc=cc, te=te))
+    assert plan.summary() == ladder
+    rules = {r.rule for r in plan.reasons}
+    assert "auto" in rules and "ladder" in rules
+    assert rules - {"auto", "ladder", "grouped-gemm-alignment", "request.auto_nvfp4"} <= RULE_IDS
+    if cc is None:
+        assert "cpu-fp32" in rules and not plan.fused_attention
+    elif te is None:
+        assert "no-te" in rules
+    if te in ("2.8", "2.14") and plan.dense.is_te:
+        assert "backward-override-needs-2.15" in rules
+
+
+@pytest.mark.parametrize("cudnn", ["9.14.0", "9.18.0", "9.18.1", "9.20.0"])
+@pytest.mark.parametrize("cc", ["12.0", "12.1"])
+def test_sm120_fused_attention_needs_cudnn_9_18_1(cc, cudnn):
+    plan = make_plan(Environment.assume(cc=cc, te="2.20.2", cudnn=cudnn))
+    fused_ok = cudnn in ("9.18.1", "9.20.0")
+    assert plan.fused_attention is fused_ok
+    assert (plan.env_vars.get("NVTE_FUSED_ATTN") == "0") is not fused_ok
+    assert ("sm120-fused-attn-cudnn" in {r.rule for r in plan.reasons}) is not fused_ok
+
+
+def test_sm120_fused_attention_needs_te_2_14():
+    plan = make_plan(Environment.assume(cc="12.1", te="2.13.0", cudnn="9.18.1"))
+    assert not plan.fused_attention and "sm120-fused-attn-te" in {r.rule for r in plan.reasons}
+
+
+def test_hopper_fused_attention_on():
+    plan = make_plan(Environment.assume(cc="9.0", te="2.20.2"))
+    assert plan.fused_attention and not plan.env_vars
+
+
+@pytest.mark.parametrize("cc", ["12.0", "12.1"])
+def test_sm120_nvfp4_when_allowed_uses_disable_rht_and_experts_fall_back(cc):
+    plan = make_plan(Environment.assume(cc=cc, te="2.20.2", cudnn="9.18.1"), PrecisionRequest(auto_nvfp4=True))
+    assert plan.dense == RecipeSpec("nvfp4", {"disable_rht": True, "disable_stochastic_rounding": True})
+    assert plan.experts == RecipeSpec.of("fp8_current")
+    rules = {r.rule for r in plan.reasons}
+    assert {"sm120-nvfp4-no-rht", "sm120-experts-no-nvfp4", "sm120-order"} <= rules
+    assert plan.ladder[-1].dense.name == "bf16"
+    assert plan.ladder[1].dense.backward_override == "high_precision"
+    assert plan.ladder[1].dense.settings["disable_rht"] is True
+
+
+@pytest.mark.parametrize("cc", ["12.0", "12.1"])
+def test_sm120_never_block_scaling_or_mxfp8(cc):
+    env = Environment.assume(cc=cc, te="2.20.2")
+    for recipe, rule in (("fp8_block", "sm120-no-block"), ("mxfp8", "sm120-no-mxfp8")):
+        with pytest.raises(PlanError, match=rule):
+            make_plan(env, PrecisionRequest(recipe=recipe))
+        stepped = make_plan(env, PrecisionRequest(recipe=recipe, strict=False))
+        assert stepped.dense.name == "fp8_current"
+        assert any(r.rule == rule and "Stepped down to fp8_current" in r.text for r in stepped.reasons)
+
+
+def test_sm120_without_nvfp4_or_fp8_falls_to_bf16_and_says_why():
+    plan = make_plan(Environment.assume(cc="12.1", te="2.20.2"), PrecisionRequest(deny=("fp8_current", "fp8_delayed")))
+    assert plan.summary() == "bf16"
+    texts = " ".join(r.text for r in plan.reasons)
+    assert "auto skips nvfp4" in texts and "auto skips fp8_current" in texts
+
+
+@pytest.mark.parametrize(("cc", "te", "experts"), [("10.0", "2.16.0", "mxfp8"), ("10.0", "2.17.0", "nvfp4"),
+                                                   ("10.0", "2.20.2", "nvfp4"), ("11.0", "2.16.0", "mxfp8")])
+def test_blackwell_nvfp4_experts_follow_grouped_gemm_support(cc, te, experts):
+    plan = make_plan(Environment.assume(cc=cc, te=te), PrecisionRequest(auto_nvfp4=True))
+    assert plan.dense.name == "nvfp4" and plan.experts.name == experts
+    assert ("experts-no-nvfp4-grouped" in {r.rule for r in plan.reasons}) is (experts != "nvfp4")
+    assert plan.experts.alignment == {"mxfp8": 32, "nvfp4": 128}[experts]
+
+
+def test_blackwell_mxfp8_forced_to_e4m3_even_when_asked_otherwise():
+    env = Environment.assume(cc="10.0", te="2.20.2")
+    plan = make_plan(env, PrecisionRequest(recipe="mxfp8"))
+    assert plan.dense.settings["fp8_format"] == "E4M3" and plan.experts.alignment == 32
+
+    class MXFP8BlockScaling:  # stands in for TE's class: only the type name and fields are read
+        fp8_format = type("Fmt", (), {"name": "HYBRID"})()
+        backward_override = None
+
+    with pytest.raises(PlanError, match="fp8_format='HYBRID'.*mxfp8-e4m3"):
+        make_plan(env, PrecisionRequest(recipe=MXFP8BlockScaling()))
+    fixed = make_plan(env, PrecisionRequest(recipe=MXFP8BlockScaling(), strict=False))
+    assert fixed.dense.settings["fp8_format"] == "E4M3"
+
+
+def test_hopper_explicit_recipes_and_ladders():
+    env = Environment.assume(cc="9.0", te="2.20.2")
+    assert make_plan(env, PrecisionRequest(recipe="fp8_delayed")).summary() == (
+        "fp8_delayed -> fp8_current+hp_bwd -> bf16")
+    assert make_plan(env, PrecisionRequest(recipe="fp8_block")).summary() == "fp8_block -> fp8_block+hp_bwd -> bf16"
+    assert make_plan(env, PrecisionRequest(recipe="bf16")).summary() == "bf16"
+    old = make_plan(Environment.assume(cc="9.0", te="2.14.1"), PrecisionRequest(recipe="fp8_delayed"))
+    assert old.summary() == "fp8_delayed -> bf16"
+    for name in ("mxfp8", "nvfp4"):
+        with pytest.raises(PlanError, match="hopper-fp8"):
+            make_plan(env, PrecisionRequest(recipe=name))
+
+
+def test_hopper_block_scaling_needs_torch_cuda_12_9():
+    env = Environment.assume(cc="9.0", te="2.20.2", torch_cuda="12.8")
+    with pytest.raises(PlanError, match="block-needs-cuda-12.9"):
+        make_plan(env, PrecisionRequest(recipe="fp8_block"))
+    assert make_plan(Environment.assume(cc="9.0", te="2.20.2", torch_cuda="12.9"),
+                     PrecisionRequest(recipe="fp8_block")).dense.name == "fp8_block"
+
+
+def test_ada_fp8_needs_cublaslt_12_1_3():
+    assert make_plan(Environment.assume(cc="8.9", te="2.20.2", cublaslt="12.1.0")).summary() == "bf16"
+    assert make_plan(Environment.assume(cc="8.9", te="2.20.2", cublaslt="12.1.3")).dense.name == "fp8_current"
+
+
+def test_delayed_scaling_rejected_under_torch_compile():
+    env = Environment.assume(cc="9.0", te="2.20.2")
+    with pytest.raises(PlanError, match="compile-no-delayed"):
+        make_plan(env, PrecisionRequest(recipe="fp8_delayed", torch_compile=True))
+    plan = make_plan(env, PrecisionRequest(deny=("fp8_current", "fp8_block"), torch_compile=True))
+    assert plan.dense.name == "bf16"
+
+
+def test_te_own_checks_forbid_with_te_reason():
+    env = Environment(device_type="cuda", device_name="H100", compute_capability=(9, 0), torch_cuda="13.0",
+                      te_version="2.20.2", cudnn_version="9.14.0", cublaslt_version="13.1.0",
+                      te_checks={"fp8": TECheck(True), "fp8_block": TECheck(False, "needs CUDA >= 12.9"),
+                                 "mxfp8": TECheck(False, "CC 10.0 required"), "nvfp4": TECheck(False, "CC 10.0")})
+    with pytest.raises(PlanError, match="needs CUDA >= 12.9"):
+        make_plan(env, PrecisionRequest(recipe="fp8_block"))
+
+
+def test_prefer_stability_starts_with_high_precision_backward_and_skips_delayed():
+    env = Environment.assume(cc="9.0", te="2.20.2")
+    plan = make_plan(env, PrecisionRequest(prefer_stability=True, deny=("fp8_current", "fp8_block")))
+    assert plan.summary() == "bf16"  # only fp8_delayed was left, and stability skips it
+    plan = make_plan(env, PrecisionRequest(prefer_stability=True))
+    assert plan.summary() == "fp8_current+hp_bwd -> bf16"
+    assert any(r.rule == "request.prefer_stability" for r in plan.reasons)
+
+
+def test_allow_and_deny_lists():
+    env = Environment.assume(cc="9.0", te="2.20.2")
+    assert make_plan(env, PrecisionRequest(allow=("bf16", "fp8_block"))).summary() == (
+        "fp8_block -> fp8_block+hp_bwd -> bf16")
+    plan = make_plan(env, PrecisionRequest(allow=("fp8_current",)))
+    assert plan.summary() == "fp8_current -> fp8_current+hp_bwd"  # nothing below is allowed
+    with pytest.raises(PlanError, match="request.deny"):
+        make_plan(env, PrecisionRequest(recipe="fp8_current", deny=("fp8_current",)))
+
+
+def test_bad_names_are_clear_errors():
+    with pytest.raises(ValueError, match="valid names are: auto, bf16, fp16"):
+        PrecisionRequest(recipe="fp9")
+    with pytest.raises(ValueError, match="deny: unknown recipe 'int8'"):
+        PrecisionRequest(deny=("int8",))
+    with pytest.raises(ValueError, match="compute capability must look like"):
+        Environment.assume(cc="nine")
+    with pytest.raises(ValueError, match="not a version number"):
+        Environment.assume(cc="9.0", te="two")
+
+
+def test_cpu_with_native_bf16_uses_bf16():
+    plan = make_plan(Environment.assume(cpu_bf16=True))
+    assert plan.summary() == "bf16" and "cpu-bf16" in {r.rule for r in plan.reasons}
+
+
+def test_plan_json_round_trip():
+    plan = make_plan(Environment.assume(cc="12.1", te="2.20.2"), PrecisionRequest(auto_nvfp4=True))
+    from lightning_te_moe import Plan
+    import json
+
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again == plan
+    assert again.environment.compute_capability == (12, 1)
+
+
+def test_rendered_table_names_every_rule():
+    plan = make_plan(Environment.assume(cc="12.1", te="2.20.2", cudnn="9.14.0"), PrecisionRequest(auto_nvfp4=True))
+    text = plan.render_text(width=200)
+    for reason in plan.reasons:
+        assert reason.rule in text
+    assert "NVTE_FUSED_ATTN=0" in text and "TE #2372" in text
+
+
+def test_policy_doc_is_current():
+    from pathlib import Path
+
+    from lightning_te_moe.policy_doc import render_policy_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "policy.md"
+    assert doc.read_text() == render_policy_markdown(), (
+        "docs/policy.md is stale: run `python -m lightning_te_moe.policy_doc > docs/policy.md`")
