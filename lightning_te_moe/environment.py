@@ -53,7 +53,7 @@ class Environment:
     multiprocessors: Optional[int] = None
     memory_gib: Optional[float] = None
     cpu_bf16: bool = False
-    torch_version: str = torch.__version__
+    torch_version: str = str(torch.__version__)
     torch_cuda: Optional[str] = None
     te_version: Optional[str] = None
     te_checks: dict[str, TECheck] = field(default_factory=dict)

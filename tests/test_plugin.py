@@ -1,0 +1,109 @@
+"""``TEMoEPrecision`` in a real ``Trainer.fit`` on CPU: planning at setup, autocast, checkpoints and resume."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_te_moe import Environment, PlanError, TEMoEPrecision, make_plan
+
+
+class AutocastProbe(BoringModel):
+    """Records, inside training_step, what the plugin's forward context switched on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return super().training_step(batch, batch_idx)
+
+
+def _trainer(tmp_path, plugin, **kwargs) -> L.Trainer:
+    defaults = dict(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=str(tmp_path), accelerator="cpu", devices=1)
+    defaults.update(kwargs)
+    return L.Trainer(plugins=[plugin], **defaults)
+
+
+def test_auto_on_cpu_plans_fp32_and_runs_without_autocast(tmp_path):
+    plugin, model = TEMoEPrecision(print_plan=False), AutocastProbe()
+    trainer = _trainer(tmp_path, plugin)
+    trainer.fit(model)
+    assert plugin.plan.summary() == "fp32"
+    assert trainer.precision == "32-true"
+    assert model.seen == [(False, torch.get_autocast_dtype("cpu"))] * 3
+    assert [d.kind for d in plugin.decisions.decisions] == ["plan"]
+    assert plugin.decisions.decisions[0].environment.startswith("cpu")
+
+
+def test_bf16_on_cpu_autocasts_inside_training_step(tmp_path):
+    plugin, model = TEMoEPrecision("bf16", print_plan=False), AutocastProbe()
+    trainer = _trainer(tmp_path, plugin)
+    trainer.fit(model)
+    assert trainer.precision == "bf16-mixed"
+    assert model.seen == [(True, torch.bfloat16)] * 3
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay FP32
+
+
+def test_params_dtype_bfloat16_casts_parameters(tmp_path):
+    plugin, model = TEMoEPrecision("bf16", params_dtype="bfloat16", print_plan=False), BoringModel()
+    _trainer(tmp_path, plugin, max_steps=1).fit(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_quantized_recipe_on_cpu_is_a_clear_error_at_setup(tmp_path):
+    with pytest.raises(PlanError, match=r"recipe 'fp8_current' cannot run on cpu.*cpu-fp32.*Recipes allowed here:"
+                                        r" bf16, fp32"):
+        _trainer(tmp_path, TEMoEPrecision("fp8_current", print_plan=False)).fit(BoringModel())
+
+
+def test_quantized_recipe_on_cpu_steps_down_when_not_strict(tmp_path):
+    plugin = TEMoEPrecision("fp8_block", strict=False, print_plan=False)
+    _trainer(tmp_path, plugin).fit(BoringModel())
+    assert plugin.plan.dense.name == "bf16"
+    assert any("Stepped down to bf16" in r.text for r in plugin.plan.reasons)
+
+
+def test_unsupported_recipe_object_fails_at_construction():
+    with pytest.raises(ValueError, match="unsupported TE recipe type dict; supported are"):
+        TEMoEPrecision({"fp8_format": "E4M3"})
+
+
+def test_plan_is_printed_at_setup(tmp_path, capsys):
+    _trainer(tmp_path, TEMoEPrecision()).fit(BoringModel())
+    out = capsys.readouterr().out
+    assert "lightning-te-moe precision plan" in out and "cpu-fp32" in out
+
+
+def test_checkpoint_carries_plan_and_resume_keeps_it(tmp_path):
+    first = TEMoEPrecision("bf16", deny=["fp16"], print_plan=False)
+    trainer = _trainer(tmp_path, first, enable_checkpointing=True)
+    trainer.fit(BoringModel())
+    ckpt = tmp_path / "resume.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["TEMoEPrecision"]
+    assert saved["plan"]["dense"]["name"] == "bf16" and saved["rung"] == 0
+
+    again = TEMoEPrecision("bf16", deny=["fp16"], print_plan=False)
+    trainer = _trainer(tmp_path, again, max_steps=5)
+    trainer.fit(BoringModel(), ckpt_path=ckpt)
+    assert again.plan.to_dict() == first.plan.to_dict()
+    kinds = [d.kind for d in again.decisions.decisions]
+    assert kinds == ["plan", "resume"]  # the first run's history, then the resume
+    assert again.decisions.decisions[-1].step == 3
+    assert "resumed on rung 0: bf16" in again.decisions.decisions[-1].reason
+
+
+def test_resume_on_another_kind_of_machine_keeps_this_machines_plan(tmp_path):
+    plugin = TEMoEPrecision(print_plan=False)
+    _trainer(tmp_path, plugin, max_steps=1).fit(BoringModel())
+    foreign = make_plan(Environment.assume(cc="9.0", te="2.20.2"))
+    plugin.load_state_dict({"plan": foreign.to_dict(), "rung": 1, "decisions": []})
+    assert plugin.plan.summary() == "fp32" and plugin.state.index == 0
+    last = plugin.decisions.decisions[-1]
+    assert last.kind == "resume" and "keeping this machine's plan fp32" in last.reason
+    assert last.from_ == "fp8_current+hp_bwd"
