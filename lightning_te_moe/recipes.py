@@ -55,6 +55,9 @@ class RecipeSpec:
     def __post_init__(self) -> None:
         check_recipe_name(self.name)
 
+    def __hash__(self) -> int:  # settings is a dict: hash its items so specs can key caches
+        return hash((self.name, tuple(sorted(self.settings.items()))))
+
     @property
     def is_te(self) -> bool:
         return self.name in TE_RECIPES

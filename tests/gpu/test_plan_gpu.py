@@ -1,0 +1,85 @@
+"""On the real GPU: the probe sees the device and TE, the plan picks FP8, TE autocast is active inside
+training_step, and the example trains for 30 steps with a finite, falling loss."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from lightning_te_moe import TEMoEPrecision, make_plan, probe_environment
+from lightning_te_moe.example import StdlibBytesDataModule, TinyMoELanguageModel
+
+
+def test_probe_sees_device_te_and_versions():
+    env = probe_environment()
+    print("environment:", env.to_dict())
+    assert env.device_type == "cuda" and env.compute_capability is not None
+    assert env.te_version is not None and env.cudnn_version and env.cublaslt_version
+    assert set(env.te_checks) == {"fp8", "mxfp8", "fp8_block", "nvfp4"}
+    if env.compute_capability == (9, 0):
+        assert env.te_checks["fp8"].available and not env.te_checks["mxfp8"].available
+        assert not env.te_checks["nvfp4"].available and env.te_checks["mxfp8"].reason
+
+
+def test_plan_on_real_device_picks_fp8():
+    plan = make_plan(probe_environment())
+    print(plan.render_text(width=160))
+    assert plan.dense.name in ("fp8_current", "fp8_delayed", "fp8_block", "mxfp8", "nvfp4")
+    assert plan.ladder[-1].dense.name == "bf16"
+
+
+class TEProbe(L.LightningModule):
+    """A TE Linear model that records TE's autocast state inside training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformer_engine.pytorch as te
+
+        self.layer = te.Linear(64, 64)
+        self.seen: list[tuple[bool, str, bool]] = []
+
+    def training_step(self, batch, batch_idx):
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+        recipe = FP8GlobalStateManager.get_fp8_recipe()
+        self.seen.append((FP8GlobalStateManager.is_fp8_enabled(), type(recipe).__name__,
+                          torch.is_autocast_enabled("cuda")))
+        return self.layer(batch).float().pow(2).mean()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 64), batch_size=16)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_te_autocast_active_inside_training_step(tmp_path):
+    plugin, model = TEMoEPrecision(print_plan=False), TEProbe()
+    trainer = L.Trainer(plugins=[plugin], accelerator="gpu", devices=1, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.fit(model)
+    expected = type(plugin.state.te_recipe(plugin.plan.dense)).__name__
+    assert trainer.precision == "transformer-engine"
+    assert model.seen == [(True, expected, True)] * 3
+
+
+class LossHistory(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_example_trains_30_steps_on_gpu(tmp_path):
+    history, plugin = LossHistory(), TEMoEPrecision()
+    trainer = L.Trainer(plugins=[plugin], callbacks=[history], accelerator="gpu", devices=1, max_steps=30,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(TinyMoELanguageModel(), StdlibBytesDataModule(seq_len=128, batch_size=16, max_bytes=1_000_000))
+    print("plan:", plugin.plan.summary(), "losses:", [round(x, 3) for x in history.losses])
+    assert len(history.losses) == 30 and all(math.isfinite(x) for x in history.losses)
+    assert sum(history.losses[-5:]) / 5 < 0.8 * sum(history.losses[:5]) / 5
+    assert plugin.plan.dense.is_te
