@@ -1,6 +1,8 @@
 """lightning-te-moe: a Lightning precision plugin for training MoE models with NVIDIA Transformer Engine."""
 
 from .environment import Environment, probe_environment
+from .guard import DivergenceError, DivergenceGuard
+from .guard_config import GuardConfig
 from .plan import Plan, Reason, Rung
 from .plugin import TEMoEPrecision
 from .policy import PlanError, PrecisionRequest, make_plan
@@ -8,7 +10,10 @@ from .recipes import RECIPE_NAMES, RecipeSpec
 
 __all__ = [
     "RECIPE_NAMES",
+    "DivergenceError",
+    "DivergenceGuard",
     "Environment",
+    "GuardConfig",
     "Plan",
     "PlanError",
     "PrecisionRequest",

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-DecisionKind = Literal["plan", "swap", "step_down", "rollback", "stop", "resume", "promote", "autotune"]
+DecisionKind = Literal["plan", "swap", "step_down", "rollback", "hold", "stop", "resume", "promote", "autotune"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Decision:
 
     def line(self) -> str:
         """The readable console line."""
-        move = f" {self.from_} -> {self.to}" if self.from_ or self.to else ""
+        move = f" {self.from_} -> {self.to}" if self.from_ else (f" -> {self.to}" if self.to else "")
         rule = f" [{self.rule}]" if self.rule else ""
         return f"[lightning-te-moe] step {self.step}: {self.kind}{move}: {self.reason}{rule}"
 
@@ -56,11 +56,19 @@ class DecisionLog:
         self._sinks: list[Sink] = []
 
     def add_sink(self, sink: Sink, replay: bool = True) -> None:
-        """Attach a sink; with ``replay`` it first receives the decisions made so far."""
+        """Attach a sink; with ``replay`` it first receives the decisions made so far.
+
+        A sink that keeps its own copy of the history (audit file, W&B table) may also define
+        ``restore(decisions)``: it is called with the checkpoint's history when a run resumes.
+        """
         self._sinks.append(sink)
         if replay:
             for decision in self.decisions:
                 sink(decision)
+
+    def clear_sinks(self) -> None:
+        """Detach every sink (the plugin re-attaches them for a new Trainer)."""
+        self._sinks = []
 
     def record(self, kind: DecisionKind, reason: str, *, step: int = 0, epoch: int = 0, rule: str = "",
                from_: str = "", to: str = "", evidence: Optional[dict[str, Any]] = None) -> Decision:
@@ -78,5 +86,9 @@ class DecisionLog:
         return [d.to_dict() for d in self.decisions]
 
     def load_state_dict(self, records: list[dict[str, Any]]) -> None:
-        """Replace the history with a checkpoint's (sinks are not replayed: they saw it in the first run)."""
+        """Replace the history with a checkpoint's; sinks with a ``restore`` method get the whole history."""
         self.decisions = [Decision.from_dict(r) for r in records]
+        for sink in self._sinks:
+            restore = getattr(sink, "restore", None)
+            if restore is not None:
+                restore(list(self.decisions))

@@ -14,9 +14,12 @@ from torch import Tensor
 
 from .decisions import DecisionLog
 from .environment import Environment, probe_environment
+from .guard import DivergenceGuard
+from .guard_config import GuardConfig
 from .plan import Plan
 from .policy import PrecisionRequest, make_plan
 from .recipes import RecipeName, spec_from_te_recipe
+from .sinks import attach_sinks
 from .state import PrecisionState
 
 RecipeChoice = Literal["auto", "bf16", "fp16", "fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
@@ -45,6 +48,9 @@ class TEMoEPrecision(Precision):
         strict: a requested recipe the device cannot run is an error; with False the plan steps down.
         params_dtype: dtype the model's parameters are kept in (the optimizer's master weights).
         print_plan: print the plan table at setup (rank 0).
+        guard: watch for divergence and step down the ladder / roll back / stop (attaches a
+            :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
+        guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard_config.GuardConfig`).
     """
 
     precision: str = "32-true"
@@ -60,6 +66,8 @@ class TEMoEPrecision(Precision):
         strict: bool = True,
         params_dtype: Literal["float32", "bfloat16"] = "float32",
         print_plan: bool = True,
+        guard: bool = True,
+        guard_config: Optional[GuardConfig] = None,
     ) -> None:
         if not isinstance(recipe, str):
             spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
@@ -67,6 +75,10 @@ class TEMoEPrecision(Precision):
                                         auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability, strict=strict)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
+        self.guard_enabled = guard
+        self.guard_config = guard_config or GuardConfig()
+        self.guard: Optional[DivergenceGuard] = None
+        self._guard_state: Optional[dict[str, Any]] = None
         self.state: Optional[PrecisionState] = None
         self.decisions = DecisionLog()
         self._device_type = "cpu"
@@ -126,8 +138,25 @@ class TEMoEPrecision(Precision):
             if result is not None:
                 summary, details = result
                 self.decisions.record("swap", summary, rule="swap", evidence=details)
+        if trainer is not None:
+            self._attach_to(trainer)
         module.to(dtype=self.params_dtype)
         return module
+
+    def _attach_to(self, trainer: Any) -> None:
+        """Decision sinks for this Trainer, and the guard callback (before checkpointing callbacks, so a
+        checkpoint never holds weights the guard is about to roll back)."""
+        assert self.state is not None
+        attach_sinks(self.decisions, trainer, self.state)
+        if not self.guard_enabled:
+            return
+        if self.guard is None:
+            self.guard = DivergenceGuard(self.state, self.decisions, self.guard_config, self._scaler_active)
+            if self._guard_state is not None:
+                self.guard.load_guard_state(self._guard_state)
+        if self.guard not in trainer.callbacks:
+            checkpoints = [i for i, cb in enumerate(trainer.callbacks) if cb in trainer.checkpoint_callbacks]
+            trainer.callbacks.insert(checkpoints[0] if checkpoints else len(trainer.callbacks), self.guard)
 
     def forward_context(self) -> AbstractContextManager:
         """torch autocast for the compute dtype, TE autocast for a quantized dense recipe."""
@@ -170,6 +199,7 @@ class TEMoEPrecision(Precision):
             "rung": self.state.index,
             "decisions": self.decisions.state_dict(),
             "scaler": self._amp.state_dict() if self._amp is not None else {},
+            "guard": self.guard.guard_state() if self.guard is not None else self._guard_state,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -187,6 +217,9 @@ class TEMoEPrecision(Precision):
         current_env = self.state.plan.environment
         same = (saved.environment.compute_capability, saved.environment.te_version) == (
             current_env.compute_capability, current_env.te_version)
+        self._guard_state = state_dict.get("guard")
+        if self.guard is not None and self._guard_state is not None:
+            self.guard.load_guard_state(self._guard_state)
         self.decisions.load_state_dict(history)
         if same:
             self.state.plan = saved

@@ -1,0 +1,65 @@
+"""Settings of the divergence guard: one typed dataclass so LightningCLI/jsonargparse validates them from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """When the guard calls a run divergent, and what it does then.
+
+    A value is *anomalous* when it is above ``median + sigma * spread`` of the last ``window`` healthy
+    values, where ``spread`` is the robust standard deviation (1.4826 x MAD) but at least
+    ``min_rel_spread`` x median (so a flat curve does not make every wiggle an outlier). A spike
+    triggers after ``patience`` consecutive anomalous steps; a non-finite loss or gradient norm triggers
+    at once. Spike rules start after ``warmup`` observed steps.
+
+    Args:
+        window: healthy steps kept for the rolling median/MAD.
+        warmup: optimizer steps observed before spike rules apply (non-finite values always trigger).
+        patience: consecutive anomalous steps needed for a spike to trigger (a single spike never does
+            when ``patience`` > 1).
+        loss_sigma: spread multiple above the median for the loss.
+        grad_norm_sigma: the same for the gradient norm (heavier-tailed than the loss in healthy runs).
+        min_rel_spread: floor of the spread as a fraction of the median.
+        watch_grad_norm: also watch the (unclipped) gradient norm, not only the loss.
+        rollback: restore the last known-good state before responding: ``"nonfinite"`` (default) only
+            for NaN/Inf, ``"always"`` also for spikes, ``"never"``.
+        snapshot_every: steps between host-memory snapshots of model, optimizers and LR schedulers.
+        max_rollbacks: rollbacks allowed in a run; the next divergence after that stops the run.
+        cooldown: steps after a step-down during which a spike does not cause another step-down
+            (a non-finite value still rolls back).
+        promote_after: healthy steps on a lower rung after which the guard moves one rung back up
+            (None: never). A rung that diverged after a promotion is not promoted into again, and rungs
+            with delayed scaling are never promotion targets (TE loses their amax history).
+        on_stop: ``"stop"`` ends training cleanly (``trainer.should_stop``) after recording the reason;
+            ``"raise"`` raises :class:`~lightning_te_moe.guard.DivergenceError`.
+    """
+
+    window: int = 100
+    warmup: int = 50
+    patience: int = 4
+    loss_sigma: float = 6.0
+    grad_norm_sigma: float = 10.0
+    min_rel_spread: float = 0.05
+    watch_grad_norm: bool = True
+    rollback: Literal["nonfinite", "always", "never"] = "nonfinite"
+    snapshot_every: int = 100
+    max_rollbacks: int = 5
+    cooldown: int = 100
+    promote_after: Optional[int] = None
+    on_stop: Literal["stop", "raise"] = "stop"
+
+    def __post_init__(self) -> None:
+        for name in ("window", "patience", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GuardConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "max_rollbacks", "cooldown"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GuardConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.promote_after is not None and self.promote_after < 1:
+            raise ValueError(f"GuardConfig.promote_after must be >= 1 or None, got {self.promote_after}")
+        if min(self.loss_sigma, self.grad_norm_sigma) <= 0 or self.min_rel_spread < 0:
+            raise ValueError("GuardConfig sigmas must be > 0 and min_rel_spread >= 0")

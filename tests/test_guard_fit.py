@@ -1,0 +1,143 @@
+"""A real Trainer.fit with provoked divergence on CPU (bf16 -> fp32 ladder): step-down, rollback, stop."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from guard_support import CpuLadderPrecision, LrBoost, TinyRegression, read_jsonl
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_te_moe import DivergenceError, DivergenceGuard, GuardConfig
+from lightning_te_moe.sinks import JSONL_NAME
+
+
+def fit(tmp_path: Path, model: TinyRegression, config: GuardConfig = GuardConfig(), max_steps: int = 200,
+        callbacks: list = (), loggers: list = None, **kwargs) -> tuple[Trainer, CpuLadderPrecision]:
+    plugin = CpuLadderPrecision(print_plan=False, guard_config=config)
+    trainer = Trainer(max_steps=max_steps, plugins=[plugin], accelerator="cpu", devices=1,
+                      default_root_dir=tmp_path, logger=loggers if loggers is not None else CSVLogger(tmp_path),
+                      callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                      log_every_n_steps=10, **kwargs)
+    trainer.fit(model)
+    return trainer, plugin
+
+
+def kinds(plugin: CpuLadderPrecision) -> list[str]:
+    """Decision kinds, without the expert swap's report (not the guard's business)."""
+    return [d.kind for d in plugin.decisions.decisions if d.kind != "swap"]
+
+
+def guard_decisions(plugin: CpuLadderPrecision) -> list:
+    return [d for d in plugin.decisions.decisions if d.kind not in ("plan", "swap")]
+
+
+def assert_healthy(model: TinyRegression, trainer: Trainer) -> None:
+    """Finite parameters; the optimizer still owns the model's tensors and has finite state for each."""
+    params = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in params)
+    opt = trainer.optimizers[0]
+    assert [p for g in opt.param_groups for p in g["params"]] == params
+    for p in params:
+        state = opt.state[p]
+        assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
+        assert int(state["step"]) > 0
+
+
+def test_lr_blowup_rolls_back_and_steps_down(tmp_path: Path) -> None:
+    model = TinyRegression()
+    boost = LrBoost(at=150)
+    trainer, plugin = fit(tmp_path, model, GuardConfig(rollback="always"), max_steps=300, callbacks=[boost])
+    assert trainer.global_step == 300 and boost.fired_at == 150
+    assert kinds(plugin) == ["plan", "rollback", "step_down"]
+    rollback, step_down = guard_decisions(plugin)
+    assert rollback.step == step_down.step and 150 < step_down.step <= 160
+    assert rollback.to == "step 100" and rollback.evidence["snapshot_step"] == 100
+    assert (step_down.from_, step_down.to, step_down.rule) == ("bf16", "fp32", "loss_spike")
+    assert plugin.state.index == 1 and plugin.precision == "32-true"
+    assert_healthy(model, trainer)
+    # the learning rate came back with the optimizer state: no trace of the 1e4 boost
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 1e-2
+    assert trainer.callback_metrics["train_loss"] < 0.2
+    # the audit file, the CSV metrics and hparams
+    log_dir = Path(trainer.log_dir)
+    records = read_jsonl(log_dir / JSONL_NAME)
+    assert [r["kind"] for r in records if r["kind"] != "swap"] == kinds(plugin)
+    assert records[-1]["from"] == "bf16" and records[-1]["evidence"]["rule"] == "loss_spike" and records[2]["time"]
+    metrics = (log_dir / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    level = [row.split(",")[header.index("precision/level")] for row in metrics[1:]]
+    steps = [int(row.split(",")[header.index("step")]) for row in metrics[1:]]
+    levels = {s: float(v) for s, v in zip(steps, level) if v}
+    assert levels[10] == 0.0 and levels[step_down.step] == 1.0 and levels[290] == 1.0
+    hparams = yaml.unsafe_load(  # the model hparams hold a tuple
+        (log_dir / "hparams.yaml").read_text())
+    assert hparams["precision_plan"] == "bf16 -> fp32"
+    assert any("step_down bf16 -> fp32" in line for line in hparams["precision_decisions"])
+
+
+def test_nan_loss_rolls_back_by_default_and_training_completes(tmp_path: Path) -> None:
+    model = TinyRegression(nan_at=(120,))
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer, plugin = fit(tmp_path, model, max_steps=200, loggers=[CSVLogger(tmp_path), tb])
+    assert trainer.global_step == 200
+    assert kinds(plugin) == ["plan", "rollback", "step_down"]
+    rollback, step_down = guard_decisions(plugin)
+    assert rollback.step == step_down.step == 121 and rollback.rule == "nonfinite_loss"
+    assert rollback.evidence["value"] == "nan" and rollback.evidence["skipped_batches"] == 21
+    assert plugin.guard.rollbacks == 1
+    assert_healthy(model, trainer)
+    assert [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)] == [plugin.guard]
+    # TensorBoard got the text record of each decision
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tb.log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert "precision/decisions/text_summary" in events.Tags()["tensors"]
+    assert [e.value for e in events.Scalars("precision/level")][-1] == 1.0
+
+
+def test_divergence_on_the_bottom_rung_stops_with_the_reason(tmp_path: Path) -> None:
+    model = TinyRegression(nan_at=(60, 90))
+    trainer, plugin = fit(tmp_path, model, GuardConfig(cooldown=10, snapshot_every=25), max_steps=200)
+    assert kinds(plugin) == ["plan", "rollback", "step_down", "rollback", "stop"]
+    stop = plugin.decisions.decisions[-1]
+    assert stop.step == 91 and "fp32 is the last rung of the ladder and diverged" in stop.reason
+    assert stop.to == "stopped" and "weights restored to step 75" in stop.reason
+    assert trainer.global_step == 91 and trainer.should_stop
+    assert_healthy(model, trainer)  # the final weights are the last known-good ones
+
+
+def test_stop_can_raise(tmp_path: Path) -> None:
+    with pytest.raises(DivergenceError, match="max_rollbacks=0 reached"):
+        fit(tmp_path, TinyRegression(nan_at=(30,)), GuardConfig(max_rollbacks=0, on_stop="raise"), max_steps=100)
+
+
+def test_spike_within_cooldown_holds(tmp_path: Path) -> None:
+    model = TinyRegression(nan_at=(60, 80))
+    trainer, plugin = fit(tmp_path, model, GuardConfig(cooldown=50), max_steps=120)
+    assert kinds(plugin) == ["plan", "rollback", "step_down", "rollback", "hold"]
+    assert "within the cooldown" in plugin.decisions.decisions[-1].reason
+    assert trainer.global_step == 120
+    assert_healthy(model, trainer)
+
+
+def test_promotion_after_healthy_steps(tmp_path: Path) -> None:
+    model = TinyRegression(nan_at=(60,))
+    trainer, plugin = fit(tmp_path, model, GuardConfig(promote_after=30), max_steps=120)
+    assert kinds(plugin) == ["plan", "rollback", "step_down", "promote"]
+    promote = plugin.decisions.decisions[-1]
+    assert (promote.from_, promote.to, promote.step) == ("fp32", "bf16", 91)
+    assert plugin.state.index == 0
+
+
+def test_guard_can_be_turned_off(tmp_path: Path) -> None:
+    plugin = CpuLadderPrecision(print_plan=False, guard=False)
+    trainer = Trainer(max_steps=5, plugins=[plugin], accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyRegression())
+    assert plugin.guard is None and not any(isinstance(c, DivergenceGuard) for c in trainer.callbacks)
+    assert read_jsonl(tmp_path / JSONL_NAME)[0]["kind"] == "plan"
+    assert math.isfinite(float(trainer.callback_metrics["train_loss"]))
