@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 from .environment import Environment
 from .plan import Plan, Reason, Rung
 from .recipes import RECIPE_NAMES, RecipeSpec, spec_from_te_recipe
-from .rules import Rule, matching_rules
+from .rules import Effect, Rule, matching_rules
 
 #: Where each recipe steps down to when it is forbidden and ``strict=False`` (and for experts when
 #: their GEMMs cannot run the dense recipe): the next more conservative recipe.
@@ -76,6 +76,7 @@ class _Constraints:
     env: dict[str, str] = field(default_factory=dict)
     env_reasons: list[Reason] = field(default_factory=list)
     fused_attention_off: Optional[Reason] = None
+    notes: list[Reason] = field(default_factory=list)
 
     def why_forbidden(self, name: str, experts: bool = False) -> Optional[Reason]:
         return self.forbidden.get(name) or (self.experts_forbidden.get(name) if experts else None)
@@ -93,6 +94,8 @@ def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
     c = _Constraints()
     for rule in matching_rules(env, torch_compile=request.torch_compile):
         reason, effect = _reason(rule, env), rule.effect
+        if effect == Effect():  # a rule that only informs
+            c.notes.append(reason)
         target = c.experts_forbidden if effect.experts_only else c.forbidden
         for name in effect.forbid:
             target.setdefault(name, reason)
@@ -142,6 +145,7 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
                               f"{spec.name} grouped GEMMs need each expert's token count padded to a multiple of"
                               f" {spec.alignment}", "TE get_align_size_for_quantization; TE #2966 (MXFP8: 32)"))
     reasons.extend(c.env_reasons)
+    reasons.extend(c.notes)
     reasons.extend(_rules_out(c, reasons))
     fused = env.device_type == "cuda" and env.has_te and c.fused_attention_off is None
     if c.fused_attention_off is not None:

@@ -233,6 +233,11 @@ RULES: tuple[Rule, ...] = (
     Rule("compile-no-delayed", "TE check_recipe_support", When(torch_compile=True),
          Effect(forbid=("fp8_delayed",)),
          "DelayedScaling is rejected under torch.compile."),
+    Rule("hopper-grouped-fp8-slow", "docs/performance.md; TE is_module_grouped_tensor_path_supported",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_below="13.5"),
+         Effect(),
+         "Measured on an H100 (TE 2.20, cuBLASLt 13.1): without TE's native grouped GEMM (cuBLASLt >= 13.5 for"
+         " FP8 current scaling on Hopper) FP8 expert GEMMs ran slower than BF16; autotune=True times your shapes."),
     # -- TE's own availability checks, when TE is installed on the real device ------------------
     Rule("te-check-fp8", "TE is_fp8_available", When(te_reports_unavailable="fp8"),
          Effect(forbid=_FP8_SCALED + ("fp8_block", "mxfp8", "nvfp4")),

@@ -264,3 +264,10 @@ def test_policy_doc_is_current():
     doc = Path(__file__).resolve().parents[1] / "docs" / "policy.md"
     assert doc.read_text() == render_policy_markdown(), (
         "docs/policy.md is stale: run `python -m lightning_te_moe.policy_doc > docs/policy.md`")
+
+
+@pytest.mark.parametrize(("cublaslt", "noted"), [("13.1.0", True), ("13.4.0", True), ("13.5.0", False)])
+def test_hopper_note_when_fp8_grouped_gemm_measured_slower(cublaslt, noted):
+    plan = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt=cublaslt))
+    assert plan.dense.name == "fp8_current"  # a note informs; it does not change the choice
+    assert ("hopper-grouped-fp8-slow" in {r.rule for r in plan.reasons}) is noted
