@@ -105,9 +105,14 @@ class LoggerSink:
 
 
 def log_level(logger: Any, state: PrecisionState, log: DecisionLog, step: int) -> None:
-    """The step-wise metrics: active rung (0 = the plan's start, +1 per step-down) and the counters."""
+    """The step-wise metrics: active rung (0 = the plan's start, +1 per step-down) and the counters.
+
+    Lightning logs the loss of the batch that completes optimizer step N at x = N - 1 (its
+    ``trainer/global_step`` counts batches before the step); the metrics go to the same x, so a
+    step-down sits on the loss point of the batch that triggered it.
+    """
     logger.log_metrics({LEVEL_METRIC: float(state.index), STEP_DOWNS_METRIC: float(log.count("step_down")),
-                        ROLLBACKS_METRIC: float(log.count("rollback"))}, step=step)
+                        ROLLBACKS_METRIC: float(log.count("rollback"))}, step=max(step - 1, 0))
 
 
 def run_log_dir(trainer: Any) -> str:

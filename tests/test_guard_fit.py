@@ -71,7 +71,8 @@ def test_lr_blowup_rolls_back_and_steps_down(tmp_path: Path) -> None:
     level = [row.split(",")[header.index("precision/level")] for row in metrics[1:]]
     steps = [int(row.split(",")[header.index("step")]) for row in metrics[1:]]
     levels = {s: float(v) for s, v in zip(steps, level) if v}
-    assert levels[10] == 0.0 and levels[step_down.step] == 1.0 and levels[290] == 1.0
+    # metrics sit at Lightning's x-axis (step N's batch is logged at N - 1), like train_loss
+    assert levels[9] == 0.0 and levels[step_down.step - 1] == 1.0 and levels[289] == 1.0
     hparams = yaml.unsafe_load(  # the model hparams hold a tuple
         (log_dir / "hparams.yaml").read_text())
     assert hparams["precision_plan"] == "bf16 -> fp32"
