@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from .decisions import DecisionLog
 from .detector import DivergenceDetector, Trigger
@@ -122,7 +123,7 @@ class DivergenceGuard(Callback):
                 log_level(logger, self.state, self.decisions, step)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.training:
+        if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: its checkpoint must be clean
             self._process(trainer, pl_module, trainer.global_step, drain=True)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

@@ -142,3 +142,12 @@ def test_guard_can_be_turned_off(tmp_path: Path) -> None:
     assert plugin.guard is None and not any(isinstance(c, DivergenceGuard) for c in trainer.callbacks)
     assert read_jsonl(tmp_path / JSONL_NAME)[0]["kind"] == "plan"
     assert math.isfinite(float(trainer.callback_metrics["train_loss"]))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
+    model = TinyRegression(nan_at=(40,))  # NaN in the micro-batches of optimizer step 41
+    trainer, plugin = fit(tmp_path, model, max_steps=60, accumulate_grad_batches=2)
+    assert kinds(plugin) == ["plan", "rollback", "step_down"]
+    assert guard_decisions(plugin)[0].step == 41 and trainer.global_step == 60
+    assert plugin.guard.detector.series["loss"].seen < 60  # one value per optimizer step, not per micro-batch
+    assert_healthy(model, trainer)

@@ -1,0 +1,176 @@
+"""On the real GPU with TE: provoked divergence under fp8_current steps down to a high-precision backward,
+then to BF16, on the real TE recipes, and training recovers. Also: the guard adds no synchronizing CUDA
+call to a training step, and what it costs per step (printed)."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_te_moe import GuardConfig, TEMoEPrecision
+from lightning_te_moe.example import StdlibBytesDataModule, TinyMoELanguageModel
+
+
+def _active_recipe() -> tuple[bool, str, str | None, str | None]:
+    """(TE FP8 on, recipe class, backward_override, torch autocast dtype) as seen inside training_step."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    on = FP8GlobalStateManager.is_fp8_enabled()
+    recipe = FP8GlobalStateManager.get_fp8_recipe() if on else None
+    dtype = str(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda") else None
+    return on, type(recipe).__name__ if on else "", getattr(recipe, "backward_override", None), dtype
+
+
+class TEStack(L.LightningModule):
+    """Three TE Linears on a fixed regression task; NaN loss at ``nan_at``; records the active recipe."""
+
+    def __init__(self, nan_at: tuple[int, ...] = (), width: int = 256) -> None:
+        super().__init__()
+        import transformer_engine.pytorch as te
+
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(te.Linear(width, width) for _ in range(3))
+        self.nan_at = nan_at
+        self.seen: dict[int, tuple] = {}
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(64 * 64, width, generator=g)
+        self.y = torch.tanh(self.x @ torch.randn(width, width, generator=g) / math.sqrt(width))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen[self.global_step] = _active_recipe()
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            h = torch.tanh(h) if i < len(self.layers) - 1 else h
+        loss = torch.nn.functional.mse_loss(h.float(), y)
+        return loss * float("nan") if self.global_step in self.nan_at else loss
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(self.x, self.y)
+        return torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, drop_last=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class LossHistory(L.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def _fp8_current_plugin(config: GuardConfig) -> TEMoEPrecision:
+    plugin = TEMoEPrecision("fp8_current", guard_config=config)
+    plan = plugin.make_plan(torch.device("cuda"))
+    labels = [r.label() for r in plan.ladder]
+    if labels != ["fp8_current", "fp8_current+hp_bwd", "bf16"]:
+        pytest.skip(f"needs the three-rung fp8_current ladder (TE >= 2.15); this machine plans {labels}")
+    return plugin
+
+
+def _trainer(tmp_path, plugin, max_steps, callbacks=(), **kwargs) -> L.Trainer:
+    return L.Trainer(plugins=[plugin], accelerator="gpu", devices=1, max_steps=max_steps, callbacks=list(callbacks),
+                     default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                     **{"logger": False, "enable_checkpointing": False, **kwargs})
+
+
+def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path):
+    plugin = _fp8_current_plugin(GuardConfig(cooldown=5, snapshot_every=10))
+    model, history = TEStack(nan_at=(30, 60)), LossHistory()
+    trainer = _trainer(tmp_path, plugin, 120, [history])
+    trainer.fit(model)
+    guard = [d for d in plugin.decisions.decisions if d.kind in ("rollback", "step_down", "hold", "stop")]
+    for d in plugin.decisions.decisions:
+        print(d.line())
+    assert [d.kind for d in guard] == ["rollback", "step_down", "rollback", "step_down"]
+    first, second = guard[1], guard[3]
+    assert (first.from_, first.to) == ("fp8_current", "fp8_current+hp_bwd")
+    assert (second.from_, second.to) == ("fp8_current+hp_bwd", "bf16")
+    # the decision lands one or two steps after the NaN (values are read one step late on CUDA)
+    assert 31 <= first.step <= 33 and 61 <= second.step <= 63
+    # the real TE recipes ran: FP8 current scaling, then with a high-precision backward, then plain BF16
+    bf16 = str(torch.bfloat16)
+    assert model.seen[5] == (True, "Float8CurrentScaling", None, bf16)
+    # each change takes effect from the next step (the forward that runs at global_step == decision step)
+    assert model.seen[first.step - 1] == (True, "Float8CurrentScaling", None, bf16)
+    assert model.seen[first.step] == (True, "Float8CurrentScaling", "high_precision", bf16)
+    assert model.seen[second.step] == (False, "", None, bf16)
+    assert model.seen[119] == (False, "", None, bf16)
+    assert trainer.global_step == 120 and plugin.state.index == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    tail = [history.losses[s] for s in range(100, 121)]
+    assert all(math.isfinite(x) for x in tail) and sum(tail) / len(tail) < history.losses[1]
+
+
+def test_gpt_oss_tiny_under_fp8_steps_down_and_recovers(tmp_path):
+    class Provoked(TinyMoELanguageModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step in (20, 45) else loss
+
+    plugin = _fp8_current_plugin(GuardConfig(cooldown=5, snapshot_every=10))
+    history = LossHistory()
+    trainer = _trainer(tmp_path, plugin, 90, [history], limit_val_batches=0)
+    trainer.fit(Provoked(arch="gpt_oss"), StdlibBytesDataModule(seq_len=128, batch_size=16, max_bytes=1_000_000))
+    for d in plugin.decisions.decisions:
+        print(d.line())
+    assert [d.kind for d in plugin.decisions.decisions if d.kind in ("step_down", "stop")] == ["step_down"] * 2
+    assert plugin.state.rung.label() == "bf16" and trainer.global_step == 90
+    tail = [history.losses[s] for s in range(80, 91)]
+    assert all(math.isfinite(x) for x in tail)
+    assert sum(tail) / len(tail) < 0.9 * sum(history.losses[s] for s in range(1, 6)) / 5
+
+
+class SyncCounter(L.Callback):
+    """Counts synchronizing CUDA calls (torch's sync debug mode) between two steps, and times those steps."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+        self.syncs = 0
+        self.seconds = 0.0
+        self._catcher = None
+        self._records = None
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.start:
+            torch.cuda.synchronize()
+            self._catcher = warnings.catch_warnings(record=True)
+            self._records = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.stop and self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self._t0
+            self.syncs = sum("synchronizing" in str(w.message) for w in self._records)
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+
+def test_guard_adds_no_host_sync_per_step_and_report_its_cost(tmp_path):
+    results = {}
+    for guard in (False, True, False, True):  # alternate to even out clocks and caches
+        plugin = TEMoEPrecision("fp8_current", guard=guard, print_plan=False,
+                                guard_config=GuardConfig(snapshot_every=10_000))
+        counter = SyncCounter(start=20, stop=220)
+        trainer = _trainer(tmp_path, plugin, 221, [counter])
+        trainer.fit(TEStack(width=1024))
+        results.setdefault(guard, []).append((counter.syncs, counter.seconds / (counter.stop - counter.start)))
+    off = min(ms for _, ms in results[False]) * 1e3
+    on = min(ms for _, ms in results[True]) * 1e3
+    print(f"guard overhead: {on - off:+.3f} ms/step ({on:.3f} vs {off:.3f} ms/step, {(on / off - 1) * 100:+.1f}%);"
+          f" synchronizing calls per 200 steps: guard on {results[True][0][0]}, off {results[False][0][0]}")
+    assert results[True][0][0] == results[False][0][0]
+    assert on < off * 1.25 + 0.5
