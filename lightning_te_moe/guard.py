@@ -2,10 +2,10 @@
 
 The plugin attaches it; a user never has to. How it stays off the host-device critical path:
 
-* Per optimizer step it stacks ``[loss, grad norm]`` on the device (grad norm from TE-agnostic
-  ``get_total_norm`` over the optimizer's gradients, before clipping), averages it across ranks with
-  one tiny all-reduce under DDP (enqueued, not waited for), and starts a non-blocking copy to pinned
-  host memory with a CUDA event.
+* Per optimizer step it stacks ``[loss, grad norm]`` on the device (grad norm with ``get_total_norm``
+  over the optimizer's gradients, before clipping), averages it across ranks with one two-float
+  all-reduce under DDP (enqueued on the device, not waited for), and starts a non-blocking copy to
+  pinned host memory followed by a CUDA event.
 * It reads step ``t``'s values at the end of step ``t + 1`` (``LAG_STEPS`` on CUDA, 0 on CPU): the
   GPU still has step ``t + 1`` queued while the host waits for step ``t``, so the wait never idles it.
 * Every rank reads the same reduced values at the same step, so every rank takes the same decision at
@@ -143,8 +143,9 @@ class DivergenceGuard(Callback):
         has_loss, has_grad = self._loss_sum is not None, self._grad_sq is not None and not self.grads_may_overflow()
         values = torch.stack([loss.to(device), grad_norm.to(device)])
         self._reset_accumulators()
-        if trainer.world_size > 1:
-            values = trainer.strategy.reduce(values, reduce_op="mean")
+        if trainer.world_size > 1:  # not strategy.reduce: Lightning's adds a barrier, which blocks the host
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+            values = values / trainer.world_size
         event = None
         if values.is_cuda:
             values = values.to("cpu", non_blocking=True)

@@ -151,3 +151,60 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
     assert guard_decisions(plugin)[0].step == 41 and trainer.global_step == 60
     assert plugin.guard.detector.series["loss"].seen < 60  # one value per optimizer step, not per micro-batch
     assert_healthy(model, trainer)
+
+
+def test_lagged_read_as_on_cuda_decides_one_step_later_and_drains_before_checkpoints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the guard reads step t's values at the end of step t + 1; emulate that on CPU."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    start = DivergenceGuard.on_train_start
+
+    def lagged_start(self, trainer, pl_module):
+        start(self, trainer, pl_module)
+        self._lag = 1
+
+    monkeypatch.setattr(DivergenceGuard, "on_train_start", lagged_start)
+
+    class Spy(ModelCheckpoint):
+        """Records, at each step, how many steps the guard has not read yet when checkpointing runs."""
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.pending[trainer.global_step] = len(trainer.precision_plugin.guard._pending)
+            super().on_train_batch_end(trainer, pl_module, *args)
+
+    spy = Spy(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    spy.pending = {}
+    model = TinyRegression(nan_at=(60,))
+    trainer, plugin = fit(tmp_path, model, GuardConfig(snapshot_every=25), max_steps=100, callbacks=[spy])
+    rollback, step_down = guard_decisions(plugin)
+    assert rollback.step == step_down.step == 62 and rollback.evidence["step"] == 61
+    assert rollback.evidence["snapshot_step"] == 50
+    assert all(spy.pending[s] == 0 for s in range(10, 101, 10))  # drained before every checkpoint
+    assert spy.pending[33] == 1  # otherwise one step is in flight
+    assert_healthy(model, trainer)
+
+
+class ManualRegression(TinyRegression):
+    """The same model with manual optimization (one optimizer, loss returned from training_step)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.lr_schedulers().step()
+        return loss
+
+
+def test_manual_optimization_is_guarded(tmp_path: Path) -> None:
+    model = ManualRegression(nan_at=(40,))
+    trainer, plugin = fit(tmp_path, model, max_steps=60)
+    assert kinds(plugin) == ["plan", "rollback", "step_down"] and guard_decisions(plugin)[0].step == 41
+    assert trainer.global_step == 60
+    assert_healthy(model, trainer)
