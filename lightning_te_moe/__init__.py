@@ -1,6 +1,7 @@
 """lightning-te-moe: a Lightning precision plugin for training MoE models with NVIDIA Transformer Engine."""
 
 from .environment import Environment, probe_environment
+from .experts import ExpertSwapConfig, GroupedExperts, register_adapter, swap_experts, unswap_experts
 from .guard import DivergenceError, DivergenceGuard
 from .guard_config import GuardConfig
 from .plan import Plan, Reason, Rung
@@ -13,6 +14,8 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "Environment",
+    "ExpertSwapConfig",
+    "GroupedExperts",
     "GuardConfig",
     "Plan",
     "PlanError",
@@ -23,5 +26,8 @@ __all__ = [
     "TEMoEPrecision",
     "make_plan",
     "probe_environment",
+    "register_adapter",
+    "swap_experts",
+    "unswap_experts",
 ]
 __version__ = "0.1.0"

@@ -48,6 +48,8 @@ class TEMoEPrecision(Precision):
         strict: a requested recipe the device cannot run is an error; with False the plan steps down.
         params_dtype: dtype the model's parameters are kept in (the optimizer's master weights).
         print_plan: print the plan table at setup (rank 0).
+        swap_experts: replace every recognised MoE experts module by grouped-GEMM experts at setup (TE
+            ``GroupedLinear`` on CUDA); the swap report is printed (rank 0) and recorded as a decision.
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
         guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard_config.GuardConfig`).
@@ -66,6 +68,7 @@ class TEMoEPrecision(Precision):
         strict: bool = True,
         params_dtype: Literal["float32", "bfloat16"] = "float32",
         print_plan: bool = True,
+        swap_experts: bool = True,
         guard: bool = True,
         guard_config: Optional[GuardConfig] = None,
     ) -> None:
@@ -87,6 +90,10 @@ class TEMoEPrecision(Precision):
         self._resume_step: Optional[int] = None
         #: Module swaps run at setup, in order: ``fn(model, state) -> (summary, details) or None``.
         self.module_swaps: list[Callable[[torch.nn.Module, PrecisionState], Optional[tuple[str, dict]]]] = []
+        if swap_experts:
+            from .experts import swap_for_plugin
+
+            self.module_swaps.append(swap_for_plugin)
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self, device: torch.device, torch_compile: bool = False,

@@ -1,0 +1,214 @@
+"""Benchmark one GPT-OSS-20B expert layer (H=2880, I=2880, E=32, top-4), forward + backward, BF16 activations.
+
+Compares transformers' eager and grouped_mm experts with the swapped GroupedExperts in BF16 (TE and torch
+backends) and under every FP8 recipe the device runs. Reports the median step time over >= 10 steps after
+warm-up, the peak memory of the step, and the output error against transformers' eager experts. Writes
+``moe_layer.json`` (to --out) and the markdown table into ``docs/performance.md``.
+
+    python3 benchmarks/moe_layer.py --out /tmp/bench [--tokens 4096 16384 65536] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+H, I, E, TOP_K = 2880, 2880, 32, 4
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- moe_layer:begin -->", "<!-- moe_layer:end -->"
+
+
+def hf_experts(implementation: str) -> nn.Module:
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=TOP_K)
+    config._experts_implementation = implementation
+    torch.manual_seed(0)
+    module = GptOssExperts(config)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module.cuda().to(torch.bfloat16)
+
+
+def ours(base: nn.Module, recipe: str, backend: str) -> nn.Module:
+    from lightning_te_moe.environment import Environment
+    from lightning_te_moe.experts import ExpertSwapConfig, swap_experts
+    from lightning_te_moe.plan import Plan, Rung
+    from lightning_te_moe.recipes import RecipeSpec
+    from lightning_te_moe.state import PrecisionState
+
+    holder = nn.Module()
+    holder.experts = copy.deepcopy(base)
+    state = PrecisionState(Plan(ladder=(Rung(RecipeSpec.of("bf16"), RecipeSpec.of(recipe)),), environment=Environment()))
+    report = swap_experts(holder, ExpertSwapConfig(backend=backend), state=state)
+    assert len(report.swapped) == 1, report.render_text()
+    return holder.experts
+
+
+def routing(tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(tokens, E, device="cuda", generator=gen)
+    top, index = torch.topk(logits, TOP_K, dim=-1)
+    return x, index, torch.softmax(top, dim=-1).to(torch.bfloat16)
+
+
+def measure(module: nn.Module, tokens: int, steps: int, warmup: int = 3) -> dict[str, Any]:
+    x, index, weights = routing(tokens)
+    x.requires_grad_(True)
+    weights.requires_grad_(True)
+    grad = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
+
+    def step() -> Tensor:
+        for p in module.parameters():
+            p.grad = None
+        x.grad = weights.grad = None
+        out = module(x, index, weights)
+        out.backward(grad)
+        return out
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated()
+    with torch.no_grad():
+        final = module(x, index, weights).float()
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_gib": peak / 2**30,
+            "step_extra_gib": (peak - before) / 2**30, "output": final, "steps": steps}
+
+
+def profile(module: nn.Module, tokens: int, path: Path) -> None:
+    """Kernel time table of a few fwd+bwd steps (where the time goes around the GEMMs)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x, index, weights = routing(tokens)
+    x.requires_grad_(True)
+    grad = torch.randn_like(x)
+    for _ in range(2):
+        module(x, index, weights).backward(grad)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            module(x, index, weights).backward(grad)
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
+    import transformer_engine.pytorch as te
+
+    out: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
+        ("HF eager", lambda base: _with_impl(base, "eager")),
+        ("HF grouped_mm", lambda base: _with_impl(base, "grouped_mm")),
+        ("ours BF16 (TE GroupedLinear)", lambda base: ours(base, "bf16", "te")),
+        ("ours BF16 (torch grouped_mm)", lambda base: ours(base, "bf16", "torch")),
+    ]
+    recipes = (["fp8_delayed", "fp8_current"] if te.is_fp8_available() else []) + (
+        ["fp8_block"] if te.is_fp8_block_scaling_available() else [])
+    for recipe in recipes:  # never MXFP8/NVFP4 where the device lacks them: a failed entry poisons TE's state
+        out.append((f"ours {recipe}", lambda base, r=recipe: ours(base, r, "te")))
+    return out
+
+
+def _with_impl(base: nn.Module, implementation: str) -> nn.Module:
+    module = copy.deepcopy(base)
+    module.config = copy.deepcopy(base.config)
+    module.config._experts_implementation = implementation
+    return module
+
+
+def environment() -> dict[str, str]:
+    import transformer_engine
+    import transformers
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformer_engine": transformer_engine.__version__, "transformers": transformers.__version__,
+            "cuda": str(torch.version.cuda), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int]) -> str:
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    cell = {(r["name"], r["tokens"]): r for r in rows}
+    head = ["| implementation | " + " | ".join(f"T={t:,} ms (peak GiB, rel err)" for t in tokens) + " |",
+            "|---|" + "---|" * len(tokens)]
+    body = []
+    for name in names:
+        parts = []
+        for t in tokens:
+            r: Optional[dict[str, Any]] = cell.get((name, t))
+            parts.append("n/a" if r is None else f"{r['median_ms']:.1f} ({r['peak_gib']:.1f}, {r['rel_err']:.1e})")
+        body.append(f"| {name} | " + " | ".join(parts) + " |")
+    meta = (f"Measured {env['date']} on {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), "
+            f"Transformer Engine {env['transformer_engine']}, transformers {env['transformers']}. "
+            f"GPT-OSS-20B expert layer H={H}, I={I}, E={E}, top-{TOP_K}, BF16 weights and activations, forward + "
+            f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up; "
+            "peak = max allocated during the timed steps; rel err = ||out - HF eager|| / ||HF eager||.")
+    return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, END])
+
+
+def write_doc(text: str) -> None:
+    old = DOC.read_text() if DOC.exists() else "# Performance\n"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + text + "\n"
+    DOC.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--profile", type=int, default=0, help="also profile ours (BF16, TE) at this many tokens")
+    args = parser.parse_args()
+    env = environment()
+    base = hf_experts("eager")
+    rows: list[dict[str, Any]] = []
+    for tokens in args.tokens:
+        reference: Optional[Tensor] = None
+        for name, build in candidates():
+            module = build(base)
+            result = measure(module, tokens, args.steps)
+            output = result.pop("output")
+            reference = output if reference is None else reference
+            err = ((output - reference).norm() / reference.norm()).item()
+            rows.append({"name": name, "tokens": tokens, **result, "rel_err": err})
+            print(f"T={tokens:>6} {name:<32} {result['median_ms']:8.2f} ms  peak {result['peak_gib']:6.2f} GiB"
+                  f"  step +{result['step_extra_gib']:6.2f} GiB  rel err {err:.2e}", flush=True)
+            del module, output
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile(ours(base, "bf16", "te"), args.profile, args.out / "moe_layer_profile.txt")
+    (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+    text = markdown(env, rows, args.tokens)
+    (args.out / "moe_layer.md").write_text(text + "\n")
+    write_doc(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""``GroupedExperts``: all experts of one MoE layer as two grouped GEMMs, with the original forward signature."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..state import PrecisionState
+from .activations import activation_label
+from .gemm import TEGroupedGemm, compute_dtype, te_available, torch_grouped_linear
+from .layouts import ExpertWeights, WeightCodec
+from .routing import Dispatch, combine, make_dispatch, permute
+
+Backend = Literal["auto", "te", "torch"]
+
+
+class GroupedWeights(nn.Module):
+    """One grouped projection: ``weight [E, out, in]`` and optional ``bias [E, out]``, plain parameters."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    def extra_repr(self) -> str:
+        e, out, inp = self.weight.shape
+        return f"experts={e}, in_features={inp}, out_features={out}, bias={self.bias is not None}"
+
+
+class GroupedExperts(nn.Module):
+    """Drop-in replacement for an experts module: ``forward(hidden_states, top_k_index, top_k_weights)``.
+
+    Tokens are sorted by expert and each expert's block padded to the alignment of the *active* experts recipe
+    (read from ``state`` on every call), then ``fc1 -> activation -> fc2`` run as grouped GEMMs: TE
+    ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). The routing weight
+    multiplies the expert output after the down-projection bias, as every transformers experts class does.
+
+    ``state_dict`` is written in the original module's layout (``codec``) and either layout loads.
+    """
+
+    def __init__(self, weights: ExpertWeights, activation: nn.Module, codec: WeightCodec, *,
+                 backend: Backend = "auto", fp8_reason: Optional[str] = None,
+                 state: Optional[PrecisionState] = None) -> None:
+        super().__init__()
+        self.num_experts = weights.num_experts
+        self.hidden_size = weights.hidden_size
+        self.intermediate_size = weights.intermediate_size
+        self.fc1 = GroupedWeights(weights.fc1_weight, weights.fc1_bias)
+        self.activation = activation
+        self.fc2 = GroupedWeights(weights.fc2_weight, weights.fc2_bias)
+        self.codec = codec
+        self.backend = backend
+        #: Why FP8 is off for this module (None: FP8 allowed); such a module never enters an FP8 autocast.
+        self.fp8_reason = fp8_reason
+        self.state = state
+        self._engines: dict[tuple[str, str, bool], TEGroupedGemm] = {}
+        self.register_state_dict_post_hook(_write_original_layout)
+        self.register_load_state_dict_pre_hook(_read_original_layout)
+
+    # -- layout -----------------------------------------------------------------------------------
+    def weights(self) -> ExpertWeights:
+        """The current parameters in our layout (no copies)."""
+        return ExpertWeights(self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+    def original_state_dict(self) -> dict[str, Tensor]:
+        """The weights in the original module's ``state_dict`` layout (export helper; detached copies)."""
+        return {k: v.detach().clone() for k, v in self.codec.encode(self.weights()).items()}
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        use_te = self._use_te(x)
+        dispatch = make_dispatch(top_k_index.reshape(x.size(0), -1), self.num_experts, self._alignment(use_te))
+        rows = permute(x.to(compute_dtype(x)), dispatch)
+        with self._precision(use_te):
+            h = self._linear("fc1", self.fc1, rows, dispatch, use_te)
+            h = self._linear("fc2", self.fc2, self.activation(h, fused=use_te), dispatch, use_te)
+        out = combine(h, top_k_weights.reshape(x.size(0), -1), dispatch)
+        return out.to(hidden_states.dtype).reshape(shape)
+
+    def _use_te(self, x: Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "te":
+            if not (x.is_cuda and te_available()):
+                raise RuntimeError("GroupedExperts(backend='te') needs Transformer Engine and a CUDA input")
+            return True
+        return x.is_cuda and te_available()
+
+    def _te_fp8_recipe(self) -> Any:
+        """The quantized recipe active in TE right now (a user's own ``te.autocast``), or None."""
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+        return FP8GlobalStateManager.get_fp8_recipe() if FP8GlobalStateManager.is_fp8_enabled() else None
+
+    def _alignment(self, use_te: bool) -> int:
+        if self.fp8_reason is not None:
+            return 1
+        if self.state is not None:
+            return self.state.experts.alignment
+        if use_te and self._te_fp8_recipe() is not None:
+            from transformer_engine.pytorch.quantization import get_align_size_for_quantization
+
+            return get_align_size_for_quantization(self._te_fp8_recipe())
+        return 1
+
+    def _precision(self, use_te: bool) -> AbstractContextManager:
+        """The nested TE autocast for the experts recipe where it differs from the dense one (or FP8 is off)."""
+        if not use_te:
+            return nullcontext()
+        import transformer_engine.pytorch as te
+
+        state = self.state
+        quantized = state.experts.is_te if state is not None else self._te_fp8_recipe() is not None
+        if self.fp8_reason is not None:
+            return te.autocast(enabled=False) if quantized else nullcontext()
+        if state is not None and state.experts != state.dense:
+            return te.autocast(enabled=state.experts.is_te, recipe=state.te_recipe(state.experts))
+        return nullcontext()
+
+    def _linear(self, name: str, layer: GroupedWeights, x: Tensor, dispatch: Dispatch, use_te: bool) -> Tensor:
+        if not use_te:
+            return torch_grouped_linear(x, layer.weight, layer.bias, dispatch)
+        weight = layer.weight
+        if not torch.is_autocast_enabled(x.device.type) and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        # TE 2.20's legacy path drops bias grads when the weights are frozen: add such a bias here instead.
+        te_bias = layer.bias is not None and (layer.weight.requires_grad or not layer.bias.requires_grad)
+        key = (name, str(x.device), te_bias)
+        if key not in self._engines:
+            e, out_features, in_features = layer.weight.shape
+            self._engines[key] = TEGroupedGemm(e, in_features, out_features, te_bias, x.device, x.dtype)
+        out = self._engines[key](x, weight, layer.bias if te_bias else None, dispatch.splits)
+        if layer.bias is not None and not te_bias:
+            out = out + layer.bias.to(out.dtype)[dispatch.row_expert]
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_engines"] = {}  # TE engines hold no weights; rebuilt on the next CUDA forward
+        return state
+
+    def extra_repr(self) -> str:
+        fp8 = "fp8 allowed" if self.fp8_reason is None else f"bf16 only ({self.fp8_reason})"
+        return f"activation={activation_label(self.activation)}, backend={self.backend}, {fp8}"
+
+
+def _write_original_layout(module: GroupedExperts, destination: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """State-dict post-hook: replace ``fc1.*``/``fc2.*`` by the original module's keys."""
+    ours = {n: destination.pop(prefix + n) for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+            if prefix + n in destination}
+    weights = ExpertWeights(ours["fc1.weight"], ours.get("fc1.bias"), ours["fc2.weight"], ours.get("fc2.bias"))
+    for key, value in module.codec.encode(weights).items():
+        destination[prefix + key] = value
+
+
+def _read_original_layout(module: GroupedExperts, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Load pre-hook: accept the original module's keys (checkpoints of either model) as well as ours."""
+    keys = module.codec.keys()
+    if not all(prefix + k in state_dict for k in keys):
+        return
+    weights = module.codec.decode({k: state_dict.pop(prefix + k) for k in keys})
+    state_dict[prefix + "fc1.weight"] = weights.fc1_weight
+    state_dict[prefix + "fc2.weight"] = weights.fc2_weight
+    if weights.fc1_bias is not None:
+        state_dict[prefix + "fc1.bias"] = weights.fc1_bias
+    if weights.fc2_bias is not None:
+        state_dict[prefix + "fc2.bias"] = weights.fc2_bias
+

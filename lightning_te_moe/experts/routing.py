@@ -1,0 +1,120 @@
+"""Token -> expert permutation with per-expert padding, and the weighted way back (torch; one host sync).
+
+Every (token, slot) pair of the router's top-k goes to one row of an expert-sorted buffer in which every
+expert's block is padded to ``align`` rows (FP8 grouped GEMMs need 16, MXFP8 32, NVFP4 128). Padding rows
+read a zero row and get no routing weight, so they never reach the output or the gradients. Slots whose
+expert id is out of range (expert-parallel sentinels) are dropped, as transformers does.
+
+Both directions are gathers, forward and backward (no atomics: deterministic), and the routing weights are
+applied inside the combine (one batched matmul) rather than as a separate pass over the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Where every slot goes. ``row_slot[r]``: the flat slot (token * k + j) padded row r holds, or
+    ``num_slots`` for a padding row; ``slot_row[s]``: the padded row of slot s, or ``rows`` if dropped."""
+
+    splits: list[int]
+    rows: int
+    num_tokens: int
+    top_k: int
+    row_slot: Tensor
+    slot_row: Tensor
+    row_expert: Tensor
+
+    @property
+    def row_token(self) -> Tensor:
+        """Token of each padded row (``num_tokens`` for padding rows)."""
+        return torch.div(self.row_slot, self.top_k, rounding_mode="floor")
+
+    @property
+    def offsets(self) -> Tensor:
+        """Cumulative row counts per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants."""
+        return torch.tensor(self.splits, dtype=torch.int64).cumsum(0).to(self.row_slot.device, torch.int32)
+
+
+def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Dispatch:
+    """Sort the slots by expert and pad each expert's block to a multiple of ``align``."""
+    num_tokens, top_k = top_k_index.shape
+    device = top_k_index.device
+    flat = top_k_index.reshape(-1).long()
+    keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts]
+    counts_host: list[int] = counts.tolist()  # the one host sync: the GEMMs need split sizes on the host
+    splits = [-(-c // align) * align for c in counts_host]
+    rows, kept = sum(splits), sum(counts_host)
+
+    starts = torch.cumsum(counts, 0) - counts
+    padded_starts = torch.tensor([0, *splits[:-1]], dtype=torch.int64).cumsum(0).to(device)
+    expert = sorted_keys[:kept]
+    position = torch.arange(kept, device=device) - starts[expert] + padded_starts[expert]
+    slots = order[:kept]
+    num_slots = num_tokens * top_k
+
+    row_slot = torch.full((rows,), num_slots, dtype=torch.long, device=device)
+    row_slot[position] = slots
+    slot_row = torch.full((num_slots,), rows, dtype=torch.long, device=device)
+    slot_row[slots] = position
+    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device),
+                                         torch.tensor(splits, device=device), output_size=rows)
+    return Dispatch(splits, rows, num_tokens, top_k, row_slot, slot_row, row_expert)
+
+
+def _rows(src: Tensor, index: Tensor) -> Tensor:
+    """``src[index]`` where ``index == len(src)`` reads a zero row."""
+    return torch.cat([src, src.new_zeros(1, src.size(-1))])[index]
+
+
+class _Permute(torch.autograd.Function):
+    """Rows of the padded expert buffer from tokens; backward sums each token's k row gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, dispatch: Dispatch) -> Tensor:
+        ctx.dispatch = dispatch
+        return _rows(hidden, dispatch.row_token)
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor, None]:
+        d: Dispatch = ctx.dispatch
+        return _rows(grad_rows, d.slot_row).view(d.num_tokens, d.top_k, -1).sum(dim=1), None
+
+
+class _Combine(torch.autograd.Function):
+    """``out[t] = sum_j weight[t, j] * rows[slot_row[t, j]]``: routing weights applied, slots summed."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, weights: Tensor, dispatch: Dispatch) -> Tensor:
+        ctx.dispatch = dispatch
+        ctx.save_for_backward(rows, weights)
+        gathered = _rows(rows, dispatch.slot_row).view(dispatch.num_tokens, dispatch.top_k, -1)
+        return torch.bmm(weights.to(rows.dtype).unsqueeze(1), gathered).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        d: Dispatch = ctx.dispatch
+        rows, weights = ctx.saved_tensors
+        row_weights = torch.cat([weights.reshape(-1), weights.new_zeros(1)])[d.row_slot].to(rows.dtype)
+        grad_rows = _rows(grad_out.to(rows.dtype), d.row_token) * row_weights.unsqueeze(-1)
+        gathered = _rows(rows, d.slot_row).view(d.num_tokens, d.top_k, -1)
+        grad_weights = torch.bmm(gathered, grad_out.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
+        return grad_rows, grad_weights.to(weights.dtype), None
+
+
+def permute(hidden: Tensor, dispatch: Dispatch) -> Tensor:
+    """``hidden [T, H]`` -> rows ``[rows, H]`` in padded expert order (zeros in padding)."""
+    return _Permute.apply(hidden, dispatch)
+
+
+def combine(rows_out: Tensor, weights: Tensor, dispatch: Dispatch) -> Tensor:
+    """Expert outputs ``[rows, H]`` and routing weights ``[T, k]`` -> ``[T, H]``."""
+    return _Combine.apply(rows_out, weights, dispatch)

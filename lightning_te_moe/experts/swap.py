@@ -1,0 +1,174 @@
+"""``swap_experts`` / ``unswap_experts``: replace every recognised experts module in place, and back.
+
+Runs before the optimizer is built (the plugin calls it from ``convert_module``; Lightning's strategy setup
+converts the module, moves it to the device, then sets up optimizers), so the optimizer and DDP only ever
+see the grouped parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..state import PrecisionState
+from .activations import activation_label
+from .adapters import ExpertsAdapter, ExpertsMatch, NotSwappable, registered_adapters
+from .layouts import ExpertWeights
+from .module import Backend, GroupedExperts
+from .report import SwapEntry, SwapReport
+
+#: TE's FP8 GEMMs need every matrix dimension to be a multiple of this.
+FP8_DIM_MULTIPLE = 16
+
+
+@dataclass
+class ExpertSwapConfig:
+    """How to swap (the torchao ``convert_to_float8_training`` style: a config plus a module filter).
+
+    Args:
+        backend: ``"auto"`` (TE on CUDA when it imports, torch otherwise), ``"te"`` or ``"torch"``.
+        module_filter: ``(module, fully_qualified_name) -> bool``; False leaves that experts module alone.
+        adapters: adapters to try, in order (default: the registered ones).
+    """
+
+    backend: Backend = "auto"
+    module_filter: Optional[Callable[[nn.Module, str], bool]] = None
+    adapters: Optional[Sequence[ExpertsAdapter]] = None
+
+
+@dataclass
+class SwapOrigin:
+    """Kept on the replacement (not as a submodule) so :func:`unswap_experts` can restore the original."""
+
+    original: nn.Module
+    holder: nn.Module = field(repr=False)
+
+
+def fp8_incompatibility(hidden_size: int, intermediate_size: int) -> Optional[str]:
+    """Why TE cannot run these expert GEMMs in FP8, or None."""
+    bad = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("intermediate size", intermediate_size))
+           if size % FP8_DIM_MULTIPLE]
+    if not bad:
+        return None
+    return f"{' and '.join(bad)} not a multiple of {FP8_DIM_MULTIPLE} (TE FP8 GEMMs need it): stays BF16"
+
+
+def swap_experts(model: nn.Module, config: Optional[ExpertSwapConfig] = None, *,
+                 state: Optional[PrecisionState] = None,
+                 module_filter: Optional[Callable[[nn.Module, str], bool]] = None) -> SwapReport:
+    """Replace every experts module an adapter recognises by a :class:`GroupedExperts` (in place).
+
+    ``state`` is the plugin's precision state (the swapped modules follow its experts recipe); without it
+    they run in whatever precision surrounds them. Returns the report; nothing is printed.
+    """
+    config = config or ExpertSwapConfig()
+    keep = module_filter or config.module_filter
+    adapters = tuple(config.adapters) if config.adapters is not None else registered_adapters()
+    report = SwapReport(type(model).__name__)
+    done: list[str] = []
+    for path, module in list(model.named_modules()):
+        if any(path.startswith(p + ".") for p in done):
+            continue
+        if isinstance(module, GroupedExperts):
+            module.state = state
+            report.entries.append(SwapEntry(path, type(module).__name__, "already swapped"))
+            done.append(path)
+            continue
+        if path.rsplit(".", 1)[-1] in ("shared_experts", "shared_expert"):
+            report.entries.append(SwapEntry(path, type(module).__name__, "kept dense",
+                                            "shared experts: a dense MLP every token runs"))
+            done.append(path)
+            continue
+        entry = _try_swap(model, path, module, adapters, config.backend, state, keep)
+        if entry is not None:
+            report.entries.append(entry)
+            done.append(path)
+    return report
+
+
+def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence[ExpertsAdapter], backend: Backend,
+              state: Optional[PrecisionState], keep: Optional[Callable[[nn.Module, str], bool]]) -> Optional[SwapEntry]:
+    name = type(module).__name__
+    for adapter in adapters:
+        try:
+            match = adapter.match(module)
+        except NotSwappable as why:
+            return SwapEntry(path, name, "not swappable", str(why), adapter.name)
+        if match is None:
+            continue
+        if keep is not None and not keep(module, path):
+            return SwapEntry(path, name, "filtered out", "module_filter returned False", adapter.name)
+        if not path:
+            return SwapEntry(path, name, "not swappable", "the root module cannot be replaced in place", adapter.name)
+        experts = _build(match, backend, state)
+        replacement = adapter.replace(module, experts)
+        replacement._swap_origin = SwapOrigin(module, match.holder)
+        match.holder.to_empty(device="meta")  # the original keeps its structure, not a second copy of the weights
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, replacement)
+        return SwapEntry(path, name, "swapped", experts.fp8_reason or "", adapter.name, experts.num_experts,
+                         experts.hidden_size, experts.intermediate_size, activation_label(experts.activation),
+                         experts.fc1.bias is not None, experts.fp8_reason is None)
+    return None
+
+
+def _build(match: ExpertsMatch, backend: Backend, state: Optional[PrecisionState]) -> GroupedExperts:
+    """The grouped module, with weights converted once from the holder's own state dict."""
+    params = dict(match.holder.named_parameters())
+    grads = {k: params[k].requires_grad for k in match.codec.keys() if k in params}
+    source = match.codec.decode(match.holder.state_dict())
+    weights = ExpertWeights(*(t.detach().clone().contiguous() if t is not None else None for t in
+                              (source.fc1_weight, source.fc1_bias, source.fc2_weight, source.fc2_bias)))
+    experts = GroupedExperts(weights, match.activation, match.codec, backend=backend,
+                             fp8_reason=fp8_incompatibility(weights.hidden_size, weights.intermediate_size),
+                             state=state)
+    weight_grad = all(v for k, v in grads.items() if not k.endswith("bias"))
+    bias_grad = all(v for k, v in grads.items() if k.endswith("bias"))
+    experts.fc1.weight.requires_grad_(weight_grad)
+    experts.fc2.weight.requires_grad_(weight_grad)
+    for bias in (experts.fc1.bias, experts.fc2.bias):
+        if bias is not None:
+            bias.requires_grad_(bias_grad)
+    return experts
+
+
+def unswap_experts(model: nn.Module) -> int:
+    """Put the original experts modules back, holding the current weights; returns how many were restored."""
+    restored = 0
+    for path, module in list(model.named_modules()):
+        origin: Optional[SwapOrigin] = getattr(module, "_swap_origin", None)
+        if origin is None:
+            continue
+        experts = module if isinstance(module, GroupedExperts) else module.get_submodule("experts")
+        assert isinstance(experts, GroupedExperts)
+        weight = experts.fc1.weight
+        origin.holder.to_empty(device=weight.device)
+        origin.holder.to(dtype=weight.dtype)
+        origin.holder.load_state_dict(experts.original_state_dict(), strict=True)
+        for key, param in origin.holder.named_parameters():
+            source = experts.fc1.bias if key.endswith("bias") else weight
+            param.requires_grad_(bool(source is not None and source.requires_grad))
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, origin.original)
+        restored += 1
+    return restored
+
+
+def swap_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[str, dict]]:
+    """The plugin's module swap: swap and print the report (rank 0); its summary and details become a decision.
+
+    A model without any MoE layer gets the printed line only: there was no decision to make.
+    """
+    report = swap_experts(model, state=state)
+    _print_rank_zero(report.render_text())
+    return (report.summary(), report.to_dict()) if report.entries else None
+
+
+def _print_rank_zero(text: str) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(text)

@@ -1,0 +1,96 @@
+"""Shared builders for the expert-swap tests: tiny transformers MoE models (no downloads) and comparisons."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_te_moe.experts import ExpertWeights, GroupedExperts
+
+ARCHS = ("gpt_oss", "mixtral", "qwen3_moe", "deepseek_v3")
+
+
+def tiny_config(arch: str, hidden: int = 32, intermediate: int = 48, experts: int = 8, top_k: int = 2,
+                layers: int = 2) -> Any:
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if arch == "gpt_oss":
+        config = transformers.GptOssConfig(**common, intermediate_size=intermediate, head_dim=hidden // 4,
+                                           num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=8,
+                                           layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+    elif arch == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=intermediate, num_local_experts=experts,
+                                            num_experts_per_tok=top_k)
+    elif arch == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, intermediate_size=intermediate, head_dim=hidden // 4,
+                                             moe_intermediate_size=intermediate, num_experts=experts,
+                                             num_experts_per_tok=top_k, decoder_sparse_step=1, mlp_only_layers=[])
+    elif arch == "deepseek_v3":
+        common.update(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        config = transformers.DeepseekV3Config(**common, intermediate_size=intermediate,
+                                               moe_intermediate_size=intermediate, n_routed_experts=experts,
+                                               num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1,
+                                               n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
+                                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    else:
+        raise ValueError(arch)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def tiny_model(arch: str, seed: int = 0, **sizes: Any) -> nn.Module:
+    """A tiny causal LM in fp32 with every parameter randomised (routers and biases included)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **sizes))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.3 if "router" in name or name.endswith("gate.weight") else 0.1)
+    return model.float().eval()
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """Relative error ||a - b|| / ||b|| in float64 (0 when both are zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom else (a - b).norm().item()
+
+
+def original_layout_grads(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter gradient keyed by the *original* model's parameter names (swapped modules encoded back)."""
+    grads: dict[str, Tensor] = {}
+    grouped = {n: m for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
+    for name, param in model.named_parameters():
+        if not any(name.startswith(p + ".") for p in grouped) and param.grad is not None:
+            grads[name] = param.grad
+    for prefix, module in grouped.items():
+        def grad(p: Any) -> Any:
+            return None if p is None else (p.grad if p.grad is not None else torch.zeros_like(p))
+
+        encoded = module.codec.encode(ExpertWeights(grad(module.fc1.weight), grad(module.fc1.bias),
+                                                    grad(module.fc2.weight), grad(module.fc2.bias)))
+        grads.update({f"{prefix}.{k}": v for k, v in encoded.items()})
+    return grads
+
+
+def twins(arch: str, **sizes: Any) -> tuple[nn.Module, nn.Module]:
+    model = tiny_model(arch, **sizes)
+    return model, copy.deepcopy(model)
+
+
+def precision_state(experts: str, dense: str = "bf16") -> Any:
+    """A one-rung :class:`PrecisionState` (dense recipe, experts recipe) without probing a device."""
+    from lightning_te_moe.environment import Environment
+    from lightning_te_moe.plan import Plan, Rung
+    from lightning_te_moe.recipes import RecipeSpec
+    from lightning_te_moe.state import PrecisionState
+
+    return PrecisionState(Plan(ladder=(Rung(RecipeSpec.of(dense), RecipeSpec.of(experts)),), environment=Environment()))

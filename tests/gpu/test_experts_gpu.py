@@ -1,0 +1,131 @@
+"""Expert swap on a GPU with Transformer Engine: BF16 and every FP8 recipe the device runs vs the original."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experts_helpers import original_layout_grads, precision_state, rel_err, tiny_model  # noqa: E402
+
+from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
+
+
+def _fp8_recipes() -> list[str]:
+    import transformer_engine.pytorch as te
+
+    names = ["fp8_delayed", "fp8_current"] if te.is_fp8_available() else []
+    return names + (["fp8_block"] if te.is_fp8_block_scaling_available() else [])
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten()).backward()
+    return logits.detach().float()
+
+
+def _experts_layer(arch: str) -> torch.nn.Module:
+    """One tiny experts module of ``arch`` (BF16, CUDA), weights from the tiny model."""
+    model = tiny_model(arch, hidden=64, intermediate=128, experts=8, layers=2)
+    return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)
+
+
+def _layer_step(module: torch.nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    out = module(x, index, weights)
+    out.backward(grad)
+    return {"out": out.detach().float(), "x.grad": x.grad.float(), "weights.grad": weights.grad.float()}
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
+@pytest.mark.parametrize("recipe", ["bf16", *_fp8_recipes()])
+def test_swapped_layer_matches_original(arch: str, recipe: str) -> None:
+    """Same routing for both (random, 3 of 8 experts left empty, T odd): outputs and every gradient."""
+    ref = _experts_layer(arch)
+    holder = torch.nn.Module()
+    holder.experts = copy.deepcopy(ref)
+    report = swap_experts(holder, state=precision_state(recipe))
+    assert len(report.swapped) == 1
+    swapped = holder.experts
+    gen = torch.Generator("cuda").manual_seed(0)
+    tokens = 999
+    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    index = torch.randint(0, 5, (tokens, 2), device="cuda", generator=gen)  # experts 5..7 get no token
+    weights = torch.softmax(torch.randn(tokens, 2, device="cuda", generator=gen), -1).to(torch.bfloat16)
+    grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    want = _layer_step(ref, x, index, weights, grad)
+    got = _layer_step(swapped, x, index, weights, grad)
+    assert swapped._engines, "TE path not taken"
+    tol = 2e-2 if recipe == "bf16" else 0.1
+    theirs = {**want, **{k: p.grad.float() for k, p in ref.named_parameters()}}
+    ours = {**got, **{k: v.float() for k, v in original_layout_grads(holder).items()}}
+    ours = {k.removeprefix("experts."): v for k, v in ours.items()}
+    assert set(ours) == set(theirs)
+    errors = {k: rel_err(ours[k], theirs[k]) for k in theirs}
+    print(arch, recipe, {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(torch.isfinite(v).all() for v in ours.values())
+    assert max(errors.values()) <= tol, errors
+
+
+def test_frozen_experts_keep_bias_grads_on_te() -> None:
+    ref = tiny_model("gpt_oss", hidden=64, intermediate=128).cuda().to(torch.bfloat16).train()
+    swapped = copy.deepcopy(ref)
+    for model in (ref, swapped):
+        for module in model.modules():
+            if type(module).__name__ == "GptOssExperts":
+                module.gate_up_proj.requires_grad_(False)
+                module.down_proj.requires_grad_(False)
+    swap_experts(swapped, state=precision_state("bf16"))
+    ids = torch.randint(0, 64, (2, 64), device="cuda")
+    _run(ref, ids, ids)
+    _run(swapped, ids, ids)
+    experts = [m for m in swapped.modules() if isinstance(m, GroupedExperts)]
+    assert all(m.fc1.weight.grad is None and m.fc2.weight.grad is None for m in experts)
+    theirs = dict(ref.named_parameters())
+    ours = original_layout_grads(swapped)
+    for name in (n for n in theirs if n.endswith("_bias") and "experts" in n):
+        assert ours[name].abs().sum() > 0, name
+        assert rel_err(ours[name], theirs[name].grad) <= 2e-2, name
+
+
+def test_short_fit_with_plugin_loss_falls(tmp_path: Path) -> None:
+    import lightning as L
+
+    from lightning_te_moe import TEMoEPrecision
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_model("gpt_oss", hidden=64, intermediate=128)
+            self.losses: list[float] = []
+
+        def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
+            logits = self.model(input_ids=batch[:, :-1]).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    data = torch.randint(0, 64, (8, 65), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    plugin = TEMoEPrecision()
+    module = Tiny()
+    trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=30, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    print("plan:", plugin.plan.summary(), "losses:", [round(v, 3) for v in module.losses[::5]])
+    assert sum(isinstance(m, GroupedExperts) for m in module.modules()) == 2
+    assert all(math.isfinite(v) for v in module.losses)
+    assert sum(module.losses[-5:]) / 5 < 0.7 * sum(module.losses[:5]) / 5
