@@ -137,11 +137,13 @@ class DivergenceGuard(Callback):
 
     def _push(self, trainer: Any, pl_module: Any, step: int) -> None:
         device = pl_module.device
-        zero = torch.zeros((), device=device)
-        loss = self._loss_sum / self._loss_count if self._loss_sum is not None else zero
-        grad_norm = self._grad_sq.sqrt() if self._grad_sq is not None else zero
-        has_loss, has_grad = self._loss_sum is not None, self._grad_sq is not None and not self.grads_may_overflow()
-        values = torch.stack([loss.to(device), grad_norm.to(device)])
+        loss = self._loss_sum / self._loss_count if self._loss_sum is not None else None
+        grad_norm = self._grad_sq.sqrt() if self._grad_sq is not None else None
+        has_loss, has_grad = loss is not None, grad_norm is not None and not self.grads_may_overflow()
+        present = [t for t in (loss, grad_norm) if t is not None]
+        filler = present[0] if present else torch.zeros((), device=device)  # fills a slot that is ignored
+        values = torch.stack([(loss if loss is not None else filler).to(device),
+                              (grad_norm if grad_norm is not None else filler).to(device)])
         self._reset_accumulators()
         if trainer.world_size > 1:  # not strategy.reduce: Lightning's adds a barrier, which blocks the host
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)

@@ -82,6 +82,7 @@ class TEMoEPrecision(Precision):
         self.guard_config = guard_config or GuardConfig()
         self.guard: Optional[DivergenceGuard] = None
         self._guard_state: Optional[dict[str, Any]] = None
+        self._sinks_trainer: Any = None
         self.state: Optional[PrecisionState] = None
         self.decisions = DecisionLog()
         self._device_type = "cpu"
@@ -154,7 +155,9 @@ class TEMoEPrecision(Precision):
         """Decision sinks for this Trainer, and the guard callback (before checkpointing callbacks, so a
         checkpoint never holds weights the guard is about to roll back)."""
         assert self.state is not None
-        attach_sinks(self.decisions, trainer, self.state)
+        if self._sinks_trainer is not trainer:  # setup runs again for each fit/validate/test: attach once
+            attach_sinks(self.decisions, trainer, self.state)
+            self._sinks_trainer = trainer
         if not self.guard_enabled:
             return
         if self.guard is None:

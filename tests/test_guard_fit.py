@@ -208,3 +208,14 @@ def test_manual_optimization_is_guarded(tmp_path: Path) -> None:
     assert kinds(plugin) == ["plan", "rollback", "step_down"] and guard_decisions(plugin)[0].step == 41
     assert trainer.global_step == 60
     assert_healthy(model, trainer)
+
+
+def test_a_second_fit_on_the_same_trainer_does_not_duplicate_records(tmp_path: Path) -> None:
+    model = TinyRegression(nan_at=(30,))
+    trainer, plugin = fit(tmp_path, model, max_steps=50)
+    trainer.fit_loop.epoch_loop.max_steps = 80
+    trainer.fit(model)  # setup (convert_module) runs again
+    records = read_jsonl(Path(trainer.log_dir) / JSONL_NAME)
+    assert len({(r["kind"], r["step"], r["wall_time"]) for r in records}) == len(records)
+    assert [r["kind"] for r in records if r["kind"] != "swap"] == ["plan", "rollback", "step_down"]
+    assert [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)] == [plugin.guard]
