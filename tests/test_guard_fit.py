@@ -219,3 +219,27 @@ def test_a_second_fit_on_the_same_trainer_does_not_duplicate_records(tmp_path: P
     assert len({(r["kind"], r["step"], r["wall_time"]) for r in records}) == len(records)
     assert [r["kind"] for r in records if r["kind"] != "swap"] == ["plan", "rollback", "step_down"]
     assert [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)] == [plugin.guard]
+
+
+def test_promotion_never_returns_to_delayed_scaling() -> None:
+    """TE keeps stale amax history after DelayedScaling -> other -> DelayedScaling: never promote into it."""
+    from types import SimpleNamespace
+
+    from lightning_te_moe import Plan, RecipeSpec, Rung, probe_environment
+    from lightning_te_moe.decisions import DecisionLog
+    from lightning_te_moe.state import PrecisionState
+
+    def rung(name: str, **settings) -> Rung:
+        return Rung(RecipeSpec.of(name, **settings), RecipeSpec.of(name, **settings))
+
+    plan = Plan(ladder=(rung("fp8_delayed"), rung("fp8_current", backward_override="high_precision"), rung("bf16")),
+                environment=probe_environment(torch.device("cpu")))
+    state, log = PrecisionState(plan, index=2), DecisionLog()
+    guard = DivergenceGuard(state, log, GuardConfig(promote_after=5))
+    trainer = SimpleNamespace(current_epoch=0)
+    guard.healthy_steps = 5
+    guard._maybe_promote(trainer, 100)
+    assert state.index == 1 and log.decisions[-1].kind == "promote"
+    guard.healthy_steps = 50
+    guard._maybe_promote(trainer, 200)
+    assert state.index == 1 and guard.promote_floor == 1 and log.count("promote") == 1
