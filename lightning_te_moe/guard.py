@@ -29,7 +29,7 @@ from .detector import DivergenceDetector, Trigger
 from .guard_config import GuardConfig
 from .plan import Rung
 from .sinks import log_level
-from .snapshot import Snapshot, restore_snapshot, take_snapshot
+from .snapshot import Snapshot, last_checkpoint, restore_checkpoint, restore_snapshot, take_snapshot
 from .state import PrecisionState
 
 #: Steps between a CUDA step and the read of its values (0 on CPU, where the values are already on host).
@@ -90,12 +90,20 @@ class DivergenceGuard(Callback):
         self._grad_sq: Optional[torch.Tensor] = None
 
     # -- collecting, on device --------------------------------------------------------------------
+    @property
+    def _in_memory(self) -> bool:
+        return self.config.restore_from == "memory"
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._lag = LAG_STEPS if pl_module.device.type == "cuda" else 0
         self._pending.clear()
         self._reset_accumulators()
         self._seen_step = trainer.global_step
-        self._snapshot(trainer, pl_module)
+        if self._in_memory:
+            self._snapshot(trainer, pl_module)
+        elif not any(getattr(cb, "save_last", None) for cb in trainer.checkpoint_callbacks):
+            raise ValueError("GuardConfig(restore_from='checkpoint') rolls back to last.ckpt: add"
+                             " ModelCheckpoint(save_last=True) to the Trainer, or use restore_from='memory'")
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -113,9 +121,9 @@ class DivergenceGuard(Callback):
             return
         self._seen_step = step = trainer.global_step
         self._push(trainer, pl_module, step)
-        drain = self._checkpoint_due(trainer, step) or step - self._snapshot_step() >= self.config.snapshot_every
-        self._process(trainer, pl_module, step, drain=drain)
-        if not self._pending and not self.detector.in_streak and step - self._snapshot_step() >= self.config.snapshot_every:
+        snapshot_due = self._in_memory and step - self._snapshot_step() >= self.config.snapshot_every
+        self._process(trainer, pl_module, step, drain=snapshot_due or self._checkpoint_due(trainer, step))
+        if snapshot_due and not self._pending and not self.detector.in_streak:
             self._snapshot(trainer, pl_module)
         self._maybe_promote(trainer, step)
         if step % trainer.log_every_n_steps == 0 and trainer.global_rank == 0:
@@ -192,12 +200,15 @@ class DivergenceGuard(Callback):
         if wants_rollback and (self.rollbacks >= cfg.max_rollbacks or at_bottom):
             why = (f"{rung.label()} is the last rung of the ladder and diverged" if at_bottom
                    else f"max_rollbacks={cfg.max_rollbacks} reached")
-            self._rollback(trainer, pl_module, now, epoch, trigger, evidence, counted=False)
-            self._stop(trainer, f"{why}: {trigger.describe()}; weights restored to step {self._snapshot_step()}",
-                       now, epoch, evidence)
+            restored = self._rollback(trainer, pl_module, now, epoch, trigger, evidence, counted=False)
+            after = f"weights restored to step {restored}" if restored is not None else "no checkpoint to restore yet"
+            self._stop(trainer, f"{why}: {trigger.describe()}; {after}", now, epoch, evidence)
             return
         if wants_rollback:
-            self._rollback(trainer, pl_module, now, epoch, trigger, evidence, counted=True)
+            if self._rollback(trainer, pl_module, now, epoch, trigger, evidence, counted=True) is None:
+                self._stop(trainer, f"{trigger.describe()}; rollback needed but no checkpoint was written yet"
+                           " (restore_from='checkpoint')", now, epoch, evidence)
+                return
         else:
             self.detector.reset_window()
         if in_cooldown:
@@ -212,20 +223,29 @@ class DivergenceGuard(Callback):
                        now, epoch, evidence)
 
     def _rollback(self, trainer: Any, pl_module: Any, now: int, epoch: int, trigger: Trigger,
-                  evidence: dict[str, Any], counted: bool) -> None:
-        assert self.snapshot is not None  # taken at on_train_start
-        restore_snapshot(self.snapshot, pl_module, trainer.optimizers,
-                         [config.scheduler for config in trainer.lr_scheduler_configs])
-        self.detector.rollback_to(self.snapshot.step)
+                  evidence: dict[str, Any], counted: bool) -> Optional[int]:
+        """Restore the known-good state and record it; returns its step (None: nothing to restore)."""
+        if self._in_memory:
+            assert self.snapshot is not None  # taken at on_train_start
+            restore_snapshot(self.snapshot, pl_module, trainer.optimizers,
+                             [config.scheduler for config in trainer.lr_scheduler_configs])
+            restored, source = self.snapshot.step, "the host-memory snapshot"
+        else:
+            path = last_checkpoint(trainer)
+            if path is None:
+                return None
+            restored, source = restore_checkpoint(path, trainer), path
+        self.detector.rollback_to(restored)
         if counted:
             self.rollbacks += 1
-        skipped = now - self.snapshot.step
+        skipped = now - restored
         self.decisions.record(
-            "rollback", f"{trigger.describe()}; restored model, optimizer and LR scheduler from step"
-            f" {self.snapshot.step}; the {skipped} batch(es) since, including the offending one, are skipped",
-            step=now, epoch=epoch, rule=trigger.rule, from_=f"step {now}", to=f"step {self.snapshot.step}",
-            evidence={**evidence, "snapshot_step": self.snapshot.step, "skipped_batches": skipped,
+            "rollback", f"{trigger.describe()}; restored model, optimizer and LR scheduler from step {restored}"
+            f" ({source}); the {skipped} batch(es) since, including the offending one, are skipped",
+            step=now, epoch=epoch, rule=trigger.rule, from_=f"step {now}", to=f"step {restored}",
+            evidence={**evidence, "snapshot_step": restored, "restored_from": source, "skipped_batches": skipped,
                       "rollbacks": self.rollbacks, "max_rollbacks": self.config.max_rollbacks})
+        return restored
 
     def _step_down(self, now: int, epoch: int, trigger: Trigger, evidence: dict[str, Any]) -> None:
         old = self.state.rung

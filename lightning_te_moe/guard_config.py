@@ -27,6 +27,10 @@ class GuardConfig:
         watch_grad_norm: also watch the (unclipped) gradient norm, not only the loss.
         rollback: restore the last known-good state before responding: ``"nonfinite"`` (default) only
             for NaN/Inf, ``"always"`` also for spikes, ``"never"``.
+        restore_from: where a rollback takes the known-good state from: ``"memory"`` (default), a
+            host-memory snapshot taken every ``snapshot_every`` steps; ``"checkpoint"``, the newest
+            checkpoint of a ``ModelCheckpoint(save_last=True)`` (no host copy: for models whose
+            parameters and optimizer state do not fit in host memory twice).
         snapshot_every: steps between host-memory snapshots of model, optimizers and LR schedulers.
         max_rollbacks: rollbacks allowed in a run; the next divergence after that stops the run.
         cooldown: steps after a step-down during which a spike does not cause another step-down
@@ -46,6 +50,7 @@ class GuardConfig:
     min_rel_spread: float = 0.05
     watch_grad_norm: bool = True
     rollback: Literal["nonfinite", "always", "never"] = "nonfinite"
+    restore_from: Literal["memory", "checkpoint"] = "memory"
     snapshot_every: int = 100
     max_rollbacks: int = 5
     cooldown: int = 100

@@ -1,4 +1,4 @@
-"""A known-good copy of the training state in host memory, and putting it back in place.
+"""A known-good copy of the training state in host memory (or the newest checkpoint), and putting it back.
 
 Parameters and buffers are copied back *in place*, so the optimizers and any wrapper (DDP) keep pointing
 at the same tensors. TE's ``_extra_state`` (DelayedScaling amax history) is not part of it: TE refuses to
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -73,3 +73,23 @@ def restore_snapshot(snapshot: Snapshot, module: torch.nn.Module, optimizers: li
         optimizer.load_state_dict(_clone(state))
     for scheduler, state in zip(schedulers, snapshot.schedulers):
         scheduler.load_state_dict(_clone(state))
+
+
+def last_checkpoint(trainer: Any) -> Optional[str]:
+    """The ``last.ckpt`` of the first ``ModelCheckpoint(save_last=True)``, once one was written."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "save_last", None) and callback.last_model_path:
+            return callback.last_model_path
+    return None
+
+
+def restore_checkpoint(path: str, trainer: Any) -> int:
+    """Load model, optimizer and LR-scheduler states from ``path`` through the strategy (any strategy's
+    checkpoint layout); the precision plugin's state is left alone, so the current rung stays. Returns
+    the checkpoint's step."""
+    checkpoint = trainer.strategy.load_checkpoint(path)
+    trainer.strategy.load_model_state_dict(checkpoint, strict=True)
+    trainer.strategy.load_optimizer_state_dict(checkpoint)
+    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
+        config.scheduler.load_state_dict(state)
+    return int(checkpoint["global_step"])

@@ -243,3 +243,28 @@ def test_promotion_never_returns_to_delayed_scaling() -> None:
     guard.healthy_steps = 50
     guard._maybe_promote(trainer, 200)
     assert state.index == 1 and guard.promote_floor == 1 and log.count("promote") == 1
+
+
+def test_rollback_from_the_last_checkpoint(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_last=True, save_top_k=0)
+    model = TinyRegression(nan_at=(50,))
+    trainer, plugin = fit(tmp_path, model, GuardConfig(restore_from="checkpoint"), max_steps=100, callbacks=[ckpt])
+    rollback, step_down = guard_decisions(plugin)
+    assert (rollback.kind, rollback.step, rollback.to) == ("rollback", 51, "step 40")
+    assert rollback.evidence["restored_from"].endswith("last.ckpt") and step_down.to == "fp32"
+    assert trainer.global_step == 100 and plugin.guard.snapshot is None
+    assert_healthy(model, trainer)
+
+
+def test_rollback_from_checkpoint_needs_save_last_and_a_checkpoint(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with pytest.raises(ValueError, match=r"ModelCheckpoint\(save_last=True\)"):
+        fit(tmp_path, TinyRegression(), GuardConfig(restore_from="checkpoint"), max_steps=5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=50, save_last=True, save_top_k=0)
+    trainer, plugin = fit(tmp_path, TinyRegression(nan_at=(10,)), GuardConfig(restore_from="checkpoint"),
+                          max_steps=100, callbacks=[ckpt])
+    stop = plugin.decisions.decisions[-1]
+    assert stop.kind == "stop" and "no checkpoint was written yet" in stop.reason and trainer.global_step == 11
