@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,54 +42,41 @@ def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
             and weight.size(1) % 8 == 0 and weight.size(2) % 8 == 0)
 
 
-def torch_grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], dispatch: Dispatch) -> Tensor:
-    """Reference grouped linear: ``torch.nn.functional.grouped_mm`` where it runs, else a loop over experts."""
+def torch_grouped_linear(x: Tensor, weight: Tensor, dispatch: Dispatch) -> Tensor:
+    """Reference grouped GEMM ``x @ weight[e].T`` per expert block: ``grouped_mm`` where it runs, else a loop."""
     weight = weight.to(x.dtype)
     if _grouped_mm_ok(x, weight):
-        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=dispatch.offsets)
-    else:
-        splits = dispatch.splits
-        parts = [F.linear(chunk, weight[e]) for e, chunk in enumerate(x.split(splits)) if splits[e]]
-        out = torch.cat(parts) if parts else x.new_zeros(0, weight.size(1))
-    if bias is not None:
-        out = out + bias.to(x.dtype)[dispatch.row_expert]
-    return out
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=dispatch.offsets)
+    splits = dispatch.splits
+    parts = [F.linear(chunk, weight[e]) for e, chunk in enumerate(x.split(splits)) if splits[e]]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.size(1))
 
 
 class TEGroupedGemm:
     """A TE ``GroupedLinear`` used as a compute engine over *our* parameters.
 
-    Its own per-expert parameters are removed at build time; each call binds views of the caller's stacked
-    ``[E, out, in]`` parameters (``unbind``: one stack in backward) as ``weight{i}``/``bias{i}``. So the
+    Its own per-expert weights are removed at build time; each call binds views of the caller's stacked
+    ``[E, out, in]`` weight (``unbind``: one stack in backward) as ``weight{i}``. So the
     optimizer, DDP and checkpoints only ever see the swapped module's plain parameters, and the engine can be
     built lazily on the first CUDA forward (the swap itself runs before the model moves to the GPU).
     """
 
-    def __init__(self, num_gemms: int, in_features: int, out_features: int, bias: bool,
-                 device: torch.device, params_dtype: torch.dtype) -> None:
+    def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
+                 params_dtype: torch.dtype) -> None:
         import transformer_engine.pytorch as te
 
         self.num_gemms = num_gemms
-        self.bias = bias
-        self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=bias, device=device,
+        self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=False, device=device,
                                             params_dtype=params_dtype)
         for i in range(num_gemms):
             del self.module._parameters[f"weight{i}"]
-            if bias:
-                del self.module._parameters[f"bias{i}"]
 
-    def __call__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], splits: list[int]) -> Tensor:
+    def __call__(self, x: Tensor, weight: Tensor, splits: list[int]) -> Tensor:
         names = self.module.__dict__
         for i, w in enumerate(weight.unbind(0)):
             names[f"weight{i}"] = w
-        if self.bias:
-            assert bias is not None
-            for i, b in enumerate(bias.unbind(0)):
-                names[f"bias{i}"] = b
         try:
             return self.module(x, splits)
         finally:
             for i in range(self.num_gemms):
                 names.pop(f"weight{i}", None)
-                if self.bias:
-                    names.pop(f"bias{i}", None)

@@ -12,7 +12,7 @@ from ..state import PrecisionState
 from .activations import activation_label
 from .gemm import TEGroupedGemm, compute_dtype, te_available, torch_grouped_linear
 from .layouts import ExpertWeights, WeightCodec
-from .routing import Dispatch, combine, make_dispatch, permute
+from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
 
 Backend = Literal["auto", "te", "torch"]
 
@@ -37,6 +37,7 @@ class GroupedExperts(nn.Module):
     (read from ``state`` on every call), then ``fc1 -> activation -> fc2`` run as grouped GEMMs: TE
     ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). The routing weight
     multiplies the expert output after the down-projection bias, as every transformers experts class does.
+    Biases never go through TE (see :mod:`.routing`), so frozen expert weights keep trainable-bias gradients.
 
     ``state_dict`` is written in the original module's layout (``codec``) and either layout loads.
     """
@@ -56,7 +57,7 @@ class GroupedExperts(nn.Module):
         #: Why FP8 is off for this module (None: FP8 allowed); such a module never enters an FP8 autocast.
         self.fp8_reason = fp8_reason
         self.state = state
-        self._engines: dict[tuple[str, str, bool], TEGroupedGemm] = {}
+        self._engines: dict[tuple[str, str], TEGroupedGemm] = {}
         self.register_state_dict_post_hook(_write_original_layout)
         self.register_load_state_dict_pre_hook(_read_original_layout)
 
@@ -73,13 +74,19 @@ class GroupedExperts(nn.Module):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        index, weights = top_k_index.reshape(x.size(0), -1), top_k_weights.reshape(x.size(0), -1)
         use_te = self._use_te(x)
-        dispatch = make_dispatch(top_k_index.reshape(x.size(0), -1), self.num_experts, self._alignment(use_te))
-        rows = permute(x.to(compute_dtype(x)), dispatch)
+        dispatch = make_dispatch(index, self.num_experts, self._alignment(use_te))
+        dtype = compute_dtype(x)
+        rows = permute(x.to(dtype), dispatch)
         with self._precision(use_te):
-            h = self._linear("fc1", self.fc1, rows, dispatch, use_te)
-            h = self._linear("fc2", self.fc2, self.activation(h, fused=use_te), dispatch, use_te)
-        out = combine(h, top_k_weights.reshape(x.size(0), -1), dispatch)
+            h = self._gemm("fc1", self.fc1.weight, rows, dispatch, use_te)
+            if self.fc1.bias is not None:
+                h = add_expert_bias(h, self.fc1.bias, dispatch)
+            h = self._gemm("fc2", self.fc2.weight, self.activation(h, fused=use_te), dispatch, use_te)
+        out = combine(h, weights, dispatch)
+        if self.fc2.bias is not None:
+            out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def _use_te(self, x: Tensor) -> bool:
@@ -122,22 +129,16 @@ class GroupedExperts(nn.Module):
             return te.autocast(enabled=state.experts.is_te, recipe=state.te_recipe(state.experts))
         return nullcontext()
 
-    def _linear(self, name: str, layer: GroupedWeights, x: Tensor, dispatch: Dispatch, use_te: bool) -> Tensor:
+    def _gemm(self, name: str, weight: Tensor, x: Tensor, dispatch: Dispatch, use_te: bool) -> Tensor:
         if not use_te:
-            return torch_grouped_linear(x, layer.weight, layer.bias, dispatch)
-        weight = layer.weight
+            return torch_grouped_linear(x, weight, dispatch)
         if not torch.is_autocast_enabled(x.device.type) and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
-        # TE 2.20's legacy path drops bias grads when the weights are frozen: add such a bias here instead.
-        te_bias = layer.bias is not None and (layer.weight.requires_grad or not layer.bias.requires_grad)
-        key = (name, str(x.device), te_bias)
+        key = (name, str(x.device))
         if key not in self._engines:
-            e, out_features, in_features = layer.weight.shape
-            self._engines[key] = TEGroupedGemm(e, in_features, out_features, te_bias, x.device, x.dtype)
-        out = self._engines[key](x, weight, layer.bias if te_bias else None, dispatch.splits)
-        if layer.bias is not None and not te_bias:
-            out = out + layer.bias.to(out.dtype)[dispatch.row_expert]
-        return out
+            e, out_features, in_features = weight.shape
+            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype)
+        return self._engines[key](x, weight, dispatch.splits)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

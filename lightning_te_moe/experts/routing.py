@@ -6,7 +6,9 @@ read a zero row and get no routing weight, so they never reach the output or the
 expert id is out of range (expert-parallel sentinels) are dropped, as transformers does.
 
 Both directions are gathers, forward and backward (no atomics: deterministic), and the routing weights are
-applied inside the combine (one batched matmul) rather than as a separate pass over the rows.
+applied inside the combine (one batched matmul) rather than as a separate pass over the rows. Biases are
+added here too, not in the GEMM epilogue: cuBLASLt's per-expert bias-gradient kernels cost more than the
+whole permutation, and TE 2.20 drops bias gradients when the expert weights are frozen.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Dispatch:
 
     splits: list[int]
     rows: int
+    dropped: bool
     num_tokens: int
     top_k: int
     row_slot: Tensor
@@ -67,12 +70,14 @@ def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Disp
     slot_row[slots] = position
     row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device),
                                          torch.tensor(splits, device=device), output_size=rows)
-    return Dispatch(splits, rows, num_tokens, top_k, row_slot, slot_row, row_expert)
+    return Dispatch(splits, rows, kept < num_slots, num_tokens, top_k, row_slot, slot_row, row_expert)
 
 
-def _rows(src: Tensor, index: Tensor) -> Tensor:
-    """``src[index]`` where ``index == len(src)`` reads a zero row."""
-    return torch.cat([src, src.new_zeros(1, src.size(-1))])[index]
+def _rows(src: Tensor, index: Tensor, zero_row: bool = True) -> Tensor:
+    """``src[index]`` where ``index == len(src)`` reads a zero row (``zero_row=False``: no index does)."""
+    if zero_row:
+        src = torch.cat([src, src.new_zeros(1, src.size(-1))])
+    return src[index]
 
 
 class _Permute(torch.autograd.Function):
@@ -86,7 +91,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor, None]:
         d: Dispatch = ctx.dispatch
-        return _rows(grad_rows, d.slot_row).view(d.num_tokens, d.top_k, -1).sum(dim=1), None
+        return _rows(grad_rows, d.slot_row, d.dropped).view(d.num_tokens, d.top_k, -1).sum(dim=1), None
 
 
 class _Combine(torch.autograd.Function):
@@ -96,7 +101,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx: Any, rows: Tensor, weights: Tensor, dispatch: Dispatch) -> Tensor:
         ctx.dispatch = dispatch
         ctx.save_for_backward(rows, weights)
-        gathered = _rows(rows, dispatch.slot_row).view(dispatch.num_tokens, dispatch.top_k, -1)
+        gathered = _rows(rows, dispatch.slot_row, dispatch.dropped).view(dispatch.num_tokens, dispatch.top_k, -1)
         return torch.bmm(weights.to(rows.dtype).unsqueeze(1), gathered).squeeze(1)
 
     @staticmethod
@@ -105,9 +110,45 @@ class _Combine(torch.autograd.Function):
         rows, weights = ctx.saved_tensors
         row_weights = torch.cat([weights.reshape(-1), weights.new_zeros(1)])[d.row_slot].to(rows.dtype)
         grad_rows = _rows(grad_out.to(rows.dtype), d.row_token) * row_weights.unsqueeze(-1)
-        gathered = _rows(rows, d.slot_row).view(d.num_tokens, d.top_k, -1)
+        gathered = _rows(rows, d.slot_row, d.dropped).view(d.num_tokens, d.top_k, -1)
         grad_weights = torch.bmm(gathered, grad_out.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
         return grad_rows, grad_weights.to(weights.dtype), None
+
+
+class _ExpertBias(torch.autograd.Function):
+    """``rows + bias[row_expert]``; the bias gradient is one ``one_hot.T @ grad`` GEMM (fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, bias: Tensor, row_expert: Tensor) -> Tensor:
+        ctx.save_for_backward(row_expert)
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+        return rows + bias.to(rows.dtype)[row_expert]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Any, None]:
+        if not ctx.needs_input_grad[1]:
+            return grad, None, None
+        (row_expert,) = ctx.saved_tensors
+        one_hot = torch.nn.functional.one_hot(row_expert, ctx.bias_shape[0]).to(grad.dtype)
+        return grad, (one_hot.t() @ grad).to(ctx.bias_dtype), None
+
+
+def add_expert_bias(rows: Tensor, bias: Tensor, dispatch: Dispatch) -> Tensor:
+    """Each row plus its expert's bias (``bias [E, out]``)."""
+    return _ExpertBias.apply(rows, bias, dispatch.row_expert)
+
+
+def routed_bias(bias: Tensor, top_k_index: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sum_j weight[t, j] * bias[expert[t, j]]`` as one ``[T, E] @ [E, H]`` matmul.
+
+    This is the down-projection bias under the original semantics (routing weight applied after the bias),
+    split off the rows: ``sum_j w_j (y_j + b_j) = sum_j w_j y_j + sum_j w_j b_j``.
+    """
+    num_experts = bias.size(0)
+    valid = (top_k_index >= 0) & (top_k_index < num_experts)
+    dense = weights.new_zeros(weights.size(0), num_experts).scatter_add(
+        1, top_k_index.clamp(0, num_experts - 1), weights * valid)
+    return dense.to(dtype) @ bias.to(dtype)
 
 
 def permute(hidden: Tensor, dispatch: Dispatch) -> Tensor:
