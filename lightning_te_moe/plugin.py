@@ -50,6 +50,9 @@ class TEMoEPrecision(Precision):
         print_plan: print the plan table at setup (rank 0).
         swap_experts: replace every recognised MoE experts module by grouped-GEMM experts at setup (TE
             ``GroupedLinear`` on CUDA); the swap report is printed (rank 0) and recorded as a decision.
+        swap_attention: run GPT-OSS sink attention on TE's fused ``DotProductAttention`` (learnable softmax)
+            where the plan allows fused attention on CUDA with TE; otherwise the model's own attention stays,
+            with the reason printed (rank 0) and recorded as a decision.
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
         guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard_config.GuardConfig`).
@@ -69,6 +72,7 @@ class TEMoEPrecision(Precision):
         params_dtype: Literal["float32", "bfloat16"] = "float32",
         print_plan: bool = True,
         swap_experts: bool = True,
+        swap_attention: bool = True,
         guard: bool = True,
         guard_config: Optional[GuardConfig] = None,
     ) -> None:
@@ -95,6 +99,10 @@ class TEMoEPrecision(Precision):
             from .experts import swap_for_plugin
 
             self.module_swaps.append(swap_for_plugin)
+        if swap_attention:
+            from .attention import swap_for_plugin as swap_attention_for_plugin
+
+            self.module_swaps.append(swap_attention_for_plugin)
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self, device: torch.device, torch_compile: bool = False,
