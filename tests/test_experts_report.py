@@ -56,7 +56,8 @@ def test_module_filter_and_swapping_twice() -> None:
     assert [(e.path, e.status) for e in again.entries] == [("model.layers.0.mlp.experts", "filtered out"),
                                                            ("model.layers.1.mlp.experts", "already swapped")]
     assert model.model.layers[1].mlp.experts.state is state
-    assert "1 already swapped" in again.summary()
+    assert again.summary() == "1 expert layer(s) of MixtralForCausalLM already swapped: nothing changed"
+    assert swap_for_plugin(model, state) is None  # a second setup of the same run records no new decision
 
 
 def test_fp8_incompatible_shapes_stay_bf16_with_a_reason() -> None:

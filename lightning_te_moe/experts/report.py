@@ -44,7 +44,9 @@ class SwapReport:
 
     def summary(self) -> str:
         swapped, again = self.swapped, self.by_status("already swapped")
-        if not swapped and not again:
+        if again and not swapped:
+            return f"{len(again)} expert layer(s) of {self.model} already swapped: nothing changed"
+        if not swapped:
             left = [e for e in self.entries if e.status in ("not swappable", "filtered out")]
             detail = f" ({len(left)} expert layer(s) left: see the report)" if left else ""
             return f"no MoE expert layers swapped in {self.model}{detail}: nothing changed"

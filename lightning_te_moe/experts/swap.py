@@ -160,11 +160,13 @@ def unswap_experts(model: nn.Module) -> int:
 def swap_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[str, dict]]:
     """The plugin's module swap: swap and print the report (rank 0); its summary and details become a decision.
 
-    A model without any MoE layer gets the printed line only: there was no decision to make.
+    A model without any MoE layer, or one swapped by an earlier setup of this run (Lightning converts the
+    module again for each fit/validate/test), gets the printed line only: there is no new decision.
     """
     report = swap_experts(model, state=state)
-    _print_rank_zero(report.render_text())
-    return (report.summary(), report.to_dict()) if report.entries else None
+    new = report.entries and not report.by_status("already swapped")
+    _print_rank_zero(report.render_text() if new else f"[lightning-te-moe] expert swap: {report.summary()}")
+    return (report.summary(), report.to_dict()) if new else None
 
 
 def _print_rank_zero(text: str) -> None:
