@@ -179,3 +179,41 @@ def test_interleaved_gate_up_is_split_into_halves() -> None:
                          "down_proj_bias": torch.zeros(1, 2)})
     assert ours.fc1_weight[0, :, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
     assert ours.fc1_bias is not None and ours.fc1_bias[0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _decorated_experts(**flags: object) -> type[nn.Module]:
+    """A transformers-5-style experts class the built-in adapter has never seen (its own gate, or no gate)."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    class OddExperts(nn.Module):
+        def __init__(self, config: object) -> None:
+            super().__init__()
+            e, h, i = 4, 16, 24
+            self.num_experts, self.swiglu_limit = e, 0.4
+            if flags.get("has_gate", True):
+                self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, h) * 0.5)
+                self.act_fn: nn.Module = nn.SiLU()
+            else:
+                self.up_proj = nn.Parameter(torch.randn(e, i, h) * 0.5)
+                self.act_fn = nn.GELU()
+            self.down_proj = nn.Parameter(torch.randn(e, h, i) * 0.3)
+
+        def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:  # clamped SwiGLU without alpha (GLM-5 style)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate.clamp(max=self.swiglu_limit)) * up.clamp(-self.swiglu_limit, self.swiglu_limit)
+
+    return use_experts_implementation(OddExperts, **flags)
+
+
+@pytest.mark.parametrize("flags, activation", [({}, "model's own"), ({"has_gate": False}, "ungated(GELU)")],
+                         ids=["custom-_apply_gate", "no-gate"])
+def test_unknown_5x_experts_keep_their_own_activation(flags: dict, activation: str) -> None:
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    ref = nn.ModuleDict({"experts": _decorated_experts(**flags)(SimpleNamespace(_experts_implementation="batched_mm"))})
+    swapped = copy.deepcopy(ref)
+    report = swap_experts(swapped)
+    assert len(report.swapped) == 1 and report.swapped[0].activation.startswith(activation)
+    x, idx, w = torch.randn(11, 16) * 3, torch.randint(0, 4, (11, 2)), torch.rand(11, 2)
+    assert rel_err(swapped["experts"](x, idx, w), ref["experts"](x, idx, w)) <= 1e-5

@@ -47,8 +47,10 @@ class ExpertsAdapter:
 
 def _agrees(ours: Callable[[Tensor], Tensor], theirs: Callable[[Tensor], Tensor], width: int,
             like: Optional[Tensor] = None) -> bool:
-    """Both give the same result on a probe that reaches GPT-OSS's clamp range (in ``like``'s dtype/device)."""
-    probe = torch.randn(4, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 6
+    """Both give the same result on a probe whose rows span 1 to 300 (past any clamp limit; ``like``'s dtype)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(4, width, generator=gen, dtype=torch.float64) * torch.tensor([[1.0], [6.0], [30.0], [300.0]],
+                                                                                  dtype=torch.float64)
     if like is not None:
         if like.is_meta:
             return True  # nothing to compute with yet: trust the structure
