@@ -79,7 +79,8 @@ class TEMoEPrecision(Precision):
         if not isinstance(recipe, str):
             spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
         self.request = PrecisionRequest(recipe=recipe, allow=tuple(allow or ()), deny=tuple(deny or ()),
-                                        auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability, strict=strict)
+                                        auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability, strict=strict,
+                                        params_dtype=params_dtype)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
         self.guard_enabled = guard

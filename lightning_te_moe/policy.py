@@ -39,6 +39,7 @@ class PrecisionRequest:
     prefer_stability: bool = False
     strict: bool = True
     torch_compile: bool = False
+    params_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, str) and self.recipe != "auto":
@@ -52,6 +53,7 @@ class PrecisionRequest:
         return {
             "recipe": recipe, "allow": list(self.allow), "deny": list(self.deny), "auto_nvfp4": self.auto_nvfp4,
             "prefer_stability": self.prefer_stability, "strict": self.strict, "torch_compile": self.torch_compile,
+            "params_dtype": self.params_dtype,
         }
 
 
@@ -73,6 +75,7 @@ class _Constraints:
     prefer_reason: Optional[Reason] = None
     drop_hp_backward: Optional[Reason] = None
     hp_via: dict[str, tuple[str, Reason]] = field(default_factory=dict)
+    hp_override: tuple[str, Optional[Reason]] = ("high_precision", None)
     env: dict[str, str] = field(default_factory=dict)
     env_reasons: list[Reason] = field(default_factory=list)
     fused_attention_off: Optional[Reason] = None
@@ -92,7 +95,7 @@ def _reason(rule: Rule, env: Environment) -> Reason:
 
 def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
     c = _Constraints()
-    for rule in matching_rules(env, torch_compile=request.torch_compile):
+    for rule in matching_rules(env, torch_compile=request.torch_compile, params_dtype=request.params_dtype):
         reason, effect = _reason(rule, env), rule.effect
         if effect == Effect():  # a rule that only informs
             c.notes.append(reason)
@@ -108,6 +111,8 @@ def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
             c.drop_hp_backward = reason
         for src, dst in effect.high_precision_backward_via.items():
             c.hp_via.setdefault(src, (dst, reason))
+        if effect.backward_override and c.hp_override[1] is None:
+            c.hp_override = (effect.backward_override, reason)
         if effect.env:
             c.env.update(effect.env)
             c.env_reasons.append(reason)
@@ -133,7 +138,7 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
     experts = _choose_experts(dense, c, reasons)
 
     ladder = _ladder(Rung(dense, experts), c, reasons)
-    if request.prefer_stability and len(ladder) > 1 and ladder[1].dense.backward_override == "high_precision":
+    if request.prefer_stability and len(ladder) > 1 and ladder[1].dense.backward_override is not None:
         reasons.append(Reason("request.prefer_stability",
                               f"prefer_stability: start on {ladder[1].label()} (high-precision backward)",
                               "TEMoEPrecision(prefer_stability=True)"))
@@ -240,9 +245,13 @@ def _with_hp_backward(spec: RecipeSpec, c: _Constraints, reasons: list[Reason]) 
         name, why = c.hp_via[name]
         if c.why_forbidden(name) is not None:
             return None
-        reasons.append(Reason(why.rule, f"{why.text} ({spec.name} -> {name}+hp_bwd)", why.ref))
+        reasons.append(Reason(why.rule, f"{why.text} ({spec.name} -> {name} with a high-precision backward)",
+                              why.ref))
         spec = _apply_settings(RecipeSpec.of(name), c, [], user_given=False, strict=False)
-    return RecipeSpec(spec.name, {**spec.settings, "backward_override": "high_precision"})
+    override, why = c.hp_override
+    if why is not None:
+        reasons.append(why)
+    return RecipeSpec(spec.name, {**spec.settings, "backward_override": override})
 
 
 def _ladder(start: Rung, c: _Constraints, reasons: list[Reason]) -> list[Rung]:

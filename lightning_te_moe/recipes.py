@@ -34,6 +34,9 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
 #: Per-expert token-count multiple the grouped GEMM needs (TE ``get_align_size_for_quantization``).
 ALIGNMENT: dict[str, int] = {"fp8_delayed": 16, "fp8_current": 16, "fp8_block": 16, "mxfp8": 32, "nvfp4": 128}
 
+#: How a ``backward_override`` shows in a recipe's label.
+_BACKWARD_LABEL = {"high_precision": "+hp_bwd", "dequantized": "+dq_bwd"}
+
 #: Torch compute dtype for a recipe's non-quantized math.
 COMPUTE_DTYPE: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -76,14 +79,14 @@ class RecipeSpec:
         return self.settings.get("backward_override")
 
     def label(self) -> str:
-        """Short human form, e.g. ``fp8_current+hp_bwd``."""
+        """Short human form, e.g. ``fp8_current+hp_bwd`` (``+dq_bwd`` for the dequantized backward)."""
         defaults = DEFAULT_SETTINGS.get(self.name, {})
         extras = [
             f"{k}={v}"
             for k, v in sorted(self.settings.items())
             if k != "backward_override" and (k not in defaults or defaults[k] != v)
         ]
-        text = self.name + ("+hp_bwd" if self.backward_override == "high_precision" else "")
+        text = self.name + _BACKWARD_LABEL.get(self.backward_override, "")
         return text + (f"({', '.join(extras)})" if extras else "")
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,9 +33,10 @@ class When:
     cublaslt_below: Optional[str] = None
     cpu_bf16: Optional[bool] = None
     torch_compile: Optional[bool] = None
+    params_dtype: Optional[str] = None  # the dtype TEMoEPrecision keeps parameters in
     te_reports_unavailable: Optional[str] = None  # a family of TE's is_*_available checks
 
-    def matches(self, env: Environment, torch_compile: bool = False) -> bool:
+    def matches(self, env: Environment, torch_compile: bool = False, params_dtype: str = "float32") -> bool:
         if self.device is not None and env.device_type != self.device:
             return False
         if self.cc_min is not None and (env.cc is None or env.cc < self.cc_min):
@@ -61,6 +62,8 @@ class When:
         if self.cpu_bf16 is not None and env.cpu_bf16 != self.cpu_bf16:
             return False
         if self.torch_compile is not None and torch_compile != self.torch_compile:
+            return False
+        if self.params_dtype is not None and params_dtype != self.params_dtype:
             return False
         if self.te_reports_unavailable is not None:
             check = env.te_checks.get(self.te_reports_unavailable)
@@ -91,6 +94,8 @@ class When:
             parts.append("CPU with native BF16" if self.cpu_bf16 else "CPU without native BF16")
         if self.torch_compile is not None:
             parts.append("under torch.compile" if self.torch_compile else "without torch.compile")
+        if self.params_dtype:
+            parts.append(f"parameters in {self.params_dtype}")
         if self.te_reports_unavailable:
             parts.append(f"TE reports {self.te_reports_unavailable} unavailable")
         return ", ".join(parts) or "always"
@@ -106,6 +111,7 @@ class Effect:
     prefer: tuple[str, ...] = ()  # the order ``auto`` tries recipes in (first matching rule wins)
     drop_high_precision_backward: bool = False
     high_precision_backward_via: dict[str, str] = field(default_factory=dict)  # recipe -> recipe to use
+    backward_override: Optional[str] = None  # the override value the ladder's middle step uses
     env: dict[str, str] = field(default_factory=dict)
     fused_attention: Optional[bool] = None
 
@@ -121,6 +127,8 @@ class Effect:
             parts.append("ladder skips the high-precision-backward step")
         for src, dst in self.high_precision_backward_via.items():
             parts.append(f"high-precision backward from {src} runs as {dst}")
+        if self.backward_override:
+            parts.append(f"ladder uses backward_override={self.backward_override!r}")
         if self.env:
             parts.append("sets " + ", ".join(f"{k}={v}" for k, v in self.env.items()))
         if self.fused_attention is False:
@@ -230,6 +238,12 @@ RULES: tuple[Rule, ...] = (
     Rule("delayed-rejects-backward-override", "TE recipe.DelayedScaling (backward_override must be None)", When(),
          Effect(high_precision_backward_via={"fp8_delayed": "fp8_current"}),
          "DelayedScaling rejects backward_override: the high-precision-backward step uses current scaling."),
+    Rule("hp-backward-fp32-params", "benchmarks/hp_backward_probe.py (H100, TE 2.20.2, 2026-11-24)",
+         When(device="cuda", te_min="2.15", params_dtype="float32"),
+         Effect(backward_override="dequantized"),
+         "backward_override='high_precision' with FP32 master weights under BF16 autocast fails in te.Linear's"
+         " backward ('Unable to find suitable cuBLAS GEMM algorithm'); 'dequantized' (BF16 GEMMs on the"
+         " dequantized saved operands, no FP8 gradients) runs."),
     Rule("compile-no-delayed", "TE check_recipe_support", When(torch_compile=True),
          Effect(forbid=("fp8_delayed",)),
          "DelayedScaling is rejected under torch.compile."),
@@ -254,5 +268,5 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def matching_rules(env: Environment, torch_compile: bool = False) -> list[Rule]:
-    return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile)]
+def matching_rules(env: Environment, torch_compile: bool = False, params_dtype: str = "float32") -> list[Rule]:
+    return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile, params_dtype=params_dtype)]

@@ -34,7 +34,7 @@ def test_bf16_wins_when_fp8_is_measured_slower():
 def test_fp8_kept_and_ladder_follows_the_chosen_recipe():
     timings = {"fp8_current": 10.0, "bf16": 14.0, "fp8_delayed": 9.9, "fp8_block": 9.0}
     plan, result = autotune_plan(H100, PrecisionRequest(), lambda spec: timings[spec.name])
-    assert result.chosen == "fp8_block" and plan.summary() == "fp8_block -> fp8_block+hp_bwd -> bf16"
+    assert result.chosen == "fp8_block" and plan.summary() == "fp8_block -> fp8_block+dq_bwd -> bf16"
 
 
 def test_noise_does_not_replace_the_rule_based_choice():

@@ -108,4 +108,4 @@ def test_resume_on_another_kind_of_machine_keeps_this_machines_plan(tmp_path):
     assert plugin.plan.summary() == "fp32" and plugin.state.index == 0
     last = plugin.decisions.decisions[-1]
     assert last.kind == "resume" and "keeping this machine's plan fp32" in last.reason
-    assert last.from_ == "fp8_current+hp_bwd"
+    assert last.from_ == "fp8_current+dq_bwd"

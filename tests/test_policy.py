@@ -36,38 +36,38 @@ AUTO = [
     ('8.9', None, "bf16"),
     ('8.9', '2.8', "fp8_current -> bf16"),
     ('8.9', '2.14', "fp8_current -> bf16"),
-    ('8.9', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
-    ('8.9', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('8.9', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
+    ('8.9', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
     ('9.0', None, "bf16"),
     ('9.0', '2.8', "fp8_current -> bf16"),
     ('9.0', '2.14', "fp8_current -> bf16"),
-    ('9.0', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
-    ('9.0', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('9.0', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
+    ('9.0', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
     ('10.0', None, "bf16"),
     ('10.0', '2.8', "mxfp8 -> bf16"),
     ('10.0', '2.14', "mxfp8 -> bf16"),
-    ('10.0', '2.15', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
-    ('10.0', '2.20', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('10.0', '2.15', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
+    ('10.0', '2.20', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
     ('10.3', None, "bf16"),
     ('10.3', '2.8', "mxfp8 -> bf16"),
     ('10.3', '2.14', "mxfp8 -> bf16"),
-    ('10.3', '2.15', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
-    ('10.3', '2.20', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('10.3', '2.15', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
+    ('10.3', '2.20', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
     ('11.0', None, "bf16"),
     ('11.0', '2.8', "mxfp8 -> bf16"),
     ('11.0', '2.14', "mxfp8 -> bf16"),
-    ('11.0', '2.15', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
-    ('11.0', '2.20', "mxfp8 -> mxfp8+hp_bwd -> bf16"),
+    ('11.0', '2.15', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
+    ('11.0', '2.20', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
     ('12.0', None, "bf16"),
     ('12.0', '2.8', "fp8_current -> bf16"),
     ('12.0', '2.14', "fp8_current -> bf16"),
-    ('12.0', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
-    ('12.0', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('12.0', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
+    ('12.0', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
     ('12.1', None, "bf16"),
     ('12.1', '2.8', "fp8_current -> bf16"),
     ('12.1', '2.14', "fp8_current -> bf16"),
-    ('12.1', '2.15', "fp8_current -> fp8_current+hp_bwd -> bf16"),
-    ('12.1', '2.20', "fp8_current -> fp8_current+hp_bwd -> bf16"),
+    ('12.1', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
+    ('12.1', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
 ]
 
 
@@ -114,7 +114,7 @@ def test_sm120_nvfp4_when_allowed_uses_disable_rht_and_experts_fall_back(cc):
     rules = {r.rule for r in plan.reasons}
     assert {"sm120-nvfp4-no-rht", "sm120-experts-no-nvfp4", "sm120-order"} <= rules
     assert plan.ladder[-1].dense.name == "bf16"
-    assert plan.ladder[1].dense.backward_override == "high_precision"
+    assert plan.ladder[1].dense.backward_override == "dequantized"
     assert plan.ladder[1].dense.settings["disable_rht"] is True
 
 
@@ -163,8 +163,8 @@ def test_blackwell_mxfp8_forced_to_e4m3_even_when_asked_otherwise():
 def test_hopper_explicit_recipes_and_ladders():
     env = Environment.assume(cc="9.0", te="2.20.2")
     assert make_plan(env, PrecisionRequest(recipe="fp8_delayed")).summary() == (
-        "fp8_delayed -> fp8_current+hp_bwd -> bf16")
-    assert make_plan(env, PrecisionRequest(recipe="fp8_block")).summary() == "fp8_block -> fp8_block+hp_bwd -> bf16"
+        "fp8_delayed -> fp8_current+dq_bwd -> bf16")
+    assert make_plan(env, PrecisionRequest(recipe="fp8_block")).summary() == "fp8_block -> fp8_block+dq_bwd -> bf16"
     assert make_plan(env, PrecisionRequest(recipe="bf16")).summary() == "bf16"
     old = make_plan(Environment.assume(cc="9.0", te="2.14.1"), PrecisionRequest(recipe="fp8_delayed"))
     assert old.summary() == "fp8_delayed -> bf16"
@@ -208,16 +208,16 @@ def test_prefer_stability_starts_with_high_precision_backward_and_skips_delayed(
     plan = make_plan(env, PrecisionRequest(prefer_stability=True, deny=("fp8_current", "fp8_block")))
     assert plan.summary() == "bf16"  # only fp8_delayed was left, and stability skips it
     plan = make_plan(env, PrecisionRequest(prefer_stability=True))
-    assert plan.summary() == "fp8_current+hp_bwd -> bf16"
+    assert plan.summary() == "fp8_current+dq_bwd -> bf16"
     assert any(r.rule == "request.prefer_stability" for r in plan.reasons)
 
 
 def test_allow_and_deny_lists():
     env = Environment.assume(cc="9.0", te="2.20.2")
     assert make_plan(env, PrecisionRequest(allow=("bf16", "fp8_block"))).summary() == (
-        "fp8_block -> fp8_block+hp_bwd -> bf16")
+        "fp8_block -> fp8_block+dq_bwd -> bf16")
     plan = make_plan(env, PrecisionRequest(allow=("fp8_current",)))
-    assert plan.summary() == "fp8_current -> fp8_current+hp_bwd"  # nothing below is allowed
+    assert plan.summary() == "fp8_current -> fp8_current+dq_bwd"  # nothing below is allowed
     with pytest.raises(PlanError, match="request.deny"):
         make_plan(env, PrecisionRequest(recipe="fp8_current", deny=("fp8_current",)))
 
@@ -271,3 +271,14 @@ def test_hopper_note_when_fp8_grouped_gemm_measured_slower(cublaslt, noted):
     plan = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt=cublaslt))
     assert plan.dense.name == "fp8_current"  # a note informs; it does not change the choice
     assert ("hopper-grouped-fp8-slow" in {r.rule for r in plan.reasons}) is noted
+
+
+def test_middle_rung_backward_override_follows_params_dtype():
+    env = Environment.assume(cc="9.0", te="2.20.2")
+    fp32 = make_plan(env)
+    assert fp32.ladder[1].dense.backward_override == "dequantized"
+    assert "hp-backward-fp32-params" in {r.rule for r in fp32.reasons}
+    bf16 = make_plan(env, PrecisionRequest(params_dtype="bfloat16"))
+    assert bf16.summary() == "fp8_current -> fp8_current+hp_bwd -> bf16"
+    assert bf16.ladder[1].experts.backward_override == "high_precision"
+    assert "hp-backward-fp32-params" not in {r.rule for r in bf16.reasons}

@@ -16,12 +16,12 @@ def test_step_down_walks_the_ladder_and_notifies():
     state, seen = _state(), []
     state.on_change(lambda old, new: seen.append((old.label(), new.label())))
     assert state.experts.alignment == 16
-    assert state.step_down().label() == "fp8_current+hp_bwd"
-    assert state.dense.backward_override == "high_precision"
+    assert state.step_down().label() == "fp8_current+dq_bwd"
+    assert state.dense.backward_override == "dequantized"
     assert state.step_down().label() == "bf16"
     assert state.experts.alignment == 1 and not state.can_step_down
     assert state.step_down() is None
-    assert seen == [("fp8_current", "fp8_current+hp_bwd"), ("fp8_current+hp_bwd", "bf16")]
+    assert seen == [("fp8_current", "fp8_current+dq_bwd"), ("fp8_current+dq_bwd", "bf16")]
 
 
 def test_set_index_outside_ladder_is_an_error():

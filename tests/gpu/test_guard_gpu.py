@@ -67,11 +67,15 @@ class LossHistory(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def _fp8_current_plugin(config: GuardConfig) -> TEMoEPrecision:
-    plugin = TEMoEPrecision("fp8_current", guard_config=config)
+#: The middle rung's label and TE backward_override for each parameter dtype (rule hp-backward-fp32-params).
+MIDDLE = {"float32": ("fp8_current+dq_bwd", "dequantized"), "bfloat16": ("fp8_current+hp_bwd", "high_precision")}
+
+
+def _fp8_current_plugin(config: GuardConfig, params_dtype: str = "float32") -> TEMoEPrecision:
+    plugin = TEMoEPrecision("fp8_current", guard_config=config, params_dtype=params_dtype)
     plan = plugin.make_plan(torch.device("cuda"))
     labels = [r.label() for r in plan.ladder]
-    if labels != ["fp8_current", "fp8_current+hp_bwd", "bf16"]:
+    if labels != ["fp8_current", MIDDLE[params_dtype][0], "bf16"]:
         pytest.skip(f"needs the three-rung fp8_current ladder (TE >= 2.15); this machine plans {labels}")
     return plugin
 
@@ -82,8 +86,10 @@ def _trainer(tmp_path, plugin, max_steps, callbacks=(), **kwargs) -> L.Trainer:
                      **{"logger": False, "enable_checkpointing": False, **kwargs})
 
 
-def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path):
-    plugin = _fp8_current_plugin(GuardConfig(cooldown=5, snapshot_every=10))
+@pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])
+def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path, params_dtype):
+    middle, override = MIDDLE[params_dtype]
+    plugin = _fp8_current_plugin(GuardConfig(cooldown=5, snapshot_every=10), params_dtype)
     model, history = TEStack(nan_at=(30, 60)), LossHistory()
     trainer = _trainer(tmp_path, plugin, 120, [history])
     trainer.fit(model)
@@ -92,8 +98,8 @@ def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path):
         print(d.line())
     assert [d.kind for d in guard] == ["rollback", "step_down", "rollback", "step_down"]
     first, second = guard[1], guard[3]
-    assert (first.from_, first.to) == ("fp8_current", "fp8_current+hp_bwd")
-    assert (second.from_, second.to) == ("fp8_current+hp_bwd", "bf16")
+    assert (first.from_, first.to) == ("fp8_current", middle)
+    assert (second.from_, second.to) == (middle, "bf16")
     # the decision lands one or two steps after the NaN (values are read one step late on CUDA)
     assert 31 <= first.step <= 33 and 61 <= second.step <= 63
     # the real TE recipes ran: FP8 current scaling, then with a high-precision backward, then plain BF16
@@ -101,7 +107,7 @@ def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path):
     assert model.seen[5] == (True, "Float8CurrentScaling", None, bf16)
     # each change takes effect from the next step (the forward that runs at global_step == decision step)
     assert model.seen[first.step - 1] == (True, "Float8CurrentScaling", None, bf16)
-    assert model.seen[first.step] == (True, "Float8CurrentScaling", "high_precision", bf16)
+    assert model.seen[first.step] == (True, "Float8CurrentScaling", override, bf16)
     assert model.seen[second.step] == (False, "", None, bf16)
     assert model.seen[119] == (False, "", None, bf16)
     assert trainer.global_step == 120 and plugin.state.index == 2
@@ -172,5 +178,5 @@ def test_guard_adds_no_host_sync_per_step_and_report_its_cost(tmp_path):
     on = min(ms for _, ms in results[True]) * 1e3
     print(f"guard overhead: {on - off:+.3f} ms/step ({on:.3f} vs {off:.3f} ms/step, {(on / off - 1) * 100:+.1f}%);"
           f" synchronizing calls per 200 steps: guard on {results[True][0][0]}, off {results[False][0][0]}")
-    assert results[True][0][0] == results[False][0][0]
+    assert results[True][0][0] <= results[False][0][0]  # the guard adds none (the baseline may have one)
     assert on < off * 1.25 + 0.5
