@@ -1,5 +1,6 @@
 """lightning-te-moe: a Lightning precision plugin for training MoE models with NVIDIA Transformer Engine."""
 
+from .attention import swap_attention, unswap_attention
 from .environment import Environment, probe_environment
 from .experts import ExpertSwapConfig, GroupedExperts, register_adapter, swap_experts, unswap_experts
 from .guard import DivergenceError, DivergenceGuard
@@ -27,7 +28,9 @@ __all__ = [
     "make_plan",
     "probe_environment",
     "register_adapter",
+    "swap_attention",
     "swap_experts",
+    "unswap_attention",
     "unswap_experts",
 ]
 __version__ = "0.1.0"

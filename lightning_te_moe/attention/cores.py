@@ -52,7 +52,10 @@ class TECore:
                  window: Optional[int], key_valid: Optional[Tensor]) -> Tensor:
         dpa = self._dpa(query.device, scaling)
         dpa._parameters["softmax_offset"] = sinks  # TE reads self.softmax_offset in forward
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+        # under autocast RoPE's fp32 cos/sin promote q and k to fp32 while v stays BF16; eager attention's matmuls
+        # run in the autocast dtype, TE needs one dtype for all three
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+        q, k, v = (t.transpose(1, 2).to(dtype).contiguous() for t in (query, key, value))
         if key_valid is None:
             out = dpa(q, k, v, attn_mask_type="causal", window_size=te_window(window))
         else:

@@ -15,7 +15,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import rel_err, tiny_model  # noqa: E402
+from experts_helpers import rel_err, tiny_config, tiny_model  # noqa: E402
 
 from lightning_te_moe.attention import swap_attention  # noqa: E402
 from lightning_te_moe.attention.dispatch import SWAP_ATTR  # noqa: E402
@@ -25,40 +25,96 @@ SEQ = 96  # > the tiny model's sliding window (8): sliding and full layers both 
 SIZES = dict(hidden=256, intermediate=256, experts=2, top_k=2, layers=2)
 
 
-def _step(model, ids, mask, valid, autocast: bool):
-    model.zero_grad()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[valid], ids.roll(-1, 1)[valid])
-    loss.backward()
-    return logits.detach()[valid], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+def _default_init_model() -> torch.nn.Module:
+    """transformers' own initialisation (std 0.02), with q/k and sinks scaled up so attention is not uniform
+    and the sinks take a real share of it."""
+    import transformers
 
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_te_attention_matches_eager(padded: bool) -> None:
-    """Reference: the fp32 model on eager attention. BF16 (autocast) with TE attention must stay within 2e-2 on
-    the logits and on every gradient, the sinks' included; BF16 on eager attention is printed for scale."""
     torch.manual_seed(0)
-    reference = tiny_model("gpt_oss", **SIZES).cuda()
-    swapped = copy.deepcopy(reference)
-    swap_attention(swapped, core="te")
-    ids = torch.randint(1, 64, (3, SEQ), device="cuda")
+    model = transformers.GptOssForCausalLM(tiny_config("gpt_oss", **SIZES)).cuda()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.normal_(0, 0.1)
+            layer.self_attn.k_proj.weight.normal_(0, 0.1)
+            layer.self_attn.sinks.normal_(0, 1.0)
+    return model
+
+
+def _padding(padded: bool) -> torch.Tensor:
     mask = torch.ones(3, SEQ, dtype=torch.long, device="cuda")
     if padded:
         mask[1, 70:] = 0
         mask[2, 33:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
+def test_te_attention_layer_matches_fp32_eager(layer: int, padded: bool) -> None:
+    """One attention layer: fp32 eager (the truth) vs TE under BF16 autocast: output, input gradient and every
+    parameter gradient (sinks included) within 2e-2 on the real tokens."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = _default_init_model()
+    swapped = copy.deepcopy(model)
+    swap_attention(swapped, core="te")
+    mask2d, pos = _padding(padded), torch.arange(SEQ, device="cuda")[None]
+    valid = mask2d.bool()
+    x = torch.randn(3, SEQ, SIZES["hidden"], device="cuda")
+    grad = torch.randn_like(x)
+    rope = model.model.rotary_emb(x, pos)
+    make = create_sliding_window_causal_mask if layer == 0 else create_causal_mask
+
+    def run(net: torch.nn.Module, autocast: bool) -> dict[str, torch.Tensor]:
+        attn = net.model.layers[layer].self_attn
+        attn.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = attn(xx, rope, make(net.config, xx, mask2d, None, position_ids=pos))
+        (out.float() * grad * valid[..., None]).sum().backward()
+        return {"out": out.detach().float()[valid], "x.grad": xx.grad[valid],
+                **{k: p.grad for k, p in attn.named_parameters()}}
+
+    ref, te, own = run(model, autocast=False), run(swapped, autocast=True), run(copy.deepcopy(model), autocast=True)
+    assert swapped.model.layers[layer].self_attn.__dict__[SWAP_ATTR].calls == {"core": 1}
+    errors = {k: rel_err(te[k], ref[k]) for k in ref}
+    print("sliding" if layer == 0 else "full", "padded" if padded else "unpadded", {k: f"{v:.1e}" for k, v in errors.items()})
+    print("  the layer's own BF16 eager:", {k: f"{rel_err(own[k], ref[k]):.1e}" for k in ref})
+    assert "sinks" in errors and max(errors.values()) <= 2e-2, errors
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_te_attention_model_no_worse_than_its_own_bf16(padded: bool) -> None:
+    """Whole model, both layer types, against fp32 eager: logits within 2e-2. Whole-model gradients of the
+    model's own BF16 run are already 2e-2..7e-1 off fp32 (the router biases most), so each gradient of the TE
+    run must stay within 2e-2 or 1.5x the model's own BF16 error; the strict gradient check is per layer."""
+    reference = _default_init_model()
+    swapped = copy.deepcopy(reference)
+    swap_attention(swapped, core="te")
+    ids = torch.randint(1, 64, (3, SEQ), device="cuda")
+    mask = _padding(padded)
     valid = mask.bool()
-    ref_logits, ref_grads = _step(reference, ids, mask, valid, autocast=False)
-    bf16_logits, bf16_grads = _step(copy.deepcopy(reference), ids, mask, valid, autocast=True)
-    logits, grads = _step(swapped, ids, mask, valid, autocast=True)
+
+    def run(model: torch.nn.Module, autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        torch.nn.functional.cross_entropy(logits[valid], ids.roll(-1, 1)[valid]).backward()
+        return {"logits": logits.detach()[valid], **{k: p.grad.clone() for k, p in model.named_parameters()}}
+
+    ref = run(reference, autocast=False)
+    bf16 = run(copy.deepcopy(reference), autocast=True)
+    te = run(swapped, autocast=True)
     calls = [dict(m.__dict__[SWAP_ATTR].calls) for m in swapped.modules() if SWAP_ATTR in m.__dict__]
     assert calls == [{"core": 1}, {"core": 1}], calls
-    errors = {"logits": rel_err(logits, ref_logits), **{k: rel_err(grads[k], ref_grads[k]) for k in ref_grads}}
-    eager = {"logits": rel_err(bf16_logits, ref_logits), **{k: rel_err(bf16_grads[k], ref_grads[k]) for k in ref_grads}}
+    errors = {k: rel_err(te[k], ref[k]) for k in ref}
+    own = {k: rel_err(bf16[k], ref[k]) for k in ref}
     print("padded" if padded else "unpadded", "TE:", {k: f"{v:.1e}" for k, v in errors.items()})
-    print("  bf16 eager:", {k: f"{v:.1e}" for k, v in eager.items()})
-    assert grads.keys() == ref_grads.keys() and sum(k.endswith("sinks") for k in grads) == 2
-    assert max(errors.values()) <= 2e-2, errors
+    print("  model's own BF16:", {k: f"{v:.1e}" for k, v in own.items()})
+    assert sum(k.endswith("sinks") for k in errors) == 2
+    assert errors["logits"] <= 2e-2, errors["logits"]
+    worse = {k: (errors[k], own[k]) for k in ref if errors[k] > max(2e-2, 1.5 * own[k])}
+    assert not worse, worse
 
 
 def test_fit_with_everything_swapped_loss_falls(tmp_path: Path) -> None:
