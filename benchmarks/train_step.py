@@ -5,10 +5,11 @@ alternate layers, batch 4 x 2048 tokens, BF16 weights, fused AdamW; forward (los
 Variants: transformers eager / default (grouped_mm) experts on eager attention, and the plugin (its module
 swaps and forward context, without a Trainer) with the attention swap on/off, per recipe, and a
 frozen-experts fine-tuning step. Median step time over --steps after 3 warm-up steps; peak memory of the
-run. Writes train_step.json to --out; ``--render FILE`` puts its table into docs/performance.md.
+run. Writes train_step.json to --out; ``--render FILE`` puts its table (and, with ``--attention-core``, the
+table of ``benchmarks/attention_core.py``) into docs/performance.md.
 
     python3 benchmarks/train_step.py --out /tmp/bench [--variants NAME ...] [--steps 10]
-    python3 benchmarks/train_step.py --render /tmp/bench/train_step.json
+    python3 benchmarks/train_step.py --render /tmp/bench/train_step.json [--attention-core /tmp/bench/attention_core.json]
 """
 
 from __future__ import annotations
@@ -129,7 +130,17 @@ def versions() -> dict[str, str]:
     return data
 
 
-def render(results: dict[str, Any]) -> str:
+def render_attention_core(results: dict[str, Any]) -> list[str]:
+    lines = ["", f"Attention core alone (`benchmarks/attention_core.py`, {results['device']}, batch 4 x 2048, BF16, "
+             "forward + backward, median of 10):", "",
+             "| attention | model's own path | TE DotProductAttention |", "|---|---|---|"]
+    for r in results["rows"]:
+        own = f"{r['eager_ms']:.2f} ms (eager)" if "eager_ms" in r else f"{r['sdpa_ms']:.2f} ms (SDPA)"
+        lines.append(f"| {r['case']} | {own} | {r['te_ms']:.2f} ms |")
+    return lines
+
+
+def render(results: dict[str, Any], attention_core: Optional[dict[str, Any]] = None) -> str:
     meta = results["versions"]
     rows = results["rows"]
     base = next((r for r in rows if r["name"].startswith("transformers default") and "median_ms" in r), None)
@@ -139,7 +150,8 @@ def render(results: dict[str, Any]) -> str:
              "64 heads, 8 KV heads, head dim 64, 32 experts top-4, vocab 32,768, window 128 on alternate layers), "
              f"batch {BATCH} x {SEQ}, BF16 weights, fused AdamW; median of {rows[0].get('steps', '?')} steps after 3 "
              "warm-up steps; peak = `torch.cuda.max_memory_allocated` over the run. Plugin rows run its module swaps "
-             "and forward context without a Trainer.", "",
+             "(the expert swap as committed when this ran, and the attention swap) and forward context without a "
+             "Trainer. Raw results: `benchmarks/train_step_h100.json`, `benchmarks/attention_core_h100.json`.", "",
              "| variant | step | tokens/s | vs transformers default | peak memory | loss (first -> last timed step) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -150,7 +162,30 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {r['name']} | {r['median_ms']:.1f} ms | {r['tokens_per_s']:,.0f} | {speed} | "
                      f"{r['peak_gib']:.1f} GiB | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     plans = [f"- {r['name']}: plan `{r['plan']}`" for r in rows if r.get("plan")]
-    return "\n".join([*lines, "", *plans, END])
+    core = render_attention_core(attention_core) if attention_core else []
+    return "\n".join([*lines, "", *notes(rows, base), *plans, *core, END])
+
+
+def notes(rows: list[dict[str, Any]], base: Optional[dict[str, Any]]) -> list[str]:
+    """What the table says, computed from it: the attention swap's share, the best step against the target."""
+    done = {r["name"]: r for r in rows if "median_ms" in r}
+    out = []
+    off, on = done.get("plugin bf16, attention swap off"), done.get("plugin bf16, attention swap on")
+    if off and on:
+        out.append(f"- The attention swap takes the BF16 step from {off['median_ms']:.1f} ms to {on['median_ms']:.1f} ms "
+                   f"and peak memory from {off['peak_gib']:.1f} to {on['peak_gib']:.1f} GiB (eager sink attention "
+                   "materialises the [batch, heads, seq, seq + 1] logits).")
+    full = [r for n, r in done.items() if n.startswith("plugin") and "frozen" not in n]
+    if full and base:
+        best = min(full, key=lambda r: r["median_ms"])
+        out.append(f"- Best full-training plugin step: {best['name']}, {best['tokens_per_s']:,.0f} tokens/s = "
+                   f"{base['median_ms'] / best['median_ms']:.2f}x transformers default (target >= 2.5x, >= 62k), peak "
+                   f"{best['peak_gib']:.1f} GiB vs {base['peak_gib']:.1f} GiB.")
+        slower = [n for n, r in done.items() if "fp8" in n and on and r["median_ms"] > on["median_ms"]]
+        if slower:
+            out.append(f"- Slower than BF16 here: {', '.join(slower)} (see the `hopper-grouped-fp8-slow` rule; "
+                       "`auto` follows the rules table, `autotune=True` times the shapes).")
+    return out
 
 
 def write_doc(text: str) -> None:
@@ -168,9 +203,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", nargs="*", help="names (or prefixes) of the variants to run; default all")
     parser.add_argument("--render", type=Path, help="only write this results file's table into docs/performance.md")
+    parser.add_argument("--attention-core", type=Path, help="with --render: attention_core.json to add")
     args = parser.parse_args()
     if args.render:
-        write_doc(render(json.loads(args.render.read_text())))
+        core = json.loads(args.attention_core.read_text()) if args.attention_core else None
+        write_doc(render(json.loads(args.render.read_text()), core))
         return
     chosen = [v for v in VARIANTS if not args.variants or any(v.name.startswith(p) for p in args.variants)]
     rows = []
