@@ -7,13 +7,16 @@ function is injected, so the choice logic is tested on CPU with made-up timings.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+import torch
 
 from .environment import Environment
 from .plan import Plan, Reason
 from .policy import PlanError, PrecisionRequest, make_plan
-from .recipes import RECIPE_NAMES, RecipeSpec
+from .recipes import RECIPE_NAMES
 
 #: A challenger must beat the rule-based choice by this fraction to replace it (timing noise).
 MARGIN = 0.03
@@ -56,12 +59,12 @@ def choose(timings_ms: dict[str, float], rule_choice: str, margin: float = MARGI
 
 
 def autotune_plan(env: Environment, request: PrecisionRequest,
-                  time_experts: Callable[[RecipeSpec], float]) -> tuple[Plan, AutotuneResult]:
-    """Time each candidate's expert recipe with ``time_experts(spec) -> ms`` and plan on the fastest."""
+                  time_plan: Callable[[Plan], float]) -> tuple[Plan, AutotuneResult]:
+    """Time each candidate plan's first rung with ``time_plan(plan) -> ms`` and plan on the fastest."""
     if request.recipe != "auto":
         raise ValueError(f"autotune needs recipe='auto' (got {request.recipe!r}): a named recipe is not re-chosen")
     plans = candidate_plans(env, request)
-    timings = {name: float(time_experts(plan.experts)) for name, plan in plans.items()}
+    timings = {name: float(time_plan(plan)) for name, plan in plans.items()}
     rule_choice = next(iter(plans))
     chosen, why = choose(timings, rule_choice)
     plan = plans[chosen]
@@ -69,3 +72,59 @@ def autotune_plan(env: Environment, request: PrecisionRequest,
     plan = dataclasses.replace(plan, reasons=reasons + (Reason("autotune", why, "TEMoEPrecision(autotune=True)"),),
                                request={**plans[rule_choice].request, "autotune": True})
     return plan, AutotuneResult(timings, rule_choice, chosen, why)
+
+
+def time_experts(module: Any, plan: Plan, tokens: int, top_k: int, steps: int = 5, warmup: int = 2) -> float:
+    """Median forward + backward milliseconds of one swapped experts module under ``plan``'s first rung.
+
+    Random tokens and routing at the module's real shapes; gradients are returned, not accumulated, so the
+    module's ``.grad`` is untouched. Runs the same autocasts the plugin's forward context enters.
+    """
+    import transformer_engine.pytorch as te
+
+    from .state import PrecisionState
+
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, module.hidden_size, device=device, generator=gen).bfloat16().requires_grad_(True)
+    weights, index = torch.rand(tokens, module.num_experts, device=device, generator=gen).topk(top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).bfloat16()
+    params = [p for p in module.parameters() if p.requires_grad]
+    trial, saved = PrecisionState(plan), module.state
+    module.state = trial
+    times = []
+    try:
+        for i in range(warmup + steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.autocast("cuda", dtype=trial.dense.compute_dtype), \
+                    te.autocast(enabled=trial.dense.is_te, recipe=trial.te_recipe(trial.dense)):
+                out = module(x, index, weights)
+            torch.autograd.grad(out.float().square().mean(), [x, *params])
+            end.record()
+            end.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
+    finally:
+        module.state = saved
+    return statistics.median(times)
+
+
+def autotune_model(model: torch.nn.Module, env: Environment, request: PrecisionRequest, tokens: int,
+                   steps: int = 5) -> tuple[Plan, AutotuneResult, dict[str, Any]]:
+    """Time the allowed recipes on the model's largest swapped experts module; raises ValueError with the reason
+    when there is nothing to time (no GPU/TE, a named recipe, no FP8-capable swapped experts)."""
+    from .experts import GroupedExperts
+
+    if env.device_type != "cuda" or not env.has_te:
+        raise ValueError(f"autotune needs a CUDA device with Transformer Engine; this is {env.summary()}")
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts) and m.fp8_reason is None]
+    if not experts:
+        raise ValueError("autotune found no swapped experts module that can run FP8 to time")
+    module = max(experts, key=lambda m: sum(p.numel() for p in m.parameters()))
+    top_k = next((c.num_experts_per_tok for c in (getattr(m, "config", None) for m in model.modules())
+                  if getattr(c, "num_experts_per_tok", None)), 2)
+    plan, result = autotune_plan(env, request, lambda p: time_experts(module, p, tokens, top_k, steps=steps))
+    shape = {"num_experts": module.num_experts, "hidden_size": module.hidden_size,
+             "intermediate_size": module.intermediate_size, "tokens": tokens, "top_k": top_k}
+    return plan, result, shape

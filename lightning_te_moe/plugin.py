@@ -56,6 +56,10 @@ class TEMoEPrecision(Precision):
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
         guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard_config.GuardConfig`).
+        autotune: with ``recipe="auto"`` on a GPU with TE, time the recipes the plan allows on the model's
+            largest swapped experts module at the first training step and start on the fastest (the timings
+            are a recorded decision); otherwise the rule-based plan stands.
+        autotune_tokens: tokens per timed expert-layer call (use the run's tokens per micro-batch).
     """
 
     precision: str = "32-true"
@@ -75,6 +79,8 @@ class TEMoEPrecision(Precision):
         swap_attention: bool = True,
         guard: bool = True,
         guard_config: Optional[GuardConfig] = None,
+        autotune: bool = False,
+        autotune_tokens: int = 16384,
     ) -> None:
         if not isinstance(recipe, str):
             spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
@@ -83,6 +89,11 @@ class TEMoEPrecision(Precision):
                                         params_dtype=params_dtype)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
+        if autotune_tokens < 1:
+            raise ValueError(f"autotune_tokens must be a positive number of tokens, got {autotune_tokens}")
+        self.autotune_tokens = autotune_tokens
+        self._autotune_pending = autotune
+        self._model: Optional[torch.nn.Module] = None
         self.guard_enabled = guard
         self.guard_config = guard_config or GuardConfig()
         self.guard: Optional[DivergenceGuard] = None
@@ -142,6 +153,7 @@ class TEMoEPrecision(Precision):
         """Plan on the real device, run the module swaps, cast parameters. Changes ``module`` in place."""
         trainer = getattr(module, "_trainer", None)
         self._trainer = trainer
+        self._model = module
         if self.state is None:
             device = trainer.strategy.root_device if trainer is not None else _default_device()
             compiled = getattr(module, "_compiler_ctx", None) is not None
@@ -182,6 +194,8 @@ class TEMoEPrecision(Precision):
         stack = ExitStack()
         if self.state is None:
             return stack
+        if self._autotune_pending and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            self._run_autotune()
         dense = self.state.dense
         if dense.name != "fp32":
             stack.enter_context(torch.autocast(self._device_type, dtype=dense.compute_dtype, cache_enabled=False))
@@ -190,6 +204,31 @@ class TEMoEPrecision(Precision):
 
             stack.enter_context(te.autocast(enabled=True, recipe=self.state.te_recipe(dense)))
         return stack
+
+    def _run_autotune(self) -> None:
+        """Time the allowed recipes on the real expert shapes (once, at the first training step, on the device)
+        and start on the fastest; every rank takes rank 0's choice."""
+        from .autotune import autotune_model
+
+        assert self.state is not None and self._model is not None
+        self._autotune_pending = False
+        trainer, step = self._trainer, getattr(self._trainer, "global_step", 0)
+        request = dataclasses.replace(self.request, torch_compile=bool(self.state.plan.request.get("torch_compile")))
+        try:
+            plan, result, shape = autotune_model(self._model, self.state.plan.environment, request,
+                                                 self.autotune_tokens)
+        except ValueError as err:
+            self.decisions.record("autotune", f"autotune skipped: {err}", rule="autotune", step=step)
+            return
+        outcome = {"plan": plan.to_dict(), "reason": result.reason, "timings_ms": result.timings_ms, **shape}
+        if trainer is not None and trainer.world_size > 1:
+            outcome = trainer.strategy.broadcast(outcome, src=0)
+        before = self.state.rung.label()
+        self.state.plan = Plan.from_dict(outcome.pop("plan"))
+        self.state.set_index(0)
+        self._sync_precision_label()
+        self.decisions.record("autotune", outcome.pop("reason"), rule="autotune", step=step, from_=before,
+                              to=self.state.rung.label(), evidence=outcome)
 
     def _scaler_active(self) -> bool:
         return self._amp is not None and self.state is not None and self.state.dense.name == "fp16"

@@ -21,7 +21,7 @@ def test_candidates_are_only_recipes_the_rules_allow():
 
 def test_bf16_wins_when_fp8_is_measured_slower():
     timings = {"fp8_current": 37.3, "bf16": 32.0, "fp8_delayed": 33.6, "fp8_block": 36.9}
-    plan, result = autotune_plan(H100, PrecisionRequest(), lambda spec: timings[spec.name])
+    plan, result = autotune_plan(H100, PrecisionRequest(), lambda plan: timings[plan.dense.name])
     assert result.chosen == "bf16" and plan.summary() == "bf16"
     assert result.timings_ms == timings
     last = plan.reasons[-1]
@@ -33,7 +33,7 @@ def test_bf16_wins_when_fp8_is_measured_slower():
 
 def test_fp8_kept_and_ladder_follows_the_chosen_recipe():
     timings = {"fp8_current": 10.0, "bf16": 14.0, "fp8_delayed": 9.9, "fp8_block": 9.0}
-    plan, result = autotune_plan(H100, PrecisionRequest(), lambda spec: timings[spec.name])
+    plan, result = autotune_plan(H100, PrecisionRequest(), lambda plan: timings[plan.dense.name])
     assert result.chosen == "fp8_block" and plan.summary() == "fp8_block -> fp8_block+dq_bwd -> bf16"
 
 
@@ -46,4 +46,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no timing for the rule-based choice 'bf16'"):
         choose({"fp8_current": 1.0}, "bf16")
     with pytest.raises(ValueError, match="autotune needs recipe='auto'"):
-        autotune_plan(H100, PrecisionRequest(recipe="bf16"), lambda spec: 1.0)
+        autotune_plan(H100, PrecisionRequest(recipe="bf16"), lambda plan: 1.0)

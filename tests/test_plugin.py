@@ -109,3 +109,17 @@ def test_resume_on_another_kind_of_machine_keeps_this_machines_plan(tmp_path):
     last = plugin.decisions.decisions[-1]
     assert last.kind == "resume" and "keeping this machine's plan fp32" in last.reason
     assert last.from_ == "fp8_current+dq_bwd"
+
+
+def test_autotune_without_gpu_keeps_the_rule_based_plan_and_says_why(tmp_path):
+    plugin = TEMoEPrecision(autotune=True, print_plan=False)
+    _trainer(tmp_path, plugin).fit(BoringModel())
+    tuned = [d for d in plugin.decisions.decisions if d.kind == "autotune"]
+    assert len(tuned) == 1 and tuned[0].step == 0
+    assert tuned[0].reason.startswith("autotune skipped: autotune needs a CUDA device with Transformer Engine")
+    assert plugin.plan.summary() == "fp32"
+
+
+def test_autotune_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="autotune_tokens must be a positive number of tokens, got 0"):
+        TEMoEPrecision(autotune=True, autotune_tokens=0)
