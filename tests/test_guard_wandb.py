@@ -57,6 +57,8 @@ def test_offline_run_holds_plan_table_level_alerts_summary(tmp_path: Path, monke
         kind = record.WhichOneof("record_type")
         if kind == "config":
             config.update(items(record.config.update))
+        elif kind == "run":  # wandb may fold early config updates into the run record
+            config.update(items(record.run.config.update))
         elif kind == "history":
             history.append(items(record.history.item))
         elif kind == "summary":
@@ -64,6 +66,7 @@ def test_offline_run_holds_plan_table_level_alerts_summary(tmp_path: Path, monke
         elif kind == "alert":
             alerts.append((record.alert.title, record.alert.level))
 
+    assert "precision/plan" in config, (sorted(config), sorted(p.name for p in run_dir.rglob("*")))
     assert config["precision/plan"]["ladder"][1]["dense"]["name"] == "fp32"
     assert config["precision/plan_summary"] == "bf16 -> fp32"
     assert config["precision/environment"]["device_type"] == "cpu"
