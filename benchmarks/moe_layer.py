@@ -183,6 +183,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--profile", type=int, default=0, help="also profile ours (BF16, TE) at this many tokens")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="measure only implementations whose name contains one of these (rel err is then "
+                             "against the first one measured, and the doc is left alone)")
     args = parser.parse_args()
     env = environment()
     base = hf_experts("eager")
@@ -190,6 +193,8 @@ def main() -> None:
     for tokens in args.tokens:
         reference: Optional[Tensor] = None
         for name, build in candidates():
+            if args.only and not any(part in name for part in args.only):
+                continue
             module = build(base)
             result = measure(module, tokens, args.steps)
             output = result.pop("output")
@@ -206,7 +211,8 @@ def main() -> None:
     (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     text = markdown(env, rows, args.tokens)
     (args.out / "moe_layer.md").write_text(text + "\n")
-    write_doc(text)
+    if not args.only:
+        write_doc(text)
     print(text)
 
 

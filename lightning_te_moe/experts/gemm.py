@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +52,66 @@ def torch_grouped_linear(x: Tensor, weight: Tensor, dispatch: Dispatch) -> Tenso
     return torch.cat(parts) if parts else x.new_zeros(0, weight.size(1))
 
 
+class _ExpertViews(torch.autograd.Function):
+    """``weight [E, out, in]`` -> its E expert views, with a backward that does not copy TE's weight gradients.
+
+    TE's ``GroupedLinear`` computes the E weight gradients into one packed ``[E, out, in]`` buffer and returns
+    its rows; plain ``unbind``'s backward would ``stack`` them into a second full buffer (a copy of every weight
+    gradient each step, and both alive at once). Here, when the E gradients are consecutive contiguous rows of
+    one storage (always, on TE's split path), the packed buffer itself becomes the gradient; otherwise (some
+    expert got no gradient, another TE path) they are stacked as before.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.dtype, ctx.device = weight.shape, weight.dtype, weight.device
+        return weight.unbind(0)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> Tensor:
+        packed = packed_view(grads, ctx.shape)
+        if packed is not None:
+            return packed
+        first = next((g for g in grads if g is not None), None)
+        if first is None:
+            return torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        zero = first.new_zeros(ctx.shape[1:])
+        return torch.stack([zero if g is None else g for g in grads])
+
+
+def packed_view(grads: Sequence[Optional[Tensor]], shape: torch.Size) -> Optional[Tensor]:
+    """``[E, out, in]`` over the storage of ``grads`` when they are its consecutive contiguous rows, else None."""
+    first = grads[0] if grads else None
+    if first is None or len(grads) != shape[0] or first.shape != shape[1:]:
+        return None
+    step = first.numel()
+    base, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    dtype = first.dtype
+    if not all(g is not None and g.dtype == dtype and g.shape == first.shape and g.is_contiguous()
+               and g.untyped_storage().data_ptr() == base and g.storage_offset() == offset + i * step
+               for i, g in enumerate(grads)):
+        return None
+    if (offset + step * len(grads)) * first.element_size() > first.untyped_storage().nbytes():
+        return None
+    return first.as_strided(shape, (step, shape[2], 1), offset)
+
+
+def expert_views(weight: Tensor) -> tuple[Tensor, ...]:
+    """``weight.unbind(0)`` whose backward adopts TE's packed weight-gradient buffer instead of stacking a copy."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return weight.unbind(0)
+    return _ExpertViews.apply(weight)
+
+
 class TEGroupedGemm:
     """A TE ``GroupedLinear`` used as a compute engine over *our* parameters.
 
     Its own per-expert weights are removed at build time; each call binds views of the caller's stacked
-    ``[E, out, in]`` weight (``unbind``: one stack in backward) as ``weight{i}``. So the
-    optimizer, DDP and checkpoints only ever see the swapped module's plain parameters, and the engine can be
-    built lazily on the first CUDA forward (the swap itself runs before the model moves to the GPU).
+    ``[E, out, in]`` weight as ``weight{i}`` (:func:`expert_views`: TE's packed weight gradients become the
+    stacked gradient without a copy). So the optimizer, DDP and checkpoints only ever see the swapped
+    module's plain parameters, and the engine can be built lazily on the first CUDA forward (the swap itself
+    runs before the model moves to the GPU).
     """
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
@@ -68,15 +121,15 @@ class TEGroupedGemm:
         self.num_gemms = num_gemms
         self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=False, device=device,
                                             params_dtype=params_dtype)
-        for i in range(num_gemms):
-            del self.module._parameters[f"weight{i}"]
+        self._names = [f"weight{i}" for i in range(num_gemms)]
+        for name in self._names:
+            del self.module._parameters[name]
 
     def __call__(self, x: Tensor, weight: Tensor, splits: list[int]) -> Tensor:
         names = self.module.__dict__
-        for i, w in enumerate(weight.unbind(0)):
-            names[f"weight{i}"] = w
+        names.update(zip(self._names, expert_views(weight)))
         try:
             return self.module(x, splits)
         finally:
-            for i in range(self.num_gemms):
-                names.pop(f"weight{i}", None)
+            for name in self._names:
+                names.pop(name, None)

@@ -33,16 +33,13 @@ class Dispatch:
     row_slot: Tensor
     slot_row: Tensor
     row_expert: Tensor
+    #: Cumulative padded row counts per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants.
+    offsets: Tensor
 
     @property
     def row_token(self) -> Tensor:
         """Token of each padded row (``num_tokens`` for padding rows)."""
         return torch.div(self.row_slot, self.top_k, rounding_mode="floor")
-
-    @property
-    def offsets(self) -> Tensor:
-        """Cumulative row counts per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants."""
-        return torch.tensor(self.splits, dtype=torch.int64).cumsum(0).to(self.row_slot.device, torch.int32)
 
 
 def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Dispatch:
@@ -52,13 +49,16 @@ def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Disp
     flat = top_k_index.reshape(-1).long()
     keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     sorted_keys, order = torch.sort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts]
+    # Per-expert counts from the sorted keys (``bincount`` would sync with the host on CUDA), padded on the device.
+    bounds = torch.searchsorted(sorted_keys, torch.arange(num_experts + 1, device=device))
+    counts = bounds.diff()
+    padded = torch.div(counts + (align - 1), align, rounding_mode="floor") * align
     counts_host: list[int] = counts.tolist()  # the one host sync: the GEMMs need split sizes on the host
     splits = [-(-c // align) * align for c in counts_host]
     rows, kept = sum(splits), sum(counts_host)
 
-    starts = torch.cumsum(counts, 0) - counts
-    padded_starts = torch.tensor([0, *splits[:-1]], dtype=torch.int64).cumsum(0).to(device)
+    starts = bounds[:-1]
+    padded_starts = torch.cumsum(padded, 0) - padded
     expert = sorted_keys[:kept]
     position = torch.arange(kept, device=device) - starts[expert] + padded_starts[expert]
     slots = order[:kept]
@@ -68,9 +68,9 @@ def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Disp
     row_slot[position] = slots
     slot_row = torch.full((num_slots,), rows, dtype=torch.long, device=device)
     slot_row[slots] = position
-    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device),
-                                         torch.tensor(splits, device=device), output_size=rows)
-    return Dispatch(splits, rows, kept < num_slots, num_tokens, top_k, row_slot, slot_row, row_expert)
+    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device), padded, output_size=rows)
+    offsets = torch.cumsum(padded, 0).to(torch.int32)
+    return Dispatch(splits, rows, kept < num_slots, num_tokens, top_k, row_slot, slot_row, row_expert, offsets)
 
 
 def _rows(src: Tensor, index: Tensor, zero_row: bool = True) -> Tensor:
@@ -116,26 +116,35 @@ class _Combine(torch.autograd.Function):
 
 
 class _ExpertBias(torch.autograd.Function):
-    """``rows + bias[row_expert]``; the bias gradient is one ``one_hot.T @ grad`` GEMM (fp32 accumulation)."""
+    """``rows + bias[row_expert]``, computed in place as ``rows += one_hot @ bias`` (one GEMM pass over ``rows``).
+
+    The one-hot GEMM adds each row's own bias exactly (one product ``1 * b``, the rest ``0 * b``, accumulated and
+    added to the row in fp32, rounded once: for finite biases the same value as ``rows + bias[row_expert]``)
+    without materialising the gathered ``[rows, out]`` bias. ``rows`` must be a fresh GEMM output that nothing
+    saved for backward (the caller's contract; autograd's version check would catch a violation). The bias
+    gradient is the transposed GEMM ``one_hot.T @ grad`` (fp32 accumulation).
+    """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, bias: Tensor, row_expert: Tensor) -> Tensor:
-        ctx.save_for_backward(row_expert)
-        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
-        return rows + bias.to(rows.dtype)[row_expert]
+    def forward(ctx: Any, rows: Tensor, bias: Tensor, one_hot: Tensor) -> Tensor:
+        ctx.save_for_backward(one_hot)
+        ctx.bias_dtype = bias.dtype
+        out = rows.detach()  # same storage: the add happens in place, the graph gets a new node
+        return out.addmm_(one_hot, bias.to(rows.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Any, None]:
         if not ctx.needs_input_grad[1]:
             return grad, None, None
-        (row_expert,) = ctx.saved_tensors
-        one_hot = torch.nn.functional.one_hot(row_expert, ctx.bias_shape[0]).to(grad.dtype)
-        return grad, (one_hot.t() @ grad).to(ctx.bias_dtype), None
+        (one_hot,) = ctx.saved_tensors
+        return grad, (one_hot.t().to(grad.dtype) @ grad).to(ctx.bias_dtype), None
 
 
 def add_expert_bias(rows: Tensor, bias: Tensor, dispatch: Dispatch) -> Tensor:
-    """Each row plus its expert's bias (``bias [E, out]``)."""
-    return _ExpertBias.apply(rows, bias, dispatch.row_expert)
+    """Each row plus its expert's bias (``bias [E, out]``). Overwrites ``rows``: pass a fresh GEMM output."""
+    experts = torch.arange(bias.size(0), device=rows.device)
+    one_hot = (dispatch.row_expert.unsqueeze(1) == experts).to(rows.dtype)
+    return _ExpertBias.apply(rows, bias, one_hot)
 
 
 def routed_bias(bias: Tensor, top_k_index: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
