@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from .console import print_rank_zero
 from .decisions import DecisionLog
 from .environment import Environment, probe_environment
 from .guard import DivergenceGuard
@@ -141,7 +142,8 @@ class TEMoEPrecision(Precision):
                               to=plan.ladder[0].label(), rule="policy",
                               evidence={"reasons": [r.to_dict() for r in plan.reasons]})
         if self.print_plan:
-            _print_rank_zero(plan)
+            print_rank_zero(plan.render())
+            rank_zero_info(f"[lightning-te-moe] plan: {plan.summary()}")
 
     def _sync_precision_label(self) -> None:
         assert self.state is not None
@@ -297,12 +299,3 @@ class TEMoEPrecision(Precision):
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-
-def _print_rank_zero(plan: Plan) -> None:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank == 0:
-        from rich.console import Console
-
-        Console().print(plan.render())
-    rank_zero_info(f"[lightning-te-moe] plan: {plan.summary()}")

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from torch import nn
 
+from ..console import print_rank_zero
 from ..plan import Plan
 from ..rules import RULES
 from ..state import PrecisionState
@@ -114,14 +115,8 @@ def swap_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[s
     """
     reason = plan_reason(state.plan) or te_unavailable_reason()
     report = AttentionSwapReport(type(model).__name__, skipped=reason or "") if reason else swap_attention(model)
-    _print_rank_zero(report.render_text())
+    print_rank_zero(report.render_text())
     if state.plan.environment.device_type != "cuda":
         return None
     return report.summary(), report.to_dict()
 
-
-def _print_rank_zero(text: str) -> None:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank == 0:
-        print(text)

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..console import print_rank_zero
 from ..state import PrecisionState
 from .activations import activation_label
 from .adapters import ExpertsAdapter, ExpertsMatch, NotSwappable, registered_adapters
@@ -165,12 +166,6 @@ def swap_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[s
     """
     report = swap_experts(model, state=state)
     new = report.entries and not report.by_status("already swapped")
-    _print_rank_zero(report.render_text() if new else f"[lightning-te-moe] expert swap: {report.summary()}")
+    print_rank_zero(report.render_text() if new else f"[lightning-te-moe] expert swap: {report.summary()}")
     return (report.summary(), report.to_dict()) if new else None
 
-
-def _print_rank_zero(text: str) -> None:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank == 0:
-        print(text)
