@@ -51,8 +51,9 @@ class TEMoEPrecision(Precision):
         print_plan: print the plan table at setup (rank 0).
         swap_experts: replace every recognised MoE experts module by grouped-GEMM experts at setup (TE
             ``GroupedLinear`` on CUDA); the swap report is printed (rank 0) and recorded as a decision.
-        swap_attention: run GPT-OSS sink attention on TE's fused ``DotProductAttention`` (learnable softmax)
-            where the plan allows fused attention on CUDA with TE; otherwise the model's own attention stays,
+        swap_attention: run attention cores on TE's fused ``DotProductAttention`` (GPT-OSS sinks: learnable
+            softmax; Mixtral/Qwen3-MoE: vanilla) where the plan allows fused attention on CUDA with TE; attention
+            with different q/k and v head sizes (DeepSeek MLA) and every other case keep the model's own,
             with the reason printed (rank 0) and recorded as a decision.
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).

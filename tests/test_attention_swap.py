@@ -50,12 +50,22 @@ def test_cuda_plan_on_a_machine_without_importable_te_swaps_nothing(monkeypatch)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_standard_attention_is_kept_with_a_clear_report(arch):
+def test_standard_attention_is_swapped_to_vanilla_softmax(arch):
     model = tiny_model(arch)
     report = swap_attention(model, core="reference")
-    assert not report.by_status("swapped") and len(report.by_status("kept")) == 2
-    assert report.summary().startswith("no attention swapped") and "SDPA" in report.summary()
-    assert model.config._attn_implementation == "eager" and not _swapped(model)
+    assert [e.detail for e in report.by_status("swapped")] == ["vanilla softmax, full causal"] * 2
+    assert report.summary().startswith("swapped 2 attention layer(s)") and "TE fused attention" in report.summary()
+    assert model.config._attn_implementation == IMPLEMENTATION and len(_swapped(model)) == 2
+    assert unswap_attention(model) == 2 and model.config._attn_implementation == "eager"
+
+
+def test_multi_head_latent_attention_is_kept_with_a_clear_report():
+    model = tiny_model("deepseek_v3")
+    report = swap_attention(model, core="reference")
+    kept = report.by_status("kept")
+    assert not report.by_status("swapped") and len(kept) == 2
+    assert "multi-head latent attention" in kept[0].detail and report.summary().startswith("no attention swapped")
+    assert not _swapped(model)
 
 
 def test_model_without_attention_reports_nothing_found():
@@ -66,7 +76,8 @@ def test_model_without_attention_reports_nothing_found():
 def test_gpt_oss_swap_report_names_windows_and_unswap_restores():
     model = tiny_model("gpt_oss")
     report = swap_attention(model, core="reference")
-    assert [e.detail for e in report.by_status("swapped")] == ["sliding window 8", "full causal"]
+    assert [e.detail for e in report.by_status("swapped")] == ["learnable softmax (sinks), sliding window 8",
+                                                               "learnable softmax (sinks), full causal"]
     assert model.config._attn_implementation == IMPLEMENTATION
     again = swap_attention(model, core="reference")
     assert len(again.by_status("already swapped")) == 2 and "already swapped" in again.summary()

@@ -1,7 +1,8 @@
-"""Sink-attention cores: TE ``DotProductAttention(softmax_type="learnable")``, and a torch reference.
+"""Attention cores: TE ``DotProductAttention`` (``softmax_type="learnable"`` for GPT-OSS sinks, ``"vanilla"``
+for standard causal attention), and a torch reference of the same math.
 
 Both take q/k/v as the model hands them ([batch, heads, seq, dim], RoPE applied), the model's own ``sinks``
-tensor, the sliding window (None: full causal) and ``key_valid`` (None: no padding, else right padding as
+tensor (None: no sinks), the sliding window (None: full causal) and ``key_valid`` (None: no padding, else right padding as
 [batch, seq] booleans), and return [batch, seq, heads, dim]. Rows of padding queries come back as zeros
 (as transformers' FlashAttention path does); real tokens never attend to them.
 """
@@ -14,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 
-class SinkAttentionCore(Protocol):
-    def __call__(self, query: Tensor, key: Tensor, value: Tensor, sinks: Tensor, scaling: float,
+class AttentionCore(Protocol):
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, sinks: Optional[Tensor], scaling: float,
                  window: Optional[int], key_valid: Optional[Tensor]) -> Tensor: ...
 
 
@@ -32,8 +33,9 @@ class TECore:
     model's ``sinks`` tensor itself, set on every call, so the sinks are trained in place in the HF layout.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sinks: bool = True) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.softmax_type = "learnable" if sinks else "vanilla"
         self._modules: dict[tuple[torch.device, float], nn.Module] = {}
 
     def _dpa(self, device: torch.device, scaling: float) -> nn.Module:
@@ -44,14 +46,15 @@ class TECore:
             with torch.cuda.device(device):
                 dpa = te.DotProductAttention(self.num_heads, self.head_dim, num_gqa_groups=self.num_kv_heads,
                                              attention_dropout=0.0, qkv_format="bshd", attn_mask_type="causal",
-                                             softmax_scale=scaling, softmax_type="learnable")
+                                             softmax_scale=scaling, softmax_type=self.softmax_type)
             self._modules[key] = dpa
         return self._modules[key]
 
-    def __call__(self, query: Tensor, key: Tensor, value: Tensor, sinks: Tensor, scaling: float,
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, sinks: Optional[Tensor], scaling: float,
                  window: Optional[int], key_valid: Optional[Tensor]) -> Tensor:
         dpa = self._dpa(query.device, scaling)
-        dpa._parameters["softmax_offset"] = sinks  # TE reads self.softmax_offset in forward
+        if sinks is not None:
+            dpa._parameters["softmax_offset"] = sinks  # TE reads self.softmax_offset in forward
         # under autocast RoPE's fp32 cos/sin promote q and k to fp32 while v stays BF16; eager attention's matmuls
         # run in the autocast dtype, TE needs one dtype for all three
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
@@ -66,12 +69,12 @@ class TECore:
 
 
 class ReferenceCore:
-    """TE's learnable-softmax attention written in torch: checks the swap's wiring on machines without TE."""
+    """TE's attention (with or without sinks) written in torch: checks the swap's wiring on machines without TE."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sinks: bool = True) -> None:
         self.groups = num_heads // num_kv_heads
 
-    def __call__(self, query: Tensor, key: Tensor, value: Tensor, sinks: Tensor, scaling: float,
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, sinks: Optional[Tensor], scaling: float,
                  window: Optional[int], key_valid: Optional[Tensor]) -> Tensor:
         b, h, s, _ = query.shape
         k, v = key.repeat_interleave(self.groups, dim=1), value.repeat_interleave(self.groups, dim=1)
@@ -81,7 +84,10 @@ class ReferenceCore:
         allowed = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
         allowed = allowed[None, None] if key_valid is None else allowed[None, None] & key_valid[:, None, None, :]
         logits = logits.masked_fill(~allowed, float("-inf"))
-        sink = sinks.float().reshape(1, h, 1, 1).expand(b, h, s, 1)
-        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        if sinks is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            sink = sinks.float().reshape(1, h, 1, 1).expand(b, h, s, 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
         out = (probs.to(v.dtype) @ v).transpose(1, 2)
         return out if key_valid is None else out * key_valid[:, :, None, None].to(out.dtype)

@@ -2,7 +2,7 @@
 
 The model's attention module keeps its projections and RoPE and calls ``ALL_ATTENTION_FUNCTIONS[config.
 _attn_implementation]``; a swapped model's config names :data:`IMPLEMENTATION`, whose function runs the
-layer's sink-attention core, or the model's original attention function with the model's own mask when
+layer's attention core, or the model's original attention function with the model's own mask when
 the core cannot run this call exactly (the reason is counted and warned about once).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from .cores import SinkAttentionCore
+from .cores import AttentionCore
 from .masks import DeferredMask
 
 #: The name swapped configs carry in ``config._attn_implementation``.
@@ -29,7 +29,7 @@ SWAP_ATTR = "_te_moe_attention"
 class LayerSwap:
     """A swapped attention layer: its core, what to fall back to, and how its calls went."""
 
-    core: SinkAttentionCore
+    core: AttentionCore
     core_name: str
     original_implementation: str
     calls: Counter = field(default_factory=Counter)  # "core" or the fallback reason -> count
@@ -81,7 +81,7 @@ def swapped_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             reason = te_mask.reason or None
     if reason is None:
         swap.calls["core"] += 1
-        sinks = module.sinks if s_aux is None else s_aux
+        sinks = getattr(module, "sinks", None) if s_aux is None else s_aux
         return swap.core(query, key, value, sinks, scaling, sliding_window, te_mask.key_valid), None
     swap.calls[reason] += 1
     if reason not in swap._warned:

@@ -38,7 +38,7 @@ class AttentionSwapReport:
             if not kept:
                 return f"no attention layers found in {self.model}: nothing changed"
             return f"no attention swapped in {self.model}: {len(kept)} layer(s) kept ({kept[0].detail})"
-        text = f"swapped {len(swapped)} attention layer(s) of {self.model} to TE learnable-softmax attention"
+        text = f"swapped {len(swapped)} attention layer(s) of {self.model} to TE fused attention"
         if again:
             text += f"; {len(again)} already swapped"
         return text + (f"; {len(kept)} kept ({kept[0].detail})" if kept else "")

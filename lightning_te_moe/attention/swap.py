@@ -1,9 +1,10 @@
-"""``swap_attention`` / ``unswap_attention``: put GPT-OSS sink attention on TE fused attention, and back.
+"""``swap_attention`` / ``unswap_attention``: put attention cores on TE fused attention, and back.
 
 Only the attention core changes: the model's q/k/v/o projections, RoPE, ``sinks`` parameter and state dict
-stay where they are. Standard causal attention (Mixtral, Qwen3-MoE, DeepSeek) is left on the model's own
-SDPA path: this version does not swap it (on an H100 TE's core was 0.2-0.5 ms per layer faster at 4 x 2048,
-against ~40 ms saved per GPT-OSS layer; docs/performance.md).
+stay where they are. GPT-OSS sink attention runs TE's learnable softmax (43 -> 3.1 ms per layer on an H100);
+standard causal attention (Mixtral, Qwen3-MoE) runs TE's vanilla softmax, measured faster than their SDPA
+path on an H100 (2.35 -> 2.11 and 2.30 -> 1.77 ms per layer at 4 x 2048; docs/performance.md). Attention
+whose query/key and value head sizes differ (DeepSeek's MLA) stays the model's own.
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ from .report import AttentionEntry, AttentionSwapReport
 CoreName = Literal["te", "reference"]
 #: Original implementations whose masks the fallback can rebuild (GPT-OSS trains on eager only).
 FALLBACK_IMPLEMENTATIONS = ("eager", "sdpa")
-_STANDARD_KEPT = "standard causal attention stays on the model's own SDPA path (not swapped by this version)"
+_MLA_KEPT = "query/key and value head sizes differ (multi-head latent attention): stays the model's own"
 
 
-def _is_sink_attention(module: nn.Module) -> bool:
-    return (isinstance(getattr(module, "sinks", None), nn.Parameter) and hasattr(module, "config")
+def _is_swappable_attention(module: nn.Module) -> bool:
+    """An attention module that calls transformers' attention interface with one head size for q, k and v."""
+    return (type(module).__name__.endswith("Attention") and hasattr(module, "config")
             and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")))
 
 
-def _is_standard_attention(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("Attention") and hasattr(module, "o_proj") and not hasattr(module, "sinks")
+def _is_other_attention(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention") and hasattr(module, "o_proj") and not _is_swappable_attention(module)
+
+
+def _has_sinks(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "sinks", None), nn.Parameter)
 
 
 def te_unavailable_reason() -> Optional[str]:
@@ -62,18 +68,19 @@ def plan_reason(plan: Plan) -> Optional[str]:
 
 
 def swap_attention(model: nn.Module, *, core: CoreName = "te") -> AttentionSwapReport:
-    """Swap every GPT-OSS-style sink attention layer of ``model`` to ``core`` (in place); returns the report.
+    """Swap every attention layer of ``model`` that calls transformers' attention interface with one head size
+    (GPT-OSS sink attention, standard causal attention) to ``core``, in place; returns the report.
 
-    All sink-attention layers sharing a config are swapped together (the config names the implementation).
+    All layers sharing a config are swapped together (the config names the implementation).
     ``core="reference"`` runs the same math in torch, for checking the wiring without TE.
     """
     report = AttentionSwapReport(type(model).__name__)
     by_config: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, module in model.named_modules():
-        if _is_sink_attention(module):
+        if _is_swappable_attention(module):
             by_config.setdefault(id(module.config), []).append((path, module))
-        elif _is_standard_attention(module):
-            report.entries.append(AttentionEntry(path, type(module).__name__, "kept", _STANDARD_KEPT))
+        elif _is_other_attention(module):
+            report.entries.append(AttentionEntry(path, type(module).__name__, "kept", _MLA_KEPT))
     for layers in by_config.values():
         config = layers[0][1].config
         original = config._attn_implementation or "eager"
@@ -88,10 +95,12 @@ def swap_attention(model: nn.Module, *, core: CoreName = "te") -> AttentionSwapR
         for path, module in layers:
             heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
             cls = TECore if core == "te" else ReferenceCore
-            module.__dict__[SWAP_ATTR] = LayerSwap(cls(heads, kv_heads, module.head_dim), core, original)
+            sinks = _has_sinks(module)
+            module.__dict__[SWAP_ATTR] = LayerSwap(cls(heads, kv_heads, module.head_dim, sinks=sinks), core, original)
             window = getattr(module, "sliding_window", None)
-            report.entries.append(AttentionEntry(path, type(module).__name__, "swapped",
-                                                 f"sliding window {window}" if window else "full causal", core))
+            kind = "learnable softmax (sinks)" if sinks else "vanilla softmax"
+            detail = f"{kind}, " + (f"sliding window {window}" if window else "full causal")
+            report.entries.append(AttentionEntry(path, type(module).__name__, "swapped", detail, core))
         config._attn_implementation = IMPLEMENTATION
     return report
 

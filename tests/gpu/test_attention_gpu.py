@@ -1,4 +1,5 @@
-"""GPT-OSS attention on TE fused attention (learnable sinks) vs the model's eager attention, on a GPU."""
+"""Attention on TE fused attention vs the model's eager attention, on a GPU: GPT-OSS (learnable sinks) and
+standard causal attention (Mixtral, Qwen3-MoE; vanilla softmax)."""
 
 from __future__ import annotations
 
@@ -161,6 +162,43 @@ def test_fit_with_everything_swapped_loss_falls(tmp_path: Path) -> None:
     print("plan:", plugin.plan.summary(), "attention calls:", calls, "losses:", [round(v, 3) for v in module.losses[::5]])
     assert sum(isinstance(m, GroupedExperts) for m in module.modules()) == 2
     assert len(calls) == 2 and all(c == {"core": 30} for c in calls)
-    assert any(d.kind == "swap" and "TE learnable-softmax" in d.reason for d in plugin.decisions.decisions)
+    assert any(d.kind == "swap" and "TE fused attention" in d.reason for d in plugin.decisions.decisions)
     assert all(math.isfinite(v) for v in module.losses)
     assert sum(module.losses[-5:]) / 5 < 0.7 * sum(module.losses[:5]) / 5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_standard_attention_on_te_matches_fp32_eager(arch: str, padded: bool) -> None:
+    """Whole tiny model against fp32 eager: logits within 2e-2, and every attention gradient within 2e-2 or no
+    further off than the model's own BF16 eager run (as for GPT-OSS above)."""
+    import transformers
+
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **SIZES)).cuda()
+    reference.config._attn_implementation = "eager"
+    swapped = copy.deepcopy(reference)
+    report = swap_attention(swapped, core="te")
+    assert len(report.by_status("swapped")) == 2, report.render_text()
+    ids = torch.randint(1, 64, (3, SEQ), device="cuda")
+    mask = _padding(padded)
+    valid = mask.bool()
+
+    def run(model: torch.nn.Module, autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        torch.nn.functional.cross_entropy(logits[valid], ids.roll(-1, 1)[valid]).backward()
+        return {"logits": logits.detach()[valid], **{k: p.grad.clone() for k, p in model.named_parameters()
+                                                     if p.grad is not None and ".self_attn." in k}}
+
+    ref, own, te = run(reference, False), run(copy.deepcopy(reference), True), run(swapped, True)
+    calls = [dict(m.__dict__[SWAP_ATTR].calls) for m in swapped.modules() if SWAP_ATTR in m.__dict__]
+    assert calls == [{"core": 1}, {"core": 1}], calls
+    errors = {k: rel_err(te[k], ref[k]) for k in ref}
+    own_errors = {k: rel_err(own[k], ref[k]) for k in ref}
+    print(arch, "padded" if padded else "unpadded", "TE:", {k: f"{v:.1e}" for k, v in errors.items()})
+    print("  model's own BF16:", {k: f"{v:.1e}" for k, v in own_errors.items()})
+    assert errors["logits"] <= 2e-2, errors["logits"]
+    worse = {k: (errors[k], own_errors[k]) for k in ref if errors[k] > max(2e-2, own_errors[k])}
+    assert not worse, worse
