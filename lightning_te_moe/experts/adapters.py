@@ -6,6 +6,7 @@ Built in: transformers 5.x experts (``use_experts_implementation``) and 4.x ``nn
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,14 +32,14 @@ class ExpertsMatch:
     holder: nn.Module
 
 
-class ExpertsAdapter:
+class ExpertsAdapter(ABC):
     """Base class for adapters; subclass it for a custom experts module and pass it to :func:`register_adapter`."""
 
     name: str = "custom"
 
+    @abstractmethod
     def match(self, module: nn.Module) -> Optional[ExpertsMatch]:
         """An :class:`ExpertsMatch` if ``module`` is an experts module this adapter handles, else None."""
-        raise NotImplementedError
 
     def replace(self, module: nn.Module, experts: GroupedExperts) -> nn.Module:
         """What takes ``module``'s place in its parent (the experts module itself, by default)."""
