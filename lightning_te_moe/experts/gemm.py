@@ -107,29 +107,49 @@ def expert_views(weight: Tensor) -> tuple[Tensor, ...]:
 class TEGroupedGemm:
     """A TE ``GroupedLinear`` used as a compute engine over *our* parameters.
 
-    Its own per-expert weights are removed at build time; each call binds views of the caller's stacked
+    Its own per-expert parameters are removed at build time; each call binds views of the caller's stacked
     ``[E, out, in]`` weight as ``weight{i}`` (:func:`expert_views`: TE's packed weight gradients become the
-    stacked gradient without a copy). So the optimizer, DDP and checkpoints only ever see the swapped
-    module's plain parameters, and the engine can be built lazily on the first CUDA forward (the swap itself
-    runs before the model moves to the GPU).
+    stacked gradient without a copy) and, for an engine built with ``bias=True``, views of the ``[E, out]``
+    bias as ``bias{i}`` (TE adds them in its GEMM epilogue and computes their gradients in its backward). So
+    the optimizer, DDP and checkpoints only ever see the swapped module's plain parameters, and the engine can
+    be built lazily on the first CUDA forward (the swap itself runs before the model moves to the GPU).
     """
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
-                 params_dtype: torch.dtype) -> None:
+                 params_dtype: torch.dtype, bias: bool = False) -> None:
         import transformer_engine.pytorch as te
 
         self.num_gemms = num_gemms
-        self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=False, device=device,
+        self.bias = bias
+        self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=bias, device=device,
                                             params_dtype=params_dtype)
         self._names = [f"weight{i}" for i in range(num_gemms)]
-        for name in self._names:
+        self._bias_names = [f"bias{i}" for i in range(num_gemms)] if bias else []
+        for name in self._names + self._bias_names:
             del self.module._parameters[name]
 
-    def __call__(self, x: Tensor, weight: Tensor, splits: list[int]) -> Tensor:
+    def __call__(self, x: Tensor, weight: Tensor, splits: list[int], bias: Optional[Tensor] = None) -> Tensor:
+        if (bias is not None) != self.bias:
+            raise ValueError(f"engine built with bias={self.bias} called with bias={bias is not None}")
         names = self.module.__dict__
         names.update(zip(self._names, expert_views(weight)))
+        if bias is not None:
+            names.update(zip(self._bias_names, bias.unbind(0)))
         try:
             return self.module(x, splits)
         finally:
-            for name in self._names:
+            for name in self._names + self._bias_names:
                 names.pop(name, None)
+
+
+def te_applies_bias(weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether TE's GEMM may add ``bias`` (epilogue) and compute its gradient, rather than our outside path.
+
+    Yes whenever TE returns every gradient autograd will ask for: the weight is trainable (TE's backward then
+    computes the bias gradient with the weight gradient), or no bias gradient is wanted (frozen bias, or
+    grad mode off). No for a frozen weight with a trainable bias under grad mode: TE 2.20 drops that bias
+    gradient, so the bias is added outside TE.
+    """
+    if bias is None:
+        return False
+    return weight.requires_grad or not (bias.requires_grad and torch.is_grad_enabled())

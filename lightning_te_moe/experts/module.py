@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..state import PrecisionState
 from .activations import activation_label
-from .gemm import TEGroupedGemm, compute_dtype, te_available, torch_grouped_linear
+from .gemm import TEGroupedGemm, compute_dtype, te_applies_bias, te_available, torch_grouped_linear
 from .layouts import ExpertWeights, WeightCodec
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
 
@@ -37,7 +37,9 @@ class GroupedExperts(nn.Module):
     (read from ``state`` on every call), then ``fc1 -> activation -> fc2`` run as grouped GEMMs: TE
     ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). The routing weight
     multiplies the expert output after the down-projection bias, as every transformers experts class does.
-    Biases never go through TE (see :mod:`.routing`), so frozen expert weights keep trainable-bias gradients.
+    On the TE path the biases go through TE's GEMM epilogue (and its bias gradients) when the weights are
+    trainable; a frozen weight with a trainable bias gets the bias added outside TE (see :mod:`.routing`),
+    since TE 2.20 drops that bias gradient. The torch backend always adds the biases outside the GEMMs.
 
     ``state_dict`` is written in the original module's layout (``codec``) and either layout loads.
     """
@@ -79,13 +81,16 @@ class GroupedExperts(nn.Module):
         dispatch = make_dispatch(index, self.num_experts, self._alignment(use_te))
         dtype = compute_dtype(x)
         rows = permute(x.to(dtype), dispatch)
+        fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
+        fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
         with self._precision(use_te):
-            h = self._gemm("fc1", self.fc1.weight, rows, dispatch, use_te)
-            if self.fc1.bias is not None:
+            h = self._gemm("fc1", self.fc1, rows, dispatch, use_te, fc1_bias_in_te)
+            if self.fc1.bias is not None and not fc1_bias_in_te:
                 h = add_expert_bias(h, self.fc1.bias, dispatch)
-            h = self._gemm("fc2", self.fc2.weight, self.activation(h, fused=use_te), dispatch, use_te)
+            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), dispatch, use_te, fc2_bias_in_te)
+        # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
         out = combine(h, weights, dispatch)
-        if self.fc2.bias is not None:
+        if self.fc2.bias is not None and not fc2_bias_in_te:
             out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
@@ -129,16 +134,23 @@ class GroupedExperts(nn.Module):
             return te.autocast(enabled=state.experts.is_te, recipe=state.te_recipe(state.experts))
         return nullcontext()
 
-    def _gemm(self, name: str, weight: Tensor, x: Tensor, dispatch: Dispatch, use_te: bool) -> Tensor:
+    def _gemm(self, name: str, layer: GroupedWeights, x: Tensor, dispatch: Dispatch, use_te: bool,
+              bias_in_te: bool = False) -> Tensor:
+        """``x @ weight[e].T`` per expert block, plus ``bias[e]`` where ``bias_in_te`` (TE path only)."""
+        weight = layer.weight
         if not use_te:
             return torch_grouped_linear(x, weight, dispatch)
-        if not torch.is_autocast_enabled(x.device.type) and weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-        key = (name, str(x.device))
+        bias = layer.bias if bias_in_te else None
+        if not torch.is_autocast_enabled(x.device.type):
+            if weight.dtype != x.dtype:
+                weight = weight.to(x.dtype)
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+        key = (name, str(x.device), bias is not None)
         if key not in self._engines:
             e, out_features, in_features = weight.shape
-            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype)
-        return self._engines[key](x, weight, dispatch.splits)
+            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias is not None)
+        return self._engines[key](x, weight, dispatch.splits, bias)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

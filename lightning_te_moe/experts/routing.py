@@ -6,9 +6,10 @@ read a zero row and get no routing weight, so they never reach the output or the
 expert id is out of range (expert-parallel sentinels) are dropped, as transformers does.
 
 Both directions are gathers, forward and backward (no atomics: deterministic), and the routing weights are
-applied inside the combine (one batched matmul) rather than as a separate pass over the rows. Biases are
-added here too, not in the GEMM epilogue: cuBLASLt's per-expert bias-gradient kernels cost more than the
-whole permutation, and TE 2.20 drops bias gradients when the expert weights are frozen.
+applied inside the combine (one batched matmul) rather than as a separate pass over the rows. The bias adds
+here (:func:`add_expert_bias`, :func:`routed_bias`) serve the torch backend and frozen expert weights with
+trainable biases on the TE path (TE 2.20 drops those bias gradients); otherwise TE's GEMM epilogue adds the
+biases and computes their gradients (measured faster on an H100: docs/performance.md).
 """
 
 from __future__ import annotations
