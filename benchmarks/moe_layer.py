@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from doc_section import write_section
 from torch import Tensor, nn
 
 H, I, E, TOP_K = 2880, 2880, 32, 4
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- moe_layer:begin -->", "<!-- moe_layer:end -->"
 
 
@@ -168,14 +168,6 @@ def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int])
     return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, END])
 
 
-def write_doc(text: str) -> None:
-    old = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    DOC.write_text(new)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,7 +204,7 @@ def main() -> None:
     text = markdown(env, rows, args.tokens)
     (args.out / "moe_layer.md").write_text(text + "\n")
     if not args.only:
-        write_doc(text)
+        write_section(text, BEGIN, END)
     print(text)
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
+from doc_section import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
 BATCH, SEQ, VOCAB = 4, 2048, 32768
 
@@ -188,14 +188,6 @@ def notes(rows: list[dict[str, Any]], base: Optional[dict[str, Any]]) -> list[st
     return out
 
 
-def write_doc(text: str) -> None:
-    old = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    DOC.write_text(new)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         core = json.loads(args.attention_core.read_text()) if args.attention_core else None
-        write_doc(render(json.loads(args.render.read_text()), core))
+        write_section(render(json.loads(args.render.read_text()), core), BEGIN, END)
         return
     chosen = [v for v in VARIANTS if not args.variants or any(v.name.startswith(p) for p in args.variants)]
     rows = []
