@@ -1,7 +1,9 @@
 """Benchmark one GPT-OSS-20B expert layer (H=2880, I=2880, E=32, top-4), forward + backward, BF16 activations.
 
 Compares transformers' eager and grouped_mm experts with the swapped GroupedExperts in BF16 (TE and torch
-backends) and under every FP8 recipe the device runs. Reports the median step time over >= 10 steps after
+backends) and under every FP8 recipe the device runs: trainable experts with one micro-batch per optimizer step
+(TE quantizes the weights on every forward), micro-batches 2..n of a step (TE reuses its quantized weights), and
+frozen experts (fine-tuning: no weight gradients, weights quantized once). Reports the median step time over >= 10 steps after
 warm-up, the peak memory of the step, and the output error against transformers' eager experts. Writes
 ``moe_layer.json`` (to --out) and the markdown table into ``docs/performance.md``.
 
@@ -41,7 +43,9 @@ def hf_experts(implementation: str) -> nn.Module:
     return module.cuda().to(torch.bfloat16)
 
 
-def ours(base: nn.Module, recipe: str, backend: str) -> nn.Module:
+def ours(base: nn.Module, recipe: str, backend: str, cache: bool = False, frozen: bool = False) -> nn.Module:
+    """The swapped layer; ``cache``: TE may reuse its quantized weights (the timed steps never change them, so
+    this is micro-batches 2..n of an optimizer step); ``frozen``: every expert parameter frozen."""
     from lightning_te_moe.environment import Environment
     from lightning_te_moe.experts import ExpertSwapConfig, swap_experts
     from lightning_te_moe.plan import Plan, Rung
@@ -51,8 +55,9 @@ def ours(base: nn.Module, recipe: str, backend: str) -> nn.Module:
     holder = nn.Module()
     holder.experts = copy.deepcopy(base)
     state = PrecisionState(Plan(ladder=(Rung(RecipeSpec.of("bf16"), RecipeSpec.of(recipe)),), environment=Environment()))
-    report = swap_experts(holder, ExpertSwapConfig(backend=backend), state=state)
+    report = swap_experts(holder, ExpertSwapConfig(backend=backend, cache_quantized_weights=cache), state=state)
     assert len(report.swapped) == 1, report.render_text()
+    holder.experts.requires_grad_(not frozen)
     return holder.experts
 
 
@@ -129,6 +134,10 @@ def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
         ["fp8_block"] if te.is_fp8_block_scaling_available() else [])
     for recipe in recipes:  # never MXFP8/NVFP4 where the device lacks them: a failed entry poisons TE's state
         out.append((f"ours {recipe}", lambda base, r=recipe: ours(base, r, "te")))
+        out.append((f"ours {recipe}, cached weights (micro-batch 2+)", lambda base, r=recipe: ours(base, r, "te", True)))
+    out.append(("ours BF16 (TE), frozen experts", lambda base: ours(base, "bf16", "te", True, True)))
+    for recipe in recipes:
+        out.append((f"ours {recipe}, frozen experts", lambda base, r=recipe: ours(base, r, "te", True, True)))
     return out
 
 
@@ -174,7 +183,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
-    parser.add_argument("--profile", type=int, default=0, help="also profile ours (BF16, TE) at this many tokens")
+    parser.add_argument("--profile", type=int, default=0, help="also profile ours (TE) at this many tokens")
+    parser.add_argument("--profile-recipe", default="bf16", help="the recipe --profile runs (default bf16)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="measure only implementations whose name contains one of these (rel err is then "
                              "against the first one measured, and the doc is left alone)")
@@ -199,7 +209,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        profile(ours(base, "bf16", "te"), args.profile, args.out / "moe_layer_profile.txt")
+        profile(ours(base, args.profile_recipe, "te"), args.profile, args.out / f"moe_layer_profile_{args.profile_recipe}.txt")
     (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     text = markdown(env, rows, args.tokens)
     (args.out / "moe_layer.md").write_text(text + "\n")

@@ -27,7 +27,7 @@ class _FakeEngine:
     """TE ``GroupedLinear``'s math over the caller's parameters, with or without the bias (like ``TEGroupedGemm``)."""
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
-                 params_dtype: torch.dtype, bias: bool = False) -> None:
+                 params_dtype: torch.dtype, bias: bool = False, cache_weights: bool = True) -> None:
         self.bias, self.out_features = bias, out_features
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, splits: list[int],

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .routing import Dispatch
+from .weight_cache import QuantizedWeightCache
 
 
 @lru_cache(maxsize=1)
@@ -113,14 +114,19 @@ class TEGroupedGemm:
     bias as ``bias{i}`` (TE adds them in its GEMM epilogue and computes their gradients in its backward). So
     the optimizer, DDP and checkpoints only ever see the swapped module's plain parameters, and the engine can
     be built lazily on the first CUDA forward (the swap itself runs before the model moves to the GPU).
+
+    Under an FP8 recipe TE keeps its quantized weights between calls while :class:`QuantizedWeightCache` says
+    the weight is unchanged (micro-batches of one optimizer step, frozen experts); ``cache_weights=False``
+    quantizes on every call and keeps nothing between steps.
     """
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
-                 params_dtype: torch.dtype, bias: bool = False) -> None:
+                 params_dtype: torch.dtype, bias: bool = False, cache_weights: bool = True) -> None:
         import transformer_engine.pytorch as te
 
         self.num_gemms = num_gemms
         self.bias = bias
+        self.weight_cache = QuantizedWeightCache(cache_weights)
         self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=bias, device=device,
                                             params_dtype=params_dtype)
         self._names = [f"weight{i}" for i in range(num_gemms)]
@@ -136,10 +142,17 @@ class TEGroupedGemm:
         if bias is not None:
             names.update(zip(self._bias_names, bias.unbind(0)))
         try:
-            return self.module(x, splits)
+            return self.module(x, splits, is_first_microbatch=self.weight_cache.first_microbatch(weight, active_recipe()))
         finally:
             for name in self._names + self._bias_names:
                 names.pop(name, None)
+
+
+def active_recipe() -> Any:
+    """The quantized recipe TE's autocast has active right now, or None (BF16/FP16, or outside any autocast)."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    return FP8GlobalStateManager.get_fp8_recipe() if FP8GlobalStateManager.is_fp8_enabled() else None
 
 
 def te_applies_bias(weight: Tensor, bias: Optional[Tensor]) -> bool:

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from ..state import PrecisionState
 from .activations import activation_label
-from .gemm import TEGroupedGemm, compute_dtype, te_applies_bias, te_available, torch_grouped_linear
+from .gemm import TEGroupedGemm, active_recipe, compute_dtype, te_applies_bias, te_available, torch_grouped_linear
 from .layouts import ExpertWeights, WeightCodec
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
+from .te_routing import FusedRouting, fused_permutation_available, fused_routing
 
 Backend = Literal["auto", "te", "torch"]
 
@@ -35,7 +36,9 @@ class GroupedExperts(nn.Module):
 
     Tokens are sorted by expert and each expert's block padded to the alignment of the *active* experts recipe
     (read from ``state`` on every call), then ``fc1 -> activation -> fc2`` run as grouped GEMMs: TE
-    ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). The routing weight
+    ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). On the TE path TE's
+    fused permute/unpermute kernels move the tokens (:mod:`.te_routing`), and under FP8 TE reuses its quantized
+    weights while they are unchanged (``cache_quantized_weights``; :mod:`.weight_cache`). The routing weight
     multiplies the expert output after the down-projection bias, as every transformers experts class does.
     On the TE path the biases go through TE's GEMM epilogue (and its bias gradients) when the weights are
     trainable; a frozen weight with a trainable bias gets the bias added outside TE (see :mod:`.routing`),
@@ -46,7 +49,7 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, weights: ExpertWeights, activation: nn.Module, codec: WeightCodec, *,
                  backend: Backend = "auto", fp8_reason: Optional[str] = None,
-                 state: Optional[PrecisionState] = None) -> None:
+                 state: Optional[PrecisionState] = None, cache_quantized_weights: bool = True) -> None:
         super().__init__()
         self.num_experts = weights.num_experts
         self.hidden_size = weights.hidden_size
@@ -59,7 +62,8 @@ class GroupedExperts(nn.Module):
         #: Why FP8 is off for this module (None: FP8 allowed); such a module never enters an FP8 autocast.
         self.fp8_reason = fp8_reason
         self.state = state
-        self._engines: dict[tuple[str, str], TEGroupedGemm] = {}
+        self.cache_quantized_weights = cache_quantized_weights
+        self._engines: dict[tuple[str, str, bool], TEGroupedGemm] = {}
         self.register_state_dict_post_hook(_write_original_layout)
         self.register_load_state_dict_pre_hook(_read_original_layout)
 
@@ -78,20 +82,35 @@ class GroupedExperts(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         index, weights = top_k_index.reshape(x.size(0), -1), top_k_weights.reshape(x.size(0), -1)
         use_te = self._use_te(x)
-        dispatch = make_dispatch(index, self.num_experts, self._alignment(use_te))
+        align = self._alignment(use_te)
         dtype = compute_dtype(x)
-        rows = permute(x.to(dtype), dispatch)
         fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
         fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
+        biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)
+                          or (self.fc2.bias is not None and not fc2_bias_in_te))
+        fused = None
+        if use_te and not biases_outside and x.size(0) and fused_permutation_available():
+            fused = fused_routing(index, weights, self.num_experts, align)
+        route: Dispatch | FusedRouting
+        if fused is not None:
+            route = fused
+            rows = fused.permute(x.to(dtype))
+        else:
+            route = make_dispatch(index, self.num_experts, align)
+            rows = permute(x.to(dtype), route)
         with self._precision(use_te):
-            h = self._gemm("fc1", self.fc1, rows, dispatch, use_te, fc1_bias_in_te)
+            h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te)
             if self.fc1.bias is not None and not fc1_bias_in_te:
-                h = add_expert_bias(h, self.fc1.bias, dispatch)
-            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), dispatch, use_te, fc2_bias_in_te)
+                assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
+                h = add_expert_bias(h, self.fc1.bias, route)
+            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), route, use_te, fc2_bias_in_te)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
-        out = combine(h, weights, dispatch)
-        if self.fc2.bias is not None and not fc2_bias_in_te:
-            out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
+        if fused is not None:
+            out = fused.combine(h)
+        else:
+            out = combine(h, weights, route)
+            if self.fc2.bias is not None and not fc2_bias_in_te:
+                out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def _use_te(self, x: Tensor) -> bool:
@@ -103,21 +122,16 @@ class GroupedExperts(nn.Module):
             return True
         return x.is_cuda and te_available()
 
-    def _te_fp8_recipe(self) -> Any:
-        """The quantized recipe active in TE right now (a user's own ``te.autocast``), or None."""
-        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
-
-        return FP8GlobalStateManager.get_fp8_recipe() if FP8GlobalStateManager.is_fp8_enabled() else None
-
     def _alignment(self, use_te: bool) -> int:
         if self.fp8_reason is not None:
             return 1
         if self.state is not None:
             return self.state.experts.alignment
-        if use_te and self._te_fp8_recipe() is not None:
+        recipe = active_recipe() if use_te else None  # a user's own te.autocast
+        if recipe is not None:
             from transformer_engine.pytorch.quantization import get_align_size_for_quantization
 
-            return get_align_size_for_quantization(self._te_fp8_recipe())
+            return get_align_size_for_quantization(recipe)
         return 1
 
     def _precision(self, use_te: bool) -> AbstractContextManager:
@@ -127,19 +141,20 @@ class GroupedExperts(nn.Module):
         import transformer_engine.pytorch as te
 
         state = self.state
-        quantized = state.experts.is_te if state is not None else self._te_fp8_recipe() is not None
+        quantized = state.experts.is_te if state is not None else active_recipe() is not None
         if self.fp8_reason is not None:
             return te.autocast(enabled=False) if quantized else nullcontext()
         if state is not None and state.experts != state.dense:
             return te.autocast(enabled=state.experts.is_te, recipe=state.te_recipe(state.experts))
         return nullcontext()
 
-    def _gemm(self, name: str, layer: GroupedWeights, x: Tensor, dispatch: Dispatch, use_te: bool,
+    def _gemm(self, name: str, layer: GroupedWeights, x: Tensor, route: Dispatch | FusedRouting, use_te: bool,
               bias_in_te: bool = False) -> Tensor:
         """``x @ weight[e].T`` per expert block, plus ``bias[e]`` where ``bias_in_te`` (TE path only)."""
         weight = layer.weight
         if not use_te:
-            return torch_grouped_linear(x, weight, dispatch)
+            assert isinstance(route, Dispatch)  # the torch path always routes with a Dispatch
+            return torch_grouped_linear(x, weight, route)
         bias = layer.bias if bias_in_te else None
         if not torch.is_autocast_enabled(x.device.type):
             if weight.dtype != x.dtype:
@@ -149,8 +164,14 @@ class GroupedExperts(nn.Module):
         key = (name, str(x.device), bias is not None)
         if key not in self._engines:
             e, out_features, in_features = weight.shape
-            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias is not None)
-        return self._engines[key](x, weight, dispatch.splits, bias)
+            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias is not None,
+                                               cache_weights=self.cache_quantized_weights)
+        return self._engines[key](x, weight, route.splits, bias)
+
+    def invalidate_quantized_weights(self) -> None:
+        """Make TE quantize the expert weights again on the next FP8 forward (after changing them out of band)."""
+        for engine in self._engines.values():
+            engine.weight_cache.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

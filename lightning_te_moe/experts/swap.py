@@ -33,11 +33,16 @@ class ExpertSwapConfig:
         backend: ``"auto"`` (TE on CUDA when it imports, torch otherwise), ``"te"`` or ``"torch"``.
         module_filter: ``(module, fully_qualified_name) -> bool``; False leaves that experts module alone.
         adapters: adapters to try, in order (default: the registered ones).
+        cache_quantized_weights: under FP8, let TE keep the quantized expert weights between forwards while
+            they are unchanged (gradient-accumulation micro-batches, frozen experts); False quantizes on every
+            forward and keeps no FP8 copy between steps (saves 2 bytes per expert weight element when the
+            weights are trainable and there is one micro-batch per step, where the cache never hits).
     """
 
     backend: Backend = "auto"
     module_filter: Optional[Callable[[nn.Module, str], bool]] = None
     adapters: Optional[Sequence[ExpertsAdapter]] = None
+    cache_quantized_weights: bool = True
 
 
 @dataclass
@@ -83,15 +88,15 @@ def swap_experts(model: nn.Module, config: Optional[ExpertSwapConfig] = None, *,
                                             "shared experts: a dense MLP every token runs"))
             done.append(path)
             continue
-        entry = _try_swap(model, path, module, adapters, config.backend, state, keep)
+        entry = _try_swap(model, path, module, adapters, config, state, keep)
         if entry is not None:
             report.entries.append(entry)
             done.append(path)
     return report
 
 
-def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence[ExpertsAdapter], backend: Backend,
-              state: Optional[PrecisionState], keep: Optional[Callable[[nn.Module, str], bool]]) -> Optional[SwapEntry]:
+def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence[ExpertsAdapter],
+              config: ExpertSwapConfig, state: Optional[PrecisionState], keep: Optional[Callable[[nn.Module, str], bool]]) -> Optional[SwapEntry]:
     name = type(module).__name__
     for adapter in adapters:
         try:
@@ -104,7 +109,7 @@ def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence
             return SwapEntry(path, name, "filtered out", "module_filter returned False", adapter.name)
         if not path:
             return SwapEntry(path, name, "not swappable", "the root module cannot be replaced in place", adapter.name)
-        experts = _build(match, backend, state)
+        experts = _build(match, config, state)
         replacement = adapter.replace(module, experts)
         replacement._swap_origin = SwapOrigin(module, match.holder)
         match.holder.to_empty(device="meta")  # the original keeps its structure, not a second copy of the weights
@@ -116,16 +121,16 @@ def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence
     return None
 
 
-def _build(match: ExpertsMatch, backend: Backend, state: Optional[PrecisionState]) -> GroupedExperts:
+def _build(match: ExpertsMatch, config: ExpertSwapConfig, state: Optional[PrecisionState]) -> GroupedExperts:
     """The grouped module, with weights converted once from the holder's own state dict."""
     params = dict(match.holder.named_parameters())
     grads = {k: params[k].requires_grad for k in match.codec.keys() if k in params}
     source = match.codec.decode(match.holder.state_dict())
     weights = ExpertWeights(*(t.detach().clone().contiguous() if t is not None else None for t in
                               (source.fc1_weight, source.fc1_bias, source.fc2_weight, source.fc2_bias)))
-    experts = GroupedExperts(weights, match.activation, match.codec, backend=backend,
+    experts = GroupedExperts(weights, match.activation, match.codec, backend=config.backend,
                              fp8_reason=fp8_incompatibility(weights.hidden_size, weights.intermediate_size),
-                             state=state)
+                             state=state, cache_quantized_weights=config.cache_quantized_weights)
     weight_grad = all(v for k, v in grads.items() if not k.endswith("bias"))
     bias_grad = all(v for k, v in grads.items() if k.endswith("bias"))
     experts.fc1.weight.requires_grad_(weight_grad)

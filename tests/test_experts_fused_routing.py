@@ -1,0 +1,77 @@
+"""Index math of the fused (TE kernel) routing, checked on the CPU against simple references.
+
+TE's permute kernel puts the token t routed to expert e at row ``pad_offsets[e] + (rows of experts before e,
+unpadded) + (rank of t among e's tokens)``; its unpermute reads the same rows back. That placement must be the
+torch path's (:func:`make_dispatch`), so both paths feed the GEMMs identical buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_te_moe.experts.routing import make_dispatch
+from lightning_te_moe.experts.te_routing import fused_routing, pad_offsets, routing_map_and_probs
+
+
+def _routing(tokens: int = 37, experts: int = 8, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(experts - 3, generator=gen)[:k] for _ in range(tokens)])  # 3 experts empty
+    index[::5, 1] = experts  # expert-parallel sentinel: dropped
+    index[::7, 0] = -1
+    return index, torch.rand(tokens, k, generator=gen)
+
+
+def test_routing_map_and_probs_match_a_loop() -> None:
+    index, weights = _routing()
+    weights.requires_grad_(True)
+    mask, probs = routing_map_and_probs(index, weights, 8)
+    want_mask, want_probs = torch.zeros(37, 8, dtype=torch.bool), torch.zeros(37, 8)
+    for t in range(37):
+        for j in range(2):
+            e = int(index[t, j])
+            if 0 <= e < 8:
+                want_mask[t, e], want_probs[t, e] = True, weights[t, j]
+    assert torch.equal(mask, want_mask) and torch.equal(probs, want_probs.detach())
+    assert probs.dtype == torch.float32 and mask.is_contiguous() and probs.is_contiguous()
+    (probs * torch.arange(8.0)).sum().backward()  # d/dw = the expert id for kept slots, 0 for dropped ones
+    valid = (index >= 0) & (index < 8)
+    assert torch.equal(weights.grad, torch.where(valid, index, 0).float() * valid)
+
+
+def test_pad_offsets_are_the_padding_before_each_expert() -> None:
+    counts = torch.tensor([0, 5, 16, 17, 1, 0, 32])
+    for align in (1, 16, 32, 128):
+        padded = [-(-int(c) // align) * align for c in counts]
+        want, acc = [], 0
+        for c, p in zip(counts.tolist(), padded):
+            want.append(acc)
+            acc += p - c
+        assert pad_offsets(counts, align).tolist() == want
+
+
+def test_fused_rows_are_the_torch_dispatch_rows() -> None:
+    index, weights = _routing()
+    for align in (1, 16, 128):
+        fused = fused_routing(index, weights, 8, align)
+        dispatch = make_dispatch(index, 8, align)
+        assert fused is not None and fused.splits == dispatch.splits and fused.rows == dispatch.rows
+        if align == 1:
+            assert fused.pad_offsets is None  # no padding rows: TE allocates without zeroing
+        counts = fused.routing_map.sum(0).tolist()
+        starts = torch.tensor([0, *torch.cumsum(torch.tensor(counts), 0).tolist()[:-1]])
+        offsets = fused.pad_offsets if fused.pad_offsets is not None else torch.zeros(8, dtype=torch.long)
+        for t in range(index.size(0)):
+            for j in range(2):
+                e = int(index[t, j])
+                if not 0 <= e < 8:
+                    assert int(dispatch.slot_row[t * 2 + j]) == dispatch.rows  # dropped on both paths
+                    continue
+                rank = int(fused.routing_map[:t, e].sum())
+                row = int(offsets[e] + starts[e] + rank)  # TE's kernel: pad offset + unpadded row
+                assert row == int(dispatch.slot_row[t * 2 + j])
+
+
+def test_fused_routing_declines_what_a_mask_cannot_express() -> None:
+    index = torch.tensor([[0, 0], [1, 2]])  # token 0 names expert 0 twice
+    assert fused_routing(index, torch.rand(2, 2), 4, 16) is None
+    assert fused_routing(torch.full((3, 2), 4), torch.rand(3, 2), 4, 16) is None  # every slot dropped
