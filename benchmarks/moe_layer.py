@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from doc_section import write_section
+from te_state import fresh_te_state
 from torch import Tensor, nn
 
 H, I, E, TOP_K = 2880, 2880, 32, 4
@@ -172,7 +173,7 @@ def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int])
     meta = (f"Measured {env['date']} on {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), "
             f"Transformer Engine {env['transformer_engine']}, transformers {env['transformers']}. "
             f"GPT-OSS-20B expert layer H={H}, I={I}, E={E}, top-{TOP_K}, BF16 weights and activations, forward + "
-            f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up; "
+            f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up, TE's global FP8 state reset between rows; "
             "peak = max allocated during the timed steps; rel err = ||out - HF eager|| / ||HF eager||.")
     return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, END])
 
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--profile", type=int, default=0, help="also profile ours (TE) at this many tokens")
     parser.add_argument("--profile-recipe", default="bf16", help="the recipe --profile runs (default bf16)")
+    parser.add_argument("--profile-frozen", action="store_true", help="--profile the frozen-experts layer")
     parser.add_argument("--only", nargs="+", default=None,
                         help="measure only implementations whose name contains one of these (rel err is then "
                              "against the first one measured, and the doc is left alone)")
@@ -206,10 +208,12 @@ def main() -> None:
             print(f"T={tokens:>6} {name:<32} {result['median_ms']:8.2f} ms  peak {result['peak_gib']:6.2f} GiB"
                   f"  step +{result['step_extra_gib']:6.2f} GiB  rel err {err:.2e}", flush=True)
             del module, output
-            torch.cuda.empty_cache()
+            fresh_te_state()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        profile(ours(base, args.profile_recipe, "te"), args.profile, args.out / f"moe_layer_profile_{args.profile_recipe}.txt")
+        frozen = "_frozen" if args.profile_frozen else ""
+        profile(ours(base, args.profile_recipe, "te", args.profile_frozen, args.profile_frozen), args.profile,
+                args.out / f"moe_layer_profile_{args.profile_recipe}{frozen}.txt")
     (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     text = markdown(env, rows, args.tokens)
     (args.out / "moe_layer.md").write_text(text + "\n")

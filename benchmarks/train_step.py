@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import statistics
 import traceback
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from doc_section import write_section
+from te_state import fresh_te_state
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
@@ -212,8 +212,7 @@ def main() -> None:
             row = {"name": variant.name, "error": f"{type(err).__name__}: {str(err)[:160]}"}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        gc.collect()
-        torch.cuda.empty_cache()
+        fresh_te_state()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"versions": versions(), "rows": rows}
     (args.out / "train_step.json").write_text(json.dumps(results, indent=2))

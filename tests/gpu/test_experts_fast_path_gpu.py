@@ -170,45 +170,64 @@ def test_cached_fp8_weight_follows_the_weight_across_optimizer_steps(recipe: str
     assert moved >= 0.3 and moved >= 3 * max(errors)  # the weights moved, and the cached copy moved with them
 
 
+class _Block(torch.nn.Module):
+    """Trainable layers around frozen experts: a projection into them and a router that weights their outputs.
+
+    The top-k choice is fixed (given), so FP8 noise cannot flip a routing decision: what is compared is the
+    gradient that flows back through the frozen experts into the trainable parameters.
+    """
+
+    def __init__(self, experts: torch.nn.Module) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16)
+        self.router = torch.nn.Linear(64, 8, device="cuda", dtype=torch.bfloat16)
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        weights = torch.softmax(self.router(h).float().gather(1, index), dim=-1)
+        return self.experts(h, index, weights.to(h.dtype))
+
+
 def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
-    """Fine-tuning with frozen experts under FP8: the experts are quantized once, and the gradient of the
-    trainable (non-expert) parameters matches the BF16 run's."""
+    """Fine-tuning with frozen experts under FP8: the experts are quantized once; the gradients of the trainable
+    parameters around them are the ones the same FP8 layer gives with trainable experts, and match the BF16
+    run's to FP8 precision (they pass through the fc1/fc2 forward and dgrad GEMMs in FP8, gradients in E5M2:
+    the input gradient of this layer alone measured up to 9e-2 against BF16)."""
     recipes = _fp8_recipes()
     if not recipes:
         pytest.skip("no FP8 on this GPU")
-    recipe = "fp8_current" if "fp8_current" in recipes else recipes[0]
-    models = {}
-    for name in ("bf16", recipe):
-        model = tiny_model("gpt_oss", hidden=128, intermediate=256, experts=8, layers=2).cuda()
-        swap_experts(model, state=precision_state(name))
-        for module in model.modules():
-            if isinstance(module, GroupedExperts):
-                module.requires_grad_(False)  # weights and biases: the experts are not fine-tuned
-        models[name] = model
-    ids = torch.randint(0, 64, (8, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ref = _layer("gpt_oss")
+    torch.manual_seed(0)
+    base = _Block(_swap(ref, "bf16")[1])
+    x, index, _, grad = _topk_routing(777, seed=3)
 
-    def step(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=ids[:, :-1]).logits.float()
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-        return {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    def block(recipe: str, frozen: bool) -> _Block:
+        b = _Block(_swap(ref, recipe)[1])
+        b.load_state_dict(base.state_dict())
+        b.experts.requires_grad_(not frozen)  # weights and biases: the experts are not fine-tuned
+        return b
 
-    want = step(models["bf16"])
-    got = step(models[recipe])
-    experts = [m for m in models[recipe].modules() if isinstance(m, GroupedExperts)]
-    assert experts and all(m._engines for m in experts), "TE path not taken"
-    flags = [_flags(m) for m in experts]
-    optimizer = torch.optim.AdamW([p for p in models[recipe].parameters() if p.requires_grad], lr=1e-3, fused=True)
-    for _ in range(3):
-        step(models[recipe])
-        optimizer.step()
-    assert all(f == [False, False] * 3 for f in flags), flags  # quantized once, on the first step above
+    def step(b: _Block) -> dict[str, torch.Tensor]:
+        b.zero_grad()
+        b(x, index).backward(grad)
+        return {n: p.grad.float() for n, p in b.named_parameters() if n.split(".")[0] in ("proj", "router")}
 
-    assert set(got) == set(want) and not any(".fc1." in n or ".fc2." in n for n in got)
-    flat_got, flat_want = torch.cat([got[n].flatten() for n in want]), torch.cat([want[n].flatten() for n in want])
-    cosine = torch.nn.functional.cosine_similarity(flat_got, flat_want, dim=0).item()
-    errors = {n: rel_err(got[n], want[n]) for n in want}
-    print(recipe, f"whole gradient rel err {rel_err(flat_got, flat_want):.2e} cosine {cosine:.4f}",
-          "worst params", {n: f"{v:.1e}" for n, v in sorted(errors.items(), key=lambda kv: -kv[1])[:4]})
-    assert rel_err(flat_got, flat_want) <= 0.15 and cosine >= 0.98
+    want = step(block("bf16", frozen=True))
+    assert set(want) == {"proj.weight", "proj.bias", "router.weight", "router.bias"}
+    for recipe in recipes:
+        frozen, trainable = block(recipe, frozen=True), block(recipe, frozen=False)
+        got, same_fp8 = step(frozen), step(trainable)
+        vs_bf16 = {n: rel_err(got[n], want[n]) for n in want}
+        vs_trainable = {n: rel_err(got[n], same_fp8[n]) for n in want}
+        flags = _flags(frozen.experts)
+        optimizer = torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad], lr=1e-3, fused=True)
+        for _ in range(3):
+            step(frozen)
+            optimizer.step()
+        print(recipe, "frozen flags", flags, "vs bf16", {n: f"{v:.1e}" for n, v in vs_bf16.items()},
+              "vs trainable fp8", {n: f"{v:.1e}" for n, v in vs_trainable.items()})
+        assert frozen.experts.fc1.weight.grad is None and frozen.experts.fc2.weight.grad is None
+        assert flags == [False, False] * 3, flags  # quantized once (in the first step), reused by every later step
+        assert max(vs_trainable.values()) <= 1e-2, (recipe, vs_trainable)
+        assert max(vs_bf16.values()) <= 0.15, (recipe, vs_bf16)
