@@ -250,8 +250,10 @@ RULES: tuple[Rule, ...] = (
     Rule("hopper-grouped-fp8-slow", "docs/performance.md; TE is_module_grouped_tensor_path_supported",
          When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_below="13.5"),
          Effect(),
-         "Measured on an H100 (TE 2.20, cuBLASLt 13.1): without TE's native grouped GEMM (cuBLASLt >= 13.5 for"
-         " FP8 current scaling on Hopper) FP8 expert GEMMs ran slower than BF16; autotune=True times your shapes."),
+         "Measured on an H100 (TE 2.20, cuBLASLt 13.1: one GEMM per expert, TE's native grouped GEMM needs"
+         " cuBLASLt >= 13.4, >= 13.5 for FP8 current scaling): for GPT-OSS-20B experts FP8 delayed scaling beat"
+         " BF16 from 16k tokens a step on, FP8 current scaling only at 65k, and at 4k every FP8 recipe was slower;"
+         " autotune=True times your shapes."),
     # -- TE's own availability checks, when TE is installed on the real device ------------------
     Rule("te-check-fp8", "TE is_fp8_available", When(te_reports_unavailable="fp8"),
          Effect(forbid=_FP8_SCALED + ("fp8_block", "mxfp8", "nvfp4")),

@@ -19,21 +19,27 @@ from experts_helpers import precision_state, rel_err, tiny_model
 from lightning_te_moe.experts import ExpertSwapConfig, GroupedExperts, swap_experts
 from lightning_te_moe.experts import module as experts_module
 from lightning_te_moe.experts.gemm import te_applies_bias
+from lightning_te_moe.experts.routing import make_dispatch
 
 CALLS: list[tuple[str, bool]] = []
+SPLITS: list[tuple[bool, list[int]]] = []
 
 
 class _FakeEngine:
     """TE ``GroupedLinear``'s math over the caller's parameters, with or without the bias (like ``TEGroupedGemm``)."""
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
-                 params_dtype: torch.dtype, bias: bool = False, cache_weights: bool = True) -> None:
-        self.bias, self.out_features = bias, out_features
+                 params_dtype: torch.dtype, bias: bool = False, cache_weights: bool = True,
+                 native: bool = False) -> None:
+        self.bias, self.out_features, self.native = bias, out_features, native
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, splits: list[int],
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor] = None, device_splits: Optional[torch.Tensor] = None) -> torch.Tensor:
         assert (bias is not None) == self.bias
         CALLS.append((f"{weight.shape[1]}x{weight.shape[2]}", bias is not None))
+        assert device_splits is not None and device_splits.dtype == torch.int64
+        SPLITS.append((self.native, device_splits.tolist() if self.native else splits))
+        splits = device_splits.tolist() if self.native else splits
         parts = [F.linear(chunk, weight[e], None if bias is None else bias[e])
                  for e, chunk in enumerate(x.split(splits)) if splits[e]]
         return torch.cat(parts) if parts else x.new_zeros(0, self.out_features)
@@ -51,6 +57,8 @@ def _pair(monkeypatch: pytest.MonkeyPatch, recipe: str = "bf16") -> tuple[Groupe
     monkeypatch.setattr(experts_module, "TEGroupedGemm", _FakeEngine)
     monkeypatch.setattr(te, "_use_te", lambda x: True)
     monkeypatch.setattr(te, "_precision", lambda use_te: nullcontext())  # TE's autocast: not on the CPU
+    monkeypatch.setattr(experts_module, "active_recipe", lambda: None)
+    monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: False)
     activation = te.activation
     monkeypatch.setattr(activation, "forward", lambda h, fused=False: type(activation).forward(activation, h))
     return ref, te
@@ -84,7 +92,23 @@ def test_biases_in_the_te_gemm_compute_the_same_function(monkeypatch: pytest.Mon
     for name in want:
         assert got[name] is not None, name
         assert rel_err(got[name], want[name]) <= 1e-5, name
-    assert sorted(te._engines, key=str) == sorted([("fc1", "cpu", True), ("fc2", "cpu", True)], key=str)
+    assert sorted(te._engines, key=str) == sorted([("fc1", "cpu", True, False), ("fc2", "cpu", True, False)], key=str)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["split-path", "native-grouped"])
+def test_native_grouped_gemm_gets_device_splits(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """Where TE says its native grouped GEMM runs, the engine is built for it and reads the padded split sizes
+    from a device tensor; elsewhere the host list goes to TE's split path. Same function either way."""
+    ref, te = _pair(monkeypatch, "fp8_current")
+    monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: native)
+    x, index, weights = _routing()
+    SPLITS.clear()
+    want, got = _step(ref, x, index, weights), _step(te, x, index, weights)
+    assert all(rel_err(got[n], want[n]) <= 1e-5 for n in want)
+    assert [n for n, _ in SPLITS] == [native, native]
+    assert all(engine.native == native for engine in te._engines.values())
+    expected = make_dispatch(index, 8, 16).splits
+    assert all(splits == expected and all(s % 16 == 0 for s in splits) for _, splits in SPLITS)
 
 
 def test_frozen_weights_keep_the_outside_bias_path(monkeypatch: pytest.MonkeyPatch) -> None:

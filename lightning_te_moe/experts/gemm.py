@@ -118,31 +118,42 @@ class TEGroupedGemm:
     Under an FP8 recipe TE keeps its quantized weights between calls while :class:`QuantizedWeightCache` says
     the weight is unchanged (micro-batches of one optimizer step, frozen experts); ``cache_weights=False``
     quantizes on every call and keeps nothing between steps.
+
+    ``native=True`` builds TE's single-grouped-GEMM path (``use_grouped_tensor``: one cuBLASLt grouped GEMM for
+    all experts, split sizes read on the device); the caller picks it only where :func:`native_grouped_gemm`
+    says TE runs it, and passes the split sizes as a device tensor.
     """
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
-                 params_dtype: torch.dtype, bias: bool = False, cache_weights: bool = True) -> None:
+                 params_dtype: torch.dtype, bias: bool = False, cache_weights: bool = True,
+                 native: bool = False) -> None:
         import transformer_engine.pytorch as te
 
         self.num_gemms = num_gemms
         self.bias = bias
+        self.native = native
         self.weight_cache = QuantizedWeightCache(cache_weights)
         self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=bias, device=device,
-                                            params_dtype=params_dtype)
+                                            params_dtype=params_dtype, use_grouped_tensor=native)
         self._names = [f"weight{i}" for i in range(num_gemms)]
         self._bias_names = [f"bias{i}" for i in range(num_gemms)] if bias else []
         for name in self._names + self._bias_names:
             del self.module._parameters[name]
 
-    def __call__(self, x: Tensor, weight: Tensor, splits: list[int], bias: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, x: Tensor, weight: Tensor, splits: list[int], bias: Optional[Tensor] = None,
+                 device_splits: Optional[Tensor] = None) -> Tensor:
         if (bias is not None) != self.bias:
             raise ValueError(f"engine built with bias={self.bias} called with bias={bias is not None}")
+        if self.native and device_splits is None:
+            raise ValueError("TE's native grouped GEMM reads the split sizes on the device: pass device_splits")
         names = self.module.__dict__
         names.update(zip(self._names, expert_views(weight)))
         if bias is not None:
             names.update(zip(self._bias_names, bias.unbind(0)))
         try:
-            return self.module(x, splits, is_first_microbatch=self.weight_cache.first_microbatch(weight, active_recipe()))
+            m_splits = device_splits if self.native else splits
+            first = self.weight_cache.first_microbatch(weight, active_recipe())
+            return self.module(x, m_splits, is_first_microbatch=first)
         finally:
             for name in self._names + self._bias_names:
                 names.pop(name, None)
@@ -153,6 +164,26 @@ def active_recipe() -> Any:
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     return FP8GlobalStateManager.get_fp8_recipe() if FP8GlobalStateManager.is_fp8_enabled() else None
+
+
+_NATIVE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def native_grouped_gemm(recipe: Any, dtype: torch.dtype) -> bool:
+    """Whether TE runs its native grouped GEMM for ``recipe`` (None: BF16/FP16) and ``dtype`` on this device.
+
+    TE's own predicate decides (compute capability 9.0-11.0, cuBLASLt >= 13.3, 13.4 on Hopper, per-recipe
+    minimums; no DelayedScaling, no ``backward_override``); a TE without it has no native path.
+    """
+    key = (f"{type(recipe).__name__}:{recipe!r}", dtype)
+    if key not in _NATIVE:
+        try:
+            from transformer_engine.pytorch.module.grouped_linear import is_module_grouped_tensor_path_supported
+        except ImportError:
+            _NATIVE[key] = False
+        else:
+            _NATIVE[key] = bool(is_module_grouped_tensor_path_supported(recipe, dtype))
+    return _NATIVE[key]
 
 
 def te_applies_bias(weight: Tensor, bias: Optional[Tensor]) -> bool:

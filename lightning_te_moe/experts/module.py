@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..state import PrecisionState
 from .activations import activation_label
-from .gemm import TEGroupedGemm, active_recipe, compute_dtype, te_applies_bias, te_available, torch_grouped_linear
+from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, native_grouped_gemm, te_applies_bias, te_available,
+                   torch_grouped_linear)
 from .layouts import ExpertWeights, WeightCodec
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
 from .te_routing import FusedRouting, fused_permutation_available, fused_routing
@@ -63,7 +64,7 @@ class GroupedExperts(nn.Module):
         self.fp8_reason = fp8_reason
         self.state = state
         self.cache_quantized_weights = cache_quantized_weights
-        self._engines: dict[tuple[str, str, bool], TEGroupedGemm] = {}
+        self._engines: dict[tuple[str, str, bool, bool], TEGroupedGemm] = {}
         self.register_state_dict_post_hook(_write_original_layout)
         self.register_load_state_dict_pre_hook(_read_original_layout)
 
@@ -161,12 +162,13 @@ class GroupedExperts(nn.Module):
                 weight = weight.to(x.dtype)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-        key = (name, str(x.device), bias is not None)
+        native = native_grouped_gemm(active_recipe(), x.dtype)
+        key = (name, str(x.device), bias is not None, native)
         if key not in self._engines:
             e, out_features, in_features = weight.shape
             self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias is not None,
-                                               cache_weights=self.cache_quantized_weights)
-        return self._engines[key](x, weight, route.splits, bias)
+                                               cache_weights=self.cache_quantized_weights, native=native)
+        return self._engines[key](x, weight, route.splits, bias, route.device_splits)
 
     def invalidate_quantized_weights(self) -> None:
         """Make TE quantize the expert weights again on the next FP8 forward (after changing them out of band)."""

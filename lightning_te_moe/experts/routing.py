@@ -36,6 +36,8 @@ class Dispatch:
     row_expert: Tensor
     #: Cumulative padded row counts per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants.
     offsets: Tensor
+    #: Padded rows per expert (int64, on the device), as TE's native grouped GEMM wants them.
+    device_splits: Tensor
 
     @property
     def row_token(self) -> Tensor:
@@ -71,7 +73,8 @@ def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Disp
     slot_row[slots] = position
     row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device), padded, output_size=rows)
     offsets = torch.cumsum(padded, 0).to(torch.int32)
-    return Dispatch(splits, rows, kept < num_slots, num_tokens, top_k, row_slot, slot_row, row_expert, offsets)
+    return Dispatch(splits, rows, kept < num_slots, num_tokens, top_k, row_slot, slot_row, row_expert, offsets,
+                    padded.long())
 
 
 def _rows(src: Tensor, index: Tensor, zero_row: bool = True) -> Tensor:

@@ -52,20 +52,28 @@ def routing_map_and_probs(index: Tensor, weights: Tensor, num_experts: int) -> t
     return mask[:, :num_experts].contiguous(), probs[:, :num_experts].contiguous()
 
 
+def padded_counts(counts: Tensor, align: int) -> Tensor:
+    """``ceil(c / align) * align`` per expert (int64, on the counts' device)."""
+    return ((counts + (align - 1)) // align * align).long()
+
+
 def pad_offsets(counts: Tensor, align: int) -> Tensor:
     """Rows of padding before each expert's block (exclusive cumsum of ``ceil(c / align) * align - c``)."""
-    pad = (counts + (align - 1)) // align * align - counts
+    pad = padded_counts(counts, align) - counts
     return (torch.cumsum(pad, 0) - pad).long()
 
 
 class FusedRouting:
     """One layer's dispatch through TE's kernels: :meth:`permute` then, after the GEMMs, :meth:`combine`."""
 
-    def __init__(self, routing_map: Tensor, probs: Tensor, splits: list[int], offsets: Optional[Tensor]) -> None:
+    def __init__(self, routing_map: Tensor, probs: Tensor, splits: list[int], device_splits: Tensor,
+                 offsets: Optional[Tensor]) -> None:
         self.routing_map = routing_map
         self.probs = probs
         #: Padded rows per expert (host ints: TE's split GEMM path reads them on the host).
         self.splits = splits
+        #: The same on the device (TE's native grouped GEMM reads them there).
+        self.device_splits = device_splits
         self.rows = sum(splits)
         self.pad_offsets = offsets
         self._row_id_map: Optional[Tensor] = None
@@ -96,4 +104,5 @@ def fused_routing(index: Tensor, weights: Tensor, num_experts: int, align: int) 
     if sum(counts_host) != slots or slots == 0:  # a repeated expert in one token's top-k, or nothing to compute
         return None
     splits = [-(-c // align) * align for c in counts_host]
-    return FusedRouting(routing_map, probs, splits, pad_offsets(counts, align) if splits != counts_host else None)
+    offsets = pad_offsets(counts, align) if splits != counts_host else None
+    return FusedRouting(routing_map, probs, splits, padded_counts(counts, align), offsets)

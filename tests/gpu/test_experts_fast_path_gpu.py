@@ -231,3 +231,19 @@ def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
         assert flags == [False, False] * 3, flags  # quantized once (in the first step), reused by every later step
         assert max(vs_trainable.values()) <= 1e-2, (recipe, vs_trainable)
         assert max(vs_bf16.values()) <= 0.15, (recipe, vs_bf16)
+
+
+def test_native_grouped_gemm_follows_te_and_cublaslt() -> None:
+    """TE's native grouped GEMM is picked exactly where TE's own check allows it (the H100 image's cuBLASLt 13.1
+    is below its 13.4 minimum on Hopper: the split path runs, and the engines say so)."""
+    import transformer_engine_torch as tex
+
+    from lightning_te_moe.experts.gemm import native_grouped_gemm
+
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if hopper and tex.get_cublasLt_version() < 130400:
+        assert not native_grouped_gemm(None, torch.bfloat16)
+    _, swapped = _swap(_layer("mixtral"), "bf16")
+    _step(swapped, *_topk_routing(128))
+    assert swapped._engines
+    assert all(engine.native == native_grouped_gemm(None, torch.bfloat16) for engine in swapped._engines.values())
