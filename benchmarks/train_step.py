@@ -4,7 +4,7 @@ Hidden 2880, 64 heads, 8 KV heads, head dim 64, 32 experts top-4, vocab 32k, sli
 alternate layers, batch 4 x 2048 tokens, BF16 weights, fused AdamW; forward (loss), backward, optimizer step.
 Variants: transformers eager / default (grouped_mm) experts on eager attention, and the plugin (its module
 swaps and forward context, without a Trainer) with the attention swap on/off, per recipe, and a
-frozen-experts fine-tuning step. Median step time over --steps after 3 warm-up steps; peak memory of the
+frozen-experts fine-tuning step. Median step time over --steps after --warmup steps; peak memory of the
 run. Writes train_step.json to --out; ``--render FILE`` puts its table (and, with ``--attention-core``, the
 table of ``benchmarks/attention_core.py``) into docs/performance.md.
 
@@ -68,7 +68,7 @@ def build(experts: str) -> torch.nn.Module:
     return model.to(torch.bfloat16).train()
 
 
-def run(variant: Variant, steps: int) -> dict[str, Any]:
+def run(variant: Variant, steps: int, warmup: int = 3) -> dict[str, Any]:
     from contextlib import nullcontext
 
     model = build(variant.experts)
@@ -97,7 +97,7 @@ def run(variant: Variant, steps: int) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(3):
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     times, losses = [], []
@@ -111,7 +111,7 @@ def run(variant: Variant, steps: int) -> dict[str, Any]:
     median = statistics.median(times)
     return {**info, "median_ms": median, "min_ms": min(times), "tokens_per_s": BATCH * SEQ / median * 1e3,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_loss": float(losses[0]),
-            "last_loss": float(losses[-1]), "steps": steps}
+            "last_loss": float(losses[-1]), "steps": steps, "warmup": warmup, "times_ms": [round(t, 2) for t in times]}
 
 
 def versions() -> dict[str, str]:
@@ -148,8 +148,8 @@ def render(results: dict[str, Any], attention_core: Optional[dict[str, Any]] = N
              f"{meta['device']}, {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
              f"TE {meta.get('te')}, cuDNN {meta.get('cudnn', '?')}. GPT-OSS-20B width cut to 4 layers (hidden 2880, "
              "64 heads, 8 KV heads, head dim 64, 32 experts top-4, vocab 32,768, window 128 on alternate layers), "
-             f"batch {BATCH} x {SEQ}, BF16 weights, fused AdamW; median of {rows[0].get('steps', '?')} steps after 3 "
-             "warm-up steps; peak = `torch.cuda.max_memory_allocated` over the run. Plugin rows run its module swaps "
+             f"batch {BATCH} x {SEQ}, BF16 weights, fused AdamW; median of {rows[0].get('steps', '?')} steps after "
+             f"{rows[0].get('warmup', 3)} warm-up steps (per-step times in the raw results); peak = `torch.cuda.max_memory_allocated` over the run. Plugin rows run its module swaps "
              "(the expert swap as committed when this ran, and the attention swap) and forward context without a "
              "Trainer. Raw results: `benchmarks/train_step_h100.json`, `benchmarks/attention_core_h100.json`.", "",
              "| variant | step | tokens/s | vs transformers default | peak memory | loss (first -> last timed step) |",
@@ -193,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton autotuning, allocator)")
     parser.add_argument("--variants", nargs="*", help="names (or prefixes) of the variants to run; default all")
     parser.add_argument("--render", type=Path, help="only write this results file's table into docs/performance.md")
     parser.add_argument("--attention-core", type=Path, help="with --render: attention_core.json to add")
@@ -206,7 +207,7 @@ def main() -> None:
     for variant in chosen:
         torch.cuda.reset_peak_memory_stats()
         try:
-            row = {"name": variant.name, **run(variant, args.steps)}
+            row = {"name": variant.name, **run(variant, args.steps, args.warmup)}
         except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
             traceback.print_exc()
             row = {"name": variant.name, "error": f"{type(err).__name__}: {str(err)[:160]}"}
