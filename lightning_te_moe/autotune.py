@@ -78,7 +78,10 @@ def time_experts(module: Any, plan: Plan, tokens: int, top_k: int, steps: int = 
     """Median forward + backward milliseconds of one swapped experts module under ``plan``'s first rung.
 
     Random tokens and routing at the module's real shapes; gradients are returned, not accumulated, so the
-    module's ``.grad`` is untouched. Runs the same autocasts the plugin's forward context enters.
+    module's ``.grad`` is untouched. Runs the same autocasts the plugin's forward context enters. Trainable
+    expert weights are re-quantized on every timed step, as an optimizer step between forwards makes TE do
+    (the timed steps do not change them, so TE's cached FP8 copy would otherwise look free); frozen ones keep
+    their cached copy, as in training.
     """
     import transformer_engine.pytorch as te
 
@@ -95,6 +98,8 @@ def time_experts(module: Any, plan: Plan, tokens: int, top_k: int, steps: int = 
     times = []
     try:
         for i in range(warmup + steps):
+            if module.fc1.weight.requires_grad:
+                module.invalidate_quantized_weights()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             with torch.autocast("cuda", dtype=trial.dense.compute_dtype), \
