@@ -94,3 +94,17 @@ def precision_state(experts: str, dense: str = "bf16") -> Any:
     from lightning_te_moe.state import PrecisionState
 
     return PrecisionState(Plan(ladder=(Rung(RecipeSpec.of(dense), RecipeSpec.of(experts)),), environment=Environment()))
+
+
+def fp8_recipes_here() -> list[str]:
+    """The FP8 recipes TE says this GPU runs (TE's own checks: never an entry into an unsupported recipe)."""
+    import transformer_engine.pytorch as te
+
+    names = ["fp8_delayed", "fp8_current"] if te.is_fp8_available() else []
+    return names + (["fp8_block"] if te.is_fp8_block_scaling_available() else [])
+
+
+def cuda_experts_layer(arch: str) -> nn.Module:
+    """One tiny experts module of ``arch`` (BF16, CUDA), weights from the tiny model."""
+    model = tiny_model(arch, hidden=64, intermediate=128, experts=8, layers=2)
+    return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)

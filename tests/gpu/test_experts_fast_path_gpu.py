@@ -15,23 +15,14 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import original_layout_grads, precision_state, rel_err, tiny_model  # noqa: E402
+from experts_helpers import (cuda_experts_layer, fp8_recipes_here, original_layout_grads,  # noqa: E402
+                             precision_state, rel_err)
 
 from lightning_te_moe.experts import ExpertSwapConfig, GroupedExperts, swap_experts  # noqa: E402
 from lightning_te_moe.experts import module as experts_module  # noqa: E402
 from lightning_te_moe.experts import te_routing  # noqa: E402
 
 
-def _fp8_recipes() -> list[str]:
-    import transformer_engine.pytorch as te
-
-    names = ["fp8_delayed", "fp8_current"] if te.is_fp8_available() else []
-    return names + (["fp8_block"] if te.is_fp8_block_scaling_available() else [])
-
-
-def _layer(arch: str) -> torch.nn.Module:
-    model = tiny_model(arch, hidden=64, intermediate=128, experts=8, layers=2)
-    return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)
 
 
 def _swap(ref: torch.nn.Module, recipe: str, **config: Any) -> tuple[torch.nn.Module, GroupedExperts]:
@@ -75,11 +66,11 @@ class _Spy:
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
-@pytest.mark.parametrize("recipe", ["bf16", *_fp8_recipes()])
+@pytest.mark.parametrize("recipe", ["bf16", *fp8_recipes_here()])
 def test_fused_path_matches_original(arch: str, recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """TE's fused permute/pad/unpermute vs transformers' eager experts: outputs and every gradient."""
     spy = _Spy(monkeypatch)
-    ref = _layer(arch)
+    ref = cuda_experts_layer(arch)
     holder, swapped = _swap(ref, recipe)
     data = _topk_routing(999)
     want, got = _step(ref, *data), _step(swapped, *data)
@@ -95,7 +86,7 @@ def test_fused_path_matches_original(arch: str, recipe: str, monkeypatch: pytest
 @pytest.mark.parametrize("recipe", ["bf16", "fp8_current"])
 def test_fused_and_torch_routing_agree(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same swapped layer with TE's kernels and with the torch gathers: the same function."""
-    _, fused = _swap(_layer("gpt_oss"), recipe)
+    _, fused = _swap(cuda_experts_layer("gpt_oss"), recipe)
     gathers = copy.deepcopy(fused)
     data = _topk_routing(513, seed=1)
     a = _step(fused, *data)
@@ -110,7 +101,7 @@ def test_fused_and_torch_routing_agree(recipe: str, monkeypatch: pytest.MonkeyPa
 
 def test_repeated_expert_in_one_token_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     spy = _Spy(monkeypatch)
-    ref = _layer("mixtral")
+    ref = cuda_experts_layer("mixtral")
     _, swapped = _swap(ref, "bf16")
     x, index, weights, grad = _topk_routing(64)
     index[0, 1] = index[0, 0]  # TE's mask map cannot hold this
@@ -133,7 +124,7 @@ def _flags(module: GroupedExperts) -> list[Optional[bool]]:
     return seen
 
 
-@pytest.mark.parametrize("recipe", _fp8_recipes())
+@pytest.mark.parametrize("recipe", fp8_recipes_here())
 def test_cached_fp8_weight_follows_the_weight_across_optimizer_steps(recipe: str) -> None:
     """Two micro-batches per step, fused AdamW: the cached FP8 weights are the current weights, every step.
 
@@ -142,8 +133,8 @@ def test_cached_fp8_weight_follows_the_weight_across_optimizer_steps(recipe: str
     next micro-batch's scale has moved on), so there the two agree to FP8 precision, and the step-to-step change
     of the output (a stale copy would hide it) must be far larger than that.
     """
-    _, cached = _swap(_layer("gpt_oss"), recipe)
-    _, fresh = _swap(_layer("gpt_oss"), recipe, cache_quantized_weights=False)
+    _, cached = _swap(cuda_experts_layer("gpt_oss"), recipe)
+    _, fresh = _swap(cuda_experts_layer("gpt_oss"), recipe, cache_quantized_weights=False)
     batches = [_topk_routing(256, seed=s) for s in range(2)]
     _step(cached, *batches[0])  # build the engines
     _step(fresh, *batches[0])
@@ -194,10 +185,10 @@ def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
     parameters around them are the ones the same FP8 layer gives with trainable experts, and match the BF16
     run's to FP8 precision (they pass through the fc1/fc2 forward and dgrad GEMMs in FP8, gradients in E5M2:
     the input gradient of this layer alone measured up to 9e-2 against BF16)."""
-    recipes = _fp8_recipes()
+    recipes = fp8_recipes_here()
     if not recipes:
         pytest.skip("no FP8 on this GPU")
-    ref = _layer("gpt_oss")
+    ref = cuda_experts_layer("gpt_oss")
     torch.manual_seed(0)
     base = _Block(_swap(ref, "bf16")[1])
     x, index, _, grad = _topk_routing(777, seed=3)
@@ -243,7 +234,7 @@ def test_native_grouped_gemm_follows_te_and_cublaslt() -> None:
     hopper = torch.cuda.get_device_capability() == (9, 0)
     if hopper and tex.get_cublasLt_version() < 130400:
         assert not native_grouped_gemm(None, torch.bfloat16)
-    _, swapped = _swap(_layer("mixtral"), "bf16")
+    _, swapped = _swap(cuda_experts_layer("mixtral"), "bf16")
     _step(swapped, *_topk_routing(128))
     assert swapped._engines
     assert all(engine.native == native_grouped_gemm(None, torch.bfloat16) for engine in swapped._engines.values())

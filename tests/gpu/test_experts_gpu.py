@@ -15,16 +15,11 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import original_layout_grads, precision_state, rel_err, tiny_model  # noqa: E402
+from experts_helpers import (cuda_experts_layer, fp8_recipes_here, original_layout_grads,  # noqa: E402
+                             precision_state, rel_err, tiny_model)
 
 from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
 
-
-def _fp8_recipes() -> list[str]:
-    import transformer_engine.pytorch as te
-
-    names = ["fp8_delayed", "fp8_current"] if te.is_fp8_available() else []
-    return names + (["fp8_block"] if te.is_fp8_block_scaling_available() else [])
 
 
 def _run(model: torch.nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -32,11 +27,6 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, target: torch.Tensor) -> tor
     torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten()).backward()
     return logits.detach().float()
 
-
-def _experts_layer(arch: str) -> torch.nn.Module:
-    """One tiny experts module of ``arch`` (BF16, CUDA), weights from the tiny model."""
-    model = tiny_model(arch, hidden=64, intermediate=128, experts=8, layers=2)
-    return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)
 
 
 def _layer_step(module: torch.nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
@@ -48,10 +38,10 @@ def _layer_step(module: torch.nn.Module, x: torch.Tensor, index: torch.Tensor, w
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
-@pytest.mark.parametrize("recipe", ["bf16", *_fp8_recipes()])
+@pytest.mark.parametrize("recipe", ["bf16", *fp8_recipes_here()])
 def test_swapped_layer_matches_original(arch: str, recipe: str) -> None:
     """Same routing for both (random, 3 of 8 experts left empty, T odd): outputs and every gradient."""
-    ref = _experts_layer(arch)
+    ref = cuda_experts_layer(arch)
     holder = torch.nn.Module()
     holder.experts = copy.deepcopy(ref)
     report = swap_experts(holder, state=precision_state(recipe))
@@ -79,7 +69,7 @@ def test_swapped_layer_matches_original(arch: str, recipe: str) -> None:
 
 def test_frozen_experts_keep_bias_grads_on_te() -> None:
     """Frozen expert weights: no weight gradients, and the trainable biases still get theirs (TE would drop them)."""
-    ref = _experts_layer("gpt_oss")
+    ref = cuda_experts_layer("gpt_oss")
     ref.gate_up_proj.requires_grad_(False)
     ref.down_proj.requires_grad_(False)
     holder = torch.nn.Module()
