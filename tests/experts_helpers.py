@@ -108,3 +108,11 @@ def cuda_experts_layer(arch: str) -> nn.Module:
     """One tiny experts module of ``arch`` (BF16, CUDA), weights from the tiny model."""
     model = tiny_model(arch, hidden=64, intermediate=128, experts=8, layers=2)
     return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)
+
+
+def layer_step(module: nn.Module, x: Tensor, index: Tensor, weights: Tensor, grad: Tensor) -> dict[str, Tensor]:
+    """One forward + backward of an experts layer: its output and the input and routing-weight gradients."""
+    x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    out = module(x, index, weights)
+    out.backward(grad)
+    return {"out": out.detach().float(), "x.grad": x.grad.float(), "weights.grad": weights.grad.float()}

@@ -15,7 +15,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import (cuda_experts_layer, fp8_recipes_here, original_layout_grads,  # noqa: E402
+from experts_helpers import (cuda_experts_layer, fp8_recipes_here, layer_step, original_layout_grads,  # noqa: E402
                              precision_state, rel_err)
 
 from lightning_te_moe.experts import ExpertSwapConfig, GroupedExperts, swap_experts  # noqa: E402
@@ -43,13 +43,6 @@ def _topk_routing(tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
 
-def _step(module: torch.nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-          grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
-    out = module(x, index, weights)
-    out.backward(grad)
-    return {"out": out.detach().float(), "x.grad": x.grad.float(), "weights.grad": weights.grad.float()}
-
 
 class _Spy:
     """Counts the fused-routing combines (the fused path ran) via monkeypatch."""
@@ -73,7 +66,7 @@ def test_fused_path_matches_original(arch: str, recipe: str, monkeypatch: pytest
     ref = cuda_experts_layer(arch)
     holder, swapped = _swap(ref, recipe)
     data = _topk_routing(999)
-    want, got = _step(ref, *data), _step(swapped, *data)
+    want, got = layer_step(ref, *data), layer_step(swapped, *data)
     assert spy.calls == 1, "fused routing not taken"
     theirs = {**want, **{k: p.grad.float() for k, p in ref.named_parameters()}}
     ours = {**got, **{k.removeprefix("experts."): v.float() for k, v in original_layout_grads(holder).items()}}
@@ -89,9 +82,9 @@ def test_fused_and_torch_routing_agree(recipe: str, monkeypatch: pytest.MonkeyPa
     _, fused = _swap(cuda_experts_layer("gpt_oss"), recipe)
     gathers = copy.deepcopy(fused)
     data = _topk_routing(513, seed=1)
-    a = _step(fused, *data)
+    a = layer_step(fused, *data)
     monkeypatch.setattr(experts_module, "fused_permutation_available", lambda: False)
-    b = _step(gathers, *data)
+    b = layer_step(gathers, *data)
     a.update({n: p.grad.float() for n, p in fused.named_parameters()})
     b.update({n: p.grad.float() for n, p in gathers.named_parameters()})
     errors = {k: rel_err(a[k], b[k]) for k in a}
@@ -105,7 +98,7 @@ def test_repeated_expert_in_one_token_falls_back(monkeypatch: pytest.MonkeyPatch
     _, swapped = _swap(ref, "bf16")
     x, index, weights, grad = _topk_routing(64)
     index[0, 1] = index[0, 0]  # TE's mask map cannot hold this
-    want, got = _step(ref, x, index, weights, grad), _step(swapped, x, index, weights, grad)
+    want, got = layer_step(ref, x, index, weights, grad), layer_step(swapped, x, index, weights, grad)
     assert spy.calls == 0
     assert rel_err(got["out"], want["out"]) <= 2e-2
 
@@ -136,8 +129,8 @@ def test_cached_fp8_weight_follows_the_weight_across_optimizer_steps(recipe: str
     _, cached = _swap(cuda_experts_layer("gpt_oss"), recipe)
     _, fresh = _swap(cuda_experts_layer("gpt_oss"), recipe, cache_quantized_weights=False)
     batches = [_topk_routing(256, seed=s) for s in range(2)]
-    _step(cached, *batches[0])  # build the engines
-    _step(fresh, *batches[0])
+    layer_step(cached, *batches[0])  # build the engines
+    layer_step(fresh, *batches[0])
     cached.invalidate_quantized_weights()
     flags = _flags(cached)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=5e-2, fused=True) for m in (cached, fresh)]
@@ -147,7 +140,7 @@ def test_cached_fp8_weight_follows_the_weight_across_optimizer_steps(recipe: str
         for opt in optimizers:
             opt.zero_grad()
         for batch in batches:  # micro-batches of one optimizer step
-            a, b = _step(cached, *batch), _step(fresh, *batch)
+            a, b = layer_step(cached, *batch), layer_step(fresh, *batch)
             errors.append(max(rel_err(a[k], b[k]) for k in a))
             outputs.append(a["out"])
         for (name, p), (_, q) in zip(cached.named_parameters(), fresh.named_parameters()):
@@ -235,6 +228,6 @@ def test_native_grouped_gemm_follows_te_and_cublaslt() -> None:
     if hopper and tex.get_cublasLt_version() < 130400:
         assert not native_grouped_gemm(None, torch.bfloat16)
     _, swapped = _swap(cuda_experts_layer("mixtral"), "bf16")
-    _step(swapped, *_topk_routing(128))
+    layer_step(swapped, *_topk_routing(128))
     assert swapped._engines
     assert all(engine.native == native_grouped_gemm(None, torch.bfloat16) for engine in swapped._engines.values())

@@ -15,7 +15,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import (cuda_experts_layer, fp8_recipes_here, original_layout_grads,  # noqa: E402
+from experts_helpers import (cuda_experts_layer, fp8_recipes_here, layer_step, original_layout_grads,  # noqa: E402
                              precision_state, rel_err, tiny_model)
 
 from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
@@ -28,13 +28,6 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, target: torch.Tensor) -> tor
     return logits.detach().float()
 
 
-
-def _layer_step(module: torch.nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-                grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
-    out = module(x, index, weights)
-    out.backward(grad)
-    return {"out": out.detach().float(), "x.grad": x.grad.float(), "weights.grad": weights.grad.float()}
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
@@ -53,8 +46,8 @@ def test_swapped_layer_matches_original(arch: str, recipe: str) -> None:
     index = torch.randint(0, 5, (tokens, 2), device="cuda", generator=gen)  # experts 5..7 get no token
     weights = torch.softmax(torch.randn(tokens, 2, device="cuda", generator=gen), -1).to(torch.bfloat16)
     grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    want = _layer_step(ref, x, index, weights, grad)
-    got = _layer_step(swapped, x, index, weights, grad)
+    want = layer_step(ref, x, index, weights, grad)
+    got = layer_step(swapped, x, index, weights, grad)
     assert swapped._engines, "TE path not taken"
     tol = 2e-2 if recipe == "bf16" else 0.1
     theirs = {**want, **{k: p.grad.float() for k, p in ref.named_parameters()}}
@@ -80,8 +73,8 @@ def test_frozen_experts_keep_bias_grads_on_te() -> None:
     index = torch.randint(0, 8, (300, 2), device="cuda", generator=gen)
     weights = torch.rand(300, 2, device="cuda", dtype=torch.bfloat16, generator=gen)
     grad = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    _layer_step(ref, x, index, weights, grad)
-    _layer_step(holder.experts, x, index, weights, grad)
+    layer_step(ref, x, index, weights, grad)
+    layer_step(holder.experts, x, index, weights, grad)
     assert holder.experts._engines, "TE path not taken"
     assert holder.experts.fc1.weight.grad is None and holder.experts.fc2.weight.grad is None
     ours = original_layout_grads(holder)
