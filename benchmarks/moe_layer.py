@@ -135,7 +135,8 @@ def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
         ["fp8_block"] if te.is_fp8_block_scaling_available() else [])
     for recipe in recipes:  # never MXFP8/NVFP4 where the device lacks them: a failed entry poisons TE's state
         out.append((f"ours {recipe}", lambda base, r=recipe: ours(base, r, "te")))
-        out.append((f"ours {recipe}, cached weights (micro-batch 2+)", lambda base, r=recipe: ours(base, r, "te", True)))
+        out.append((f"ours {recipe}, cached weights (micro-batch 2+)",
+                    lambda base, r=recipe: ours(base, r, "te", True)))
     out.append(("ours BF16 (TE), frozen experts", lambda base: ours(base, "bf16", "te", True, True)))
     for recipe in recipes:
         out.append((f"ours {recipe}, frozen experts", lambda base, r=recipe: ours(base, r, "te", True, True)))
@@ -173,7 +174,8 @@ def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int])
     meta = (f"Measured {env['date']} on {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), "
             f"Transformer Engine {env['transformer_engine']}, transformers {env['transformers']}. "
             f"GPT-OSS-20B expert layer H={H}, I={I}, E={E}, top-{TOP_K}, BF16 weights and activations, forward + "
-            f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up, TE's global FP8 state reset between rows; "
+            f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up, "
+            "TE's global FP8 state reset between rows; "
             "peak = max allocated during the timed steps; rel err = ||out - HF eager|| / ||HF eager||.")
     return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, END])
 

@@ -96,7 +96,8 @@ def swap_experts(model: nn.Module, config: Optional[ExpertSwapConfig] = None, *,
 
 
 def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence[ExpertsAdapter],
-              config: ExpertSwapConfig, state: Optional[PrecisionState], keep: Optional[Callable[[nn.Module, str], bool]]) -> Optional[SwapEntry]:
+              config: ExpertSwapConfig, state: Optional[PrecisionState],
+              keep: Optional[Callable[[nn.Module, str], bool]]) -> Optional[SwapEntry]:
     name = type(module).__name__
     for adapter in adapters:
         try:
