@@ -34,7 +34,8 @@ class _FakeEngine:
         self.bias, self.out_features, self.native = bias, out_features, native
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, splits: list[int],
-                 bias: Optional[torch.Tensor] = None, device_splits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor] = None, device_splits: Optional[torch.Tensor] = None,
+                 recipe: Any = None) -> torch.Tensor:
         assert (bias is not None) == self.bias
         CALLS.append((f"{weight.shape[1]}x{weight.shape[2]}", bias is not None))
         assert device_splits is not None and device_splits.dtype == torch.int64

@@ -141,7 +141,8 @@ class TEGroupedGemm:
             del self.module._parameters[name]
 
     def __call__(self, x: Tensor, weight: Tensor, splits: list[int], bias: Optional[Tensor] = None,
-                 device_splits: Optional[Tensor] = None) -> Tensor:
+                 device_splits: Optional[Tensor] = None, recipe: Any = None) -> Tensor:
+        """``recipe``: the quantized recipe TE's autocast has active (:func:`active_recipe`), None for BF16/FP16."""
         if (bias is not None) != self.bias:
             raise ValueError(f"engine built with bias={self.bias} called with bias={bias is not None}")
         if self.native and device_splits is None:
@@ -152,7 +153,7 @@ class TEGroupedGemm:
             names.update(zip(self._bias_names, bias.unbind(0)))
         try:
             m_splits = device_splits if self.native else splits
-            first = self.weight_cache.first_microbatch(weight, active_recipe())
+            first = self.weight_cache.first_microbatch(weight, recipe)
             return self.module(x, m_splits, is_first_microbatch=first)
         finally:
             for name in self._names + self._bias_names:

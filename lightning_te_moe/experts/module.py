@@ -100,11 +100,12 @@ class GroupedExperts(nn.Module):
             route = make_dispatch(index, self.num_experts, align)
             rows = permute(x.to(dtype), route)
         with self._precision(use_te):
-            h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te)
+            recipe = active_recipe() if use_te else None  # the experts' own recipe, inside their autocast
+            h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te, recipe)
             if self.fc1.bias is not None and not fc1_bias_in_te:
                 assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
                 h = add_expert_bias(h, self.fc1.bias, route)
-            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), route, use_te, fc2_bias_in_te)
+            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), route, use_te, fc2_bias_in_te, recipe)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
         if fused is not None:
             out = fused.combine(h)
@@ -150,8 +151,9 @@ class GroupedExperts(nn.Module):
         return nullcontext()
 
     def _gemm(self, name: str, layer: GroupedWeights, x: Tensor, route: Dispatch | FusedRouting, use_te: bool,
-              bias_in_te: bool = False) -> Tensor:
-        """``x @ weight[e].T`` per expert block, plus ``bias[e]`` where ``bias_in_te`` (TE path only)."""
+              bias_in_te: bool = False, recipe: Any = None) -> Tensor:
+        """``x @ weight[e].T`` per expert block, plus ``bias[e]`` where ``bias_in_te`` (TE path only);
+        ``recipe``: TE's active quantized recipe (None: BF16/FP16)."""
         weight = layer.weight
         if not use_te:
             assert isinstance(route, Dispatch)  # the torch path always routes with a Dispatch
@@ -162,13 +164,13 @@ class GroupedExperts(nn.Module):
                 weight = weight.to(x.dtype)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-        native = native_grouped_gemm(active_recipe(), x.dtype)
+        native = native_grouped_gemm(recipe, x.dtype)
         key = (name, str(x.device), bias is not None, native)
         if key not in self._engines:
             e, out_features, in_features = weight.shape
             self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias is not None,
                                                cache_weights=self.cache_quantized_weights, native=native)
-        return self._engines[key](x, weight, route.splits, bias, route.device_splits)
+        return self._engines[key](x, weight, route.splits, bias, route.device_splits, recipe)
 
     def invalidate_quantized_weights(self) -> None:
         """Make TE quantize the expert weights again on the next FP8 forward (after changing them out of band)."""
