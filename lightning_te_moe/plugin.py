@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Callable, Literal, Optional, Union
@@ -51,6 +52,9 @@ class TEMoEPrecision(Precision):
         print_plan: print the plan table at setup (rank 0).
         swap_experts: replace every recognised MoE experts module by grouped-GEMM experts at setup (TE
             ``GroupedLinear`` on CUDA); the swap report is printed (rank 0) and recorded as a decision.
+        cache_quantized_weights: under FP8, TE keeps the swapped experts' quantized weights while they are
+            unchanged (gradient-accumulation micro-batches, frozen experts: quantized once); False quantizes on
+            every forward and holds no FP8 weight copy between steps (docs/experts.md).
         swap_attention: run attention cores on TE's fused ``DotProductAttention`` (GPT-OSS sinks: learnable
             softmax; Mixtral/Qwen3-MoE: vanilla) where the plan allows fused attention on CUDA with TE; attention
             with different q/k and v head sizes (DeepSeek MLA) and every other case keep the model's own,
@@ -78,6 +82,7 @@ class TEMoEPrecision(Precision):
         params_dtype: Literal["float32", "bfloat16"] = "float32",
         print_plan: bool = True,
         swap_experts: bool = True,
+        cache_quantized_weights: bool = True,
         swap_attention: bool = True,
         guard: bool = True,
         guard_config: Optional[GuardConfig] = None,
@@ -110,9 +115,10 @@ class TEMoEPrecision(Precision):
         #: Module swaps run at setup, in order: ``fn(model, state) -> (summary, details) or None``.
         self.module_swaps: list[Callable[[torch.nn.Module, PrecisionState], Optional[tuple[str, dict]]]] = []
         if swap_experts:
-            from .experts import swap_for_plugin
+            from .experts import ExpertSwapConfig, swap_for_plugin
 
-            self.module_swaps.append(swap_for_plugin)
+            config = ExpertSwapConfig(cache_quantized_weights=cache_quantized_weights)
+            self.module_swaps.append(functools.partial(swap_for_plugin, config=config))
         if swap_attention:
             from .attention import swap_for_plugin as swap_attention_for_plugin
 

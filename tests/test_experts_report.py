@@ -102,3 +102,13 @@ def test_root_experts_module_cannot_be_replaced_in_place() -> None:
     assert [(e.status, e.reason) for e in report.entries] == [
         ("not swappable", "the root module cannot be replaced in place")]
     assert not layer.gate_up_proj.is_meta  # left whole: its weights were not released
+
+
+def test_plugin_passes_the_weight_cache_setting_to_every_swapped_module() -> None:
+    from lightning_te_moe import TEMoEPrecision
+
+    for cache in (True, False):
+        model = tiny_model("qwen3_moe")
+        TEMoEPrecision(print_plan=False, guard=False, cache_quantized_weights=cache).convert_module(model)
+        experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+        assert len(experts) == 2 and all(m.cache_quantized_weights is cache for m in experts)

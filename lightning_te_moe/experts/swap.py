@@ -164,13 +164,14 @@ def unswap_experts(model: nn.Module) -> int:
     return restored
 
 
-def swap_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[str, dict]]:
+def swap_for_plugin(model: nn.Module, state: PrecisionState,
+                    config: Optional[ExpertSwapConfig] = None) -> Optional[tuple[str, dict]]:
     """The plugin's module swap: swap and print the report (rank 0); its summary and details become a decision.
 
     A model without any MoE layer, or one swapped by an earlier setup of this run (Lightning converts the
     module again for each fit/validate/test), gets the printed line only: there is no new decision.
     """
-    report = swap_experts(model, state=state)
+    report = swap_experts(model, config, state=state)
     new = report.entries and not report.by_status("already swapped")
     print_rank_zero(report.render_text() if new else f"[lightning-te-moe] expert swap: {report.summary()}")
     return (report.summary(), report.to_dict()) if new else None
