@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from lightning_te_moe.experts.routing import make_dispatch
-from lightning_te_moe.experts.te_routing import fused_routing, pad_offsets, routing_map_and_probs
+from lightning_te_moe.experts.te_routing import (fused_routing, pad_offsets, padded_counts, routing_map_and_probs,
+                                                 upper_bound_rows)
 
 
 def _routing(tokens: int = 37, experts: int = 8, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +72,40 @@ def test_fused_rows_are_the_torch_dispatch_rows() -> None:
                 assert row == int(dispatch.slot_row[t * 2 + j])
 
 
-def test_fused_routing_declines_what_a_mask_cannot_express() -> None:
-    index = torch.tensor([[0, 0], [1, 2]])  # token 0 names expert 0 twice
-    assert fused_routing(index, torch.rand(2, 2), 4, 16) is None
+def test_a_repeated_expert_gets_one_row_with_the_summed_weight() -> None:
+    """A token that names one expert twice: one mask bit, the two weights added (the same weighted sum), and
+    each weight's gradient is that row's gradient."""
+    index = torch.tensor([[0, 0], [1, 2], [3, 3]])
+    weights = torch.tensor([[0.25, 0.5], [0.1, 0.2], [0.3, 0.4]], requires_grad=True)
+    mask, probs = routing_map_and_probs(index, weights, 4)
+    assert mask.sum(1).tolist() == [1, 2, 1]
+    assert torch.allclose(probs, torch.tensor([[0.75, 0, 0, 0], [0, 0.1, 0.2, 0], [0, 0, 0, 0.7]]))
+    (probs * torch.arange(1.0, 5.0)).sum().backward()
+    assert weights.grad.tolist() == [[1.0, 1.0], [2.0, 3.0], [4.0, 4.0]]
+    route = fused_routing(index, weights.detach(), 4, 16)
+    assert route is not None and route.splits == [16, 16, 16, 16]
+
+
+def test_host_splits_decline_an_empty_routing() -> None:
     assert fused_routing(torch.full((3, 2), 4), torch.rand(3, 2), 4, 16) is None  # every slot dropped
+
+
+def test_device_splits_without_a_host_sync_cover_an_upper_bound() -> None:
+    """``host_splits=False``: the buffer has the upper-bound rows, every expert keeps its padded block and the
+    slack is appended to the last expert's block (rows TE zero-fills and no token reads)."""
+    for seed in range(4):
+        index, weights = _routing(seed=seed)
+        index[1] = torch.tensor([2, 2])  # a repeat merges: at most min(k, E) rows per token
+        for align in (1, 16, 128):
+            exact = fused_routing(index, weights, 8, align)
+            free = fused_routing(index, weights, 8, align, host_splits=False)
+            assert exact is not None and free is not None and free.splits is None
+            assert free.rows == upper_bound_rows(37, 2, 8, align) == 37 * 2 + 8 * (align - 1)
+            assert free.rows >= exact.rows and int(free.device_splits.sum()) == free.rows
+            assert free.device_splits[:-1].tolist() == exact.splits[:-1]
+            assert int(free.device_splits[-1]) == exact.splits[-1] + free.rows - exact.rows
+            assert free.pad_offsets is not None  # TE zero-fills (forward and backward) only with offsets
+            assert free.pad_offsets.tolist() == pad_offsets(free.routing_map.sum(0), align).tolist()
+    assert upper_bound_rows(5, 4, 2, 16) == 5 * 2 + 2 * 15  # k > E: a token fills at most E rows
+    counts = torch.tensor([0, 3, 16, 17])
+    assert padded_counts(counts, 16).tolist() == [0, 16, 16, 32]

@@ -2,7 +2,9 @@
 
 TE does not run on the CPU, so a stand-in engine with TE's contract (``y_e = x_e @ w_e.T + b_e``, gradients by
 autograd) takes the place of ``TEGroupedGemm``; the swapped module must then compute exactly what its torch
-backend (biases outside the GEMMs) computes: outputs and every gradient.
+backend (biases outside the GEMMs) computes: outputs and every gradient. For the fused routing, stand-ins with the
+placement rule of TE's permute/unpermute kernels (checked against the torch dispatch in
+``test_experts_fused_routing.py``) take the place of the Triton kernels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from experts_helpers import precision_state, rel_err, tiny_model
 
 from lightning_te_moe.experts import ExpertSwapConfig, GroupedExperts, swap_experts
 from lightning_te_moe.experts import module as experts_module
+from lightning_te_moe.experts import te_routing
 from lightning_te_moe.experts.gemm import te_applies_bias
 from lightning_te_moe.experts.routing import make_dispatch
 
@@ -39,8 +42,8 @@ class _FakeEngine:
         assert (bias is not None) == self.bias
         CALLS.append((f"{weight.shape[1]}x{weight.shape[2]}", bias is not None))
         assert device_splits is not None and device_splits.dtype == torch.int64
-        SPLITS.append((self.native, device_splits.tolist() if self.native else splits))
         splits = device_splits.tolist() if self.native else splits
+        SPLITS.append((self.native, splits))
         parts = [F.linear(chunk, weight[e], None if bias is None else bias[e])
                  for e, chunk in enumerate(x.split(splits)) if splits[e]]
         return torch.cat(parts) if parts else x.new_zeros(0, self.out_features)
@@ -94,6 +97,63 @@ def test_biases_in_the_te_gemm_compute_the_same_function(monkeypatch: pytest.Mon
         assert got[name] is not None, name
         assert rel_err(got[name], want[name]) <= 1e-5, name
     assert sorted(te._engines, key=str) == sorted([("fc1", "cpu", True, False), ("fc2", "cpu", True, False)], key=str)
+
+
+def _te_permute(hidden: torch.Tensor, routing_map: torch.Tensor, rows: int,
+                pad_offsets: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TE's permute kernel on the CPU: token t of expert e to row ``pad_offset[e] + start[e] + rank``, rest zero."""
+    mask = routing_map.long()
+    counts = mask.sum(0)
+    offsets = pad_offsets if pad_offsets is not None else torch.zeros_like(counts)
+    dest = torch.where(routing_map, offsets + torch.cumsum(counts, 0) - counts + torch.cumsum(mask, 0) - mask, -1)
+    token, expert = routing_map.nonzero(as_tuple=True)
+    return hidden.new_zeros(rows, hidden.size(1)).index_put((dest[token, expert],), hidden[token]), dest
+
+
+def _te_unpermute(rows: torch.Tensor, dest: torch.Tensor, probs: torch.Tensor, num_tokens: int,
+                  pad_offsets: Optional[torch.Tensor]) -> torch.Tensor:
+    """TE's weighted unpermute on the CPU: each token's rows times its routing weights, summed in fp32."""
+    token, expert = (dest >= 0).nonzero(as_tuple=True)
+    weighted = rows[dest[token, expert]].float() * probs[token, expert, None]
+    return torch.zeros(num_tokens, rows.size(1)).index_add(0, token, weighted).to(rows.dtype)
+
+
+def _fused_kernels(monkeypatch: pytest.MonkeyPatch) -> list[te_routing.FusedRouting]:
+    """Route through :mod:`.te_routing` with the CPU stand-ins; returns the routings made."""
+    made: list[te_routing.FusedRouting] = []
+    original = te_routing.fused_routing
+
+    def spy(*args: Any, **kwargs: Any) -> Optional[te_routing.FusedRouting]:
+        route = original(*args, **kwargs)
+        if route is not None:
+            made.append(route)
+        return route
+
+    monkeypatch.setattr(experts_module, "fused_permutation_available", lambda: True)
+    monkeypatch.setattr(experts_module, "fused_routing", spy)
+    monkeypatch.setattr(te_routing, "te_permute", _te_permute)
+    monkeypatch.setattr(te_routing, "te_unpermute", _te_unpermute)
+    return made
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["host-splits", "no-host-sync"])
+def test_fused_routing_computes_the_same_function(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """TE's fused routing (stand-in kernels), split path with host split sizes and native path without a host
+    sync (upper-bound buffer, slack rows in the last expert's block), with dropped slots and a token that names
+    one expert twice: the torch backend's function, outputs and every gradient."""
+    ref, te = _pair(monkeypatch, "fp8_current")
+    monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: native)
+    made = _fused_kernels(monkeypatch)
+    x, index, weights = _routing()
+    index[3] = torch.tensor([1, 1])
+    SPLITS.clear()
+    want, got = _step(ref, x, index, weights), _step(te, x, index, weights)
+    errors = {n: rel_err(got[n], want[n]) for n in want}
+    assert max(errors.values()) <= 1e-5, errors
+    assert len(made) == 1 and (made[0].splits is None) == native
+    rows = te_routing.upper_bound_rows(13, 2, 8, 16) if native else made[0].rows
+    assert [(n, sum(s)) for n, s in SPLITS] == [(native, rows), (native, rows)]
+    assert all(s % 16 == 0 for _, splits in SPLITS for s in splits[:-1])
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["split-path", "native-grouped"])

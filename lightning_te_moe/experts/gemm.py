@@ -140,13 +140,16 @@ class TEGroupedGemm:
         for name in self._names + self._bias_names:
             del self.module._parameters[name]
 
-    def __call__(self, x: Tensor, weight: Tensor, splits: list[int], bias: Optional[Tensor] = None,
+    def __call__(self, x: Tensor, weight: Tensor, splits: Optional[list[int]], bias: Optional[Tensor] = None,
                  device_splits: Optional[Tensor] = None, recipe: Any = None) -> Tensor:
-        """``recipe``: the quantized recipe TE's autocast has active (:func:`active_recipe`), None for BF16/FP16."""
+        """``splits``: rows per expert on the host (split path); ``device_splits``: the same on the device (native
+        path); ``recipe``: the quantized recipe TE's autocast has active (:func:`active_recipe`), None for BF16/FP16."""
         if (bias is not None) != self.bias:
             raise ValueError(f"engine built with bias={self.bias} called with bias={bias is not None}")
         if self.native and device_splits is None:
             raise ValueError("TE's native grouped GEMM reads the split sizes on the device: pass device_splits")
+        if not self.native and splits is None:
+            raise ValueError("TE's split GEMM path reads the split sizes on the host: pass splits")
         names = self.module.__dict__
         names.update(zip(self._names, expert_views(weight)))
         if bias is not None:

@@ -83,29 +83,32 @@ class GroupedExperts(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         index, weights = top_k_index.reshape(x.size(0), -1), top_k_weights.reshape(x.size(0), -1)
         use_te = self._use_te(x)
-        align = self._alignment(use_te)
         dtype = compute_dtype(x)
         fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
         fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
         biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)
                           or (self.fc2.bias is not None and not fc2_bias_in_te))
-        fused = None
-        if use_te and not biases_outside and x.size(0) and fused_permutation_available():
-            fused = fused_routing(index, weights, self.num_experts, align)
-        route: Dispatch | FusedRouting
-        if fused is not None:
-            route = fused
-            rows = fused.permute(x.to(dtype))
-        else:
-            route = make_dispatch(index, self.num_experts, align)
-            rows = permute(x.to(dtype), route)
         with self._precision(use_te):
             recipe = active_recipe() if use_te else None  # the experts' own recipe, inside their autocast
-            h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te, recipe)
+            # TE's native grouped GEMM reads the split sizes on the device: the fused routing then skips the sync.
+            native = use_te and native_grouped_gemm(recipe, dtype)
+            align = self._alignment(use_te)
+            fused = None
+            if use_te and not biases_outside and x.size(0) and fused_permutation_available():
+                fused = fused_routing(index, weights, self.num_experts, align, host_splits=not native)
+            route: Dispatch | FusedRouting
+            if fused is not None:
+                route = fused
+                rows = fused.permute(x.to(dtype))
+            else:
+                route = make_dispatch(index, self.num_experts, align)
+                rows = permute(x.to(dtype), route)
+            h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te, recipe, native)
             if self.fc1.bias is not None and not fc1_bias_in_te:
                 assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
                 h = add_expert_bias(h, self.fc1.bias, route)
-            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), route, use_te, fc2_bias_in_te, recipe)
+            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), route, use_te, fc2_bias_in_te, recipe,
+                           native)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
         if fused is not None:
             out = fused.combine(h)
@@ -151,9 +154,9 @@ class GroupedExperts(nn.Module):
         return nullcontext()
 
     def _gemm(self, name: str, layer: GroupedWeights, x: Tensor, route: Dispatch | FusedRouting, use_te: bool,
-              bias_in_te: bool = False, recipe: Any = None) -> Tensor:
+              bias_in_te: bool = False, recipe: Any = None, native: bool = False) -> Tensor:
         """``x @ weight[e].T`` per expert block, plus ``bias[e]`` where ``bias_in_te`` (TE path only);
-        ``recipe``: TE's active quantized recipe (None: BF16/FP16)."""
+        ``recipe``: TE's active quantized recipe (None: BF16/FP16); ``native``: TE's native grouped GEMM."""
         weight = layer.weight
         if not use_te:
             assert isinstance(route, Dispatch)  # the torch path always routes with a Dispatch
@@ -164,7 +167,6 @@ class GroupedExperts(nn.Module):
                 weight = weight.to(x.dtype)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-        native = native_grouped_gemm(recipe, x.dtype)
         key = (name, str(x.device), bias is not None, native)
         if key not in self._engines:
             e, out_features, in_features = weight.shape
