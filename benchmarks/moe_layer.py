@@ -3,9 +3,10 @@
 Compares transformers' eager and grouped_mm experts with the swapped GroupedExperts in BF16 (TE and torch
 backends) and under every FP8 recipe the device runs: trainable experts with one micro-batch per optimizer step
 (TE quantizes the weights on every forward), micro-batches 2..n of a step (TE reuses its quantized weights), and
-frozen experts (fine-tuning: no weight gradients, weights quantized once). Reports the median step time over >= 10 steps after
-warm-up, the peak memory of the step, and the output error against transformers' eager experts. Writes
-``moe_layer.json`` (to --out) and the markdown table into ``docs/performance.md``.
+frozen experts (fine-tuning: no weight gradients, weights quantized once). Reports the median step time over
+>= 10 steps after warm-up, the peak memory of the step, and the output error against transformers' eager experts,
+then checks the issues' speed targets on the same run (:mod:`moe_targets`: met, or missed by how much). Writes
+``moe_layer.json`` (to --out) and the markdown table with the targets into ``docs/performance.md``.
 
     python3 benchmarks/moe_layer.py --out /tmp/bench [--tokens 4096 16384 65536] [--steps 10]
 """
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from doc_section import write_section
+from moe_targets import check_targets, targets_json, targets_markdown
 from te_state import fresh_te_state
 from torch import Tensor, nn
 
@@ -55,7 +57,8 @@ def ours(base: nn.Module, recipe: str, backend: str, cache: bool = False, frozen
 
     holder = nn.Module()
     holder.experts = copy.deepcopy(base)
-    state = PrecisionState(Plan(ladder=(Rung(RecipeSpec.of("bf16"), RecipeSpec.of(recipe)),), environment=Environment()))
+    rung = Rung(RecipeSpec.of("bf16"), RecipeSpec.of(recipe))
+    state = PrecisionState(Plan(ladder=(rung,), environment=Environment()))
     report = swap_experts(holder, ExpertSwapConfig(backend=backend, cache_quantized_weights=cache), state=state)
     assert len(report.swapped) == 1, report.render_text()
     holder.experts.requires_grad_(not frozen)
@@ -159,7 +162,7 @@ def environment() -> dict[str, str]:
             "cuda": str(torch.version.cuda), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int]) -> str:
+def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int], targets: list[str]) -> str:
     names = list(dict.fromkeys(r["name"] for r in rows))
     cell = {(r["name"], r["tokens"]): r for r in rows}
     head = ["| implementation | " + " | ".join(f"T={t:,} ms (peak GiB, rel err)" for t in tokens) + " |",
@@ -177,7 +180,9 @@ def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int])
             f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up, "
             "TE's global FP8 state reset between rows; "
             "peak = max allocated during the timed steps; rel err = ||out - HF eager|| / ||HF eager||.")
-    return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, END])
+    return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, "",
+                      "**Targets**, checked by the benchmark on this run (`benchmarks/moe_targets.py`):", "", *targets,
+                      END])
 
 
 
@@ -216,8 +221,10 @@ def main() -> None:
         frozen = "_frozen" if args.profile_frozen else ""
         profile(ours(base, args.profile_recipe, "te", args.profile_frozen, args.profile_frozen), args.profile,
                 args.out / f"moe_layer_profile_{args.profile_recipe}{frozen}.txt")
-    (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
-    text = markdown(env, rows, args.tokens)
+    targets = check_targets(rows)
+    (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows,
+                                                         "targets": targets_json(targets)}, indent=2))
+    text = markdown(env, rows, args.tokens, targets_markdown(targets))
     (args.out / "moe_layer.md").write_text(text + "\n")
     if not args.only:
         write_section(text, BEGIN, END)
