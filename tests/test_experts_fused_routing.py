@@ -100,12 +100,13 @@ def test_device_splits_without_a_host_sync_cover_an_upper_bound() -> None:
             exact = fused_routing(index, weights, 8, align)
             free = fused_routing(index, weights, 8, align, host_splits=False)
             assert exact is not None and free is not None and free.splits is None
-            assert free.rows == upper_bound_rows(37, 2, 8, align) == 37 * 2 + 8 * (align - 1)
+            assert free.rows == upper_bound_rows(37, 2, 8, align) == -(-(37 * 2 + 8 * (align - 1)) // align) * align
+            assert all(s % align == 0 for s in free.device_splits.tolist())  # the last block too (FP8 GEMMs)
             assert free.rows >= exact.rows and int(free.device_splits.sum()) == free.rows
             assert free.device_splits[:-1].tolist() == exact.splits[:-1]
             assert int(free.device_splits[-1]) == exact.splits[-1] + free.rows - exact.rows
             assert free.pad_offsets is not None  # TE zero-fills (forward and backward) only with offsets
             assert free.pad_offsets.tolist() == pad_offsets(free.routing_map.sum(0), align).tolist()
-    assert upper_bound_rows(5, 4, 2, 16) == 5 * 2 + 2 * 15  # k > E: a token fills at most E rows
+    assert upper_bound_rows(5, 4, 2, 16) == 48  # k > E: a token fills at most E rows (10 + 30, rounded up)
     counts = torch.tensor([0, 3, 16, 17])
     assert padded_counts(counts, 16).tolist() == [0, 16, 16, 32]

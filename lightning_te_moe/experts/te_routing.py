@@ -9,10 +9,10 @@ routing-weight gradient comes out of the unpermute's backward.
 
 Split sizes: TE's split GEMM path needs them on the host, which costs one host sync per layer
 (``host_splits=True``). TE's native grouped GEMM reads them on the device; for it (``host_splits=False``) the
-permutation buffer is sized by an upper bound known on the host (``T * min(k, E) + E * (align - 1)`` rows) and the
-slack rows, zeroed like every padding row, are appended to the last expert's block, so the layer makes no host
-sync at all: zero rows reach neither the output (no token reads them back) nor a gradient (their output
-gradient is zero).
+permutation buffer is sized by an upper bound known on the host (``T * min(k, E) + E * (align - 1)`` rows,
+rounded up to ``align``) and the slack rows, zeroed like every padding row, are appended to the last expert's
+block, so the layer makes no host sync at all: zero rows reach neither the output (no token reads them back)
+nor a gradient (their output gradient is zero).
 
 TE's mask routing map holds one bit per (token, expert), so a token that names one expert twice gets one row
 with the sum of its routing weights: ``(w1 + w2) * f(x) = w1 * f(x) + w2 * f(x)``, the same function and
@@ -134,6 +134,8 @@ def fused_routing(index: Tensor, weights: Tensor, num_experts: int, align: int,
 
 
 def upper_bound_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
-    """Most padded rows a routing can need: each token fills at most ``min(k, E)`` expert rows (repeats merge)
-    and each expert's block pads by at most ``align - 1``."""
-    return num_tokens * min(top_k, num_experts) + num_experts * (align - 1)
+    """Most padded rows a routing can need, a multiple of ``align`` (so the slack keeps the last expert's block
+    aligned): each token fills at most ``min(k, E)`` expert rows (repeats merge) and each expert's block pads by
+    at most ``align - 1``."""
+    bound = num_tokens * min(top_k, num_experts) + num_experts * (align - 1)
+    return -(-bound // align) * align
