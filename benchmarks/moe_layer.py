@@ -49,11 +49,11 @@ def hf_experts(implementation: str) -> nn.Module:
 def ours(base: nn.Module, recipe: str, backend: str, cache: bool = False, frozen: bool = False) -> nn.Module:
     """The swapped layer; ``cache``: TE may reuse its quantized weights (the timed steps never change them, so
     this is micro-batches 2..n of an optimizer step); ``frozen``: every expert parameter frozen."""
-    from lightning_te_moe.environment import Environment
+    from lightning_te_moe.policy.environment import Environment
     from lightning_te_moe.experts import ExpertSwapConfig, swap_experts
-    from lightning_te_moe.plan import Plan, Rung
-    from lightning_te_moe.recipes import RecipeSpec
-    from lightning_te_moe.state import PrecisionState
+    from lightning_te_moe.policy.plan import Plan, Rung
+    from lightning_te_moe.policy.recipes import RecipeSpec
+    from lightning_te_moe.policy.state import PrecisionState
 
     holder = nn.Module()
     holder.experts = copy.deepcopy(base)

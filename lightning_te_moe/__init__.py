@@ -1,14 +1,27 @@
 """lightning-te-moe: a Lightning precision plugin for training MoE models with NVIDIA Transformer Engine."""
 
 from .attention import swap_attention, unswap_attention
-from .environment import Environment, probe_environment
-from .experts import ExpertSwapConfig, GroupedExperts, register_adapter, swap_experts, unswap_experts
-from .guard import DivergenceError, DivergenceGuard
-from .guard_config import GuardConfig
-from .plan import Plan, Reason, Rung
+from .experts import (
+                     ExpertSwapConfig,
+                     GroupedExperts,
+                     register_adapter,
+                     swap_experts,
+                     unswap_experts,
+)
+from .guard import DivergenceError, DivergenceGuard, GuardConfig
 from .plugin import TEMoEPrecision
-from .policy import PlanError, PrecisionRequest, make_plan
-from .recipes import RECIPE_NAMES, RecipeSpec
+from .policy import (
+                     RECIPE_NAMES,
+                     Environment,
+                     Plan,
+                     PlanError,
+                     PrecisionRequest,
+                     Reason,
+                     RecipeSpec,
+                     Rung,
+                     make_plan,
+                     probe_environment,
+)
 
 __all__ = [
     "RECIPE_NAMES",

@@ -8,9 +8,9 @@ import dataclasses
 import sys
 from typing import Optional
 
-from .environment import Environment, parse_version, probe_environment, te_installed_version
 from .policy import PlanError, PrecisionRequest, make_plan
-from .recipes import RECIPE_NAMES
+from .policy.environment import Environment, parse_version, probe_environment, te_installed_version
+from .policy.recipes import RECIPE_NAMES
 
 USAGE = """usage: lightning-te-moe {plan,fit,validate,test,predict} ...
 

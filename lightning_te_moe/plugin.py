@@ -14,15 +14,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from .console import print_rank_zero
-from .decisions import DecisionLog
-from .environment import Environment, probe_environment
-from .guard import DivergenceGuard
-from .guard_config import GuardConfig
-from .plan import Plan
-from .policy import PrecisionRequest, make_plan
-from .recipes import RecipeName, spec_from_te_recipe
-from .sinks import attach_sinks
-from .state import PrecisionState
+from .guard import DecisionLog, DivergenceGuard, GuardConfig, attach_sinks
+from .policy import (
+    Environment,
+    Plan,
+    PrecisionRequest,
+    PrecisionState,
+    make_plan,
+    probe_environment,
+)
+from .policy.recipes import RecipeName, spec_from_te_recipe
 
 RecipeChoice = Literal["auto", "bf16", "fp16", "fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
 
@@ -37,7 +38,7 @@ class TERecipe:
 class TEMoEPrecision(Precision):
     """Train MoE models with Transformer Engine in the best precision the machine runs, and explain why.
 
-    At setup it probes the device and TE/cuDNN/CUDA versions, makes a :class:`~lightning_te_moe.plan.Plan`
+    At setup it probes the device and TE/cuDNN/CUDA versions, makes a :class:`~lightning_te_moe.policy.plan.Plan`
     from the rules table, prints it, and runs forward passes under the plan's current rung (TE ``autocast``
     for quantized recipes, torch autocast for the compute dtype). The rung is saved in checkpoints.
 
@@ -61,7 +62,7 @@ class TEMoEPrecision(Precision):
             with the reason printed (rank 0) and recorded as a decision.
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
-        guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard_config.GuardConfig`).
+        guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard.config.GuardConfig`).
         autotune: with ``recipe="auto"`` on a GPU with TE, time the recipes the plan allows on the model's
             largest swapped experts module at the first training step and start on the fastest (the timings
             are a recorded decision); otherwise the rule-based plan stands.
@@ -217,7 +218,7 @@ class TEMoEPrecision(Precision):
     def _run_autotune(self) -> None:
         """Time the allowed recipes on the real expert shapes (once, at the first training step, on the device)
         and start on the fastest; every rank takes rank 0's choice."""
-        from .autotune import autotune_model
+        from .policy.autotune import autotune_model
 
         assert self.state is not None and self._model is not None
         self._autotune_pending = False

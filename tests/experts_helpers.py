@@ -88,10 +88,10 @@ def twins(arch: str, **sizes: Any) -> tuple[nn.Module, nn.Module]:
 
 def precision_state(experts: str, dense: str = "bf16") -> Any:
     """A one-rung :class:`PrecisionState` (dense recipe, experts recipe) without probing a device."""
-    from lightning_te_moe.environment import Environment
-    from lightning_te_moe.plan import Plan, Rung
-    from lightning_te_moe.recipes import RecipeSpec
-    from lightning_te_moe.state import PrecisionState
+    from lightning_te_moe.policy.environment import Environment
+    from lightning_te_moe.policy.plan import Plan, Rung
+    from lightning_te_moe.policy.recipes import RecipeSpec
+    from lightning_te_moe.policy.state import PrecisionState
 
     return PrecisionState(Plan(ladder=(Rung(RecipeSpec.of(dense), RecipeSpec.of(experts)),), environment=Environment()))
 

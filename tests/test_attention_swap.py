@@ -8,7 +8,7 @@ import torch
 from lightning_te_moe import Environment, make_plan
 from lightning_te_moe.attention import IMPLEMENTATION, plan_reason, swap_attention, swap_for_plugin, unswap_attention
 from lightning_te_moe.attention.dispatch import SWAP_ATTR
-from lightning_te_moe.state import PrecisionState
+from lightning_te_moe.policy.state import PrecisionState
 from tests.experts_helpers import tiny_model
 
 

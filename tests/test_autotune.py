@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_te_moe import Environment, PrecisionRequest
-from lightning_te_moe.autotune import autotune_plan, candidate_plans, choose
+from lightning_te_moe.policy.autotune import autotune_plan, candidate_plans, choose
 
 H100 = Environment.assume(cc="9.0", te="2.20.2")
 

@@ -79,10 +79,10 @@ def test_layer_routing_edge_cases_and_padding(routing: str, align: str) -> None:
 
 def test_alignment_follows_the_active_recipe() -> None:
     """A step-down between forwards changes the per-expert padding from the next call on."""
-    from lightning_te_moe.environment import Environment
-    from lightning_te_moe.plan import Plan, Rung
-    from lightning_te_moe.recipes import RecipeSpec
-    from lightning_te_moe.state import PrecisionState
+    from lightning_te_moe.policy.environment import Environment
+    from lightning_te_moe.policy.plan import Plan, Rung
+    from lightning_te_moe.policy.recipes import RecipeSpec
+    from lightning_te_moe.policy.state import PrecisionState
 
     ladder = (Rung(RecipeSpec.of("bf16"), RecipeSpec.of("nvfp4")), Rung(RecipeSpec.of("bf16"), RecipeSpec.of("mxfp8")),
               Rung(RecipeSpec.of("bf16"), RecipeSpec.of("bf16")))

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from lightning_te_moe.detector import DivergenceDetector
-from lightning_te_moe.guard_config import GuardConfig
+from lightning_te_moe.guard.detector import DivergenceDetector
+from lightning_te_moe.guard.config import GuardConfig
 
 
 def healthy_run(steps: int, seed: int) -> list[tuple[float, float]]:

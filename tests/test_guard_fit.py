@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_te_moe import DivergenceError, DivergenceGuard, GuardConfig
-from lightning_te_moe.sinks import JSONL_NAME
+from lightning_te_moe.guard.sinks import JSONL_NAME
 
 
 def fit(tmp_path: Path, model: TinyRegression, config: GuardConfig = GuardConfig(), max_steps: int = 200,
@@ -226,8 +226,8 @@ def test_promotion_never_returns_to_delayed_scaling() -> None:
     from types import SimpleNamespace
 
     from lightning_te_moe import Plan, RecipeSpec, Rung, probe_environment
-    from lightning_te_moe.decisions import DecisionLog
-    from lightning_te_moe.state import PrecisionState
+    from lightning_te_moe.guard.decisions import DecisionLog
+    from lightning_te_moe.policy.state import PrecisionState
 
     def rung(name: str, **settings) -> Rung:
         return Rung(RecipeSpec.of(name, **settings), RecipeSpec.of(name, **settings))

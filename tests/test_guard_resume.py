@@ -7,7 +7,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_te_moe import GuardConfig
-from lightning_te_moe.sinks import JSONL_NAME
+from lightning_te_moe.guard.sinks import JSONL_NAME
 
 
 def trainer_for(tmp_path: Path, plugin: CpuLadderPrecision, max_steps: int, version: str) -> Trainer:

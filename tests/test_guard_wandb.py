@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
-from lightning_te_moe.wandb_sink import TABLE_COLUMNS  # noqa: E402
+from lightning_te_moe.guard.wandb_sink import TABLE_COLUMNS  # noqa: E402
 
 BLOCK = 32768
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lightning_te_moe import Environment, PlanError, PrecisionRequest, RecipeSpec, make_plan
-from lightning_te_moe.environment import TECheck
-from lightning_te_moe.rules import RULES
+from lightning_te_moe.policy.environment import TECheck
+from lightning_te_moe.policy.rules import RULES
 
 RULE_IDS = {r.id for r in RULES}
 
@@ -259,11 +259,11 @@ def test_rendered_table_names_every_rule():
 def test_policy_doc_is_current():
     from pathlib import Path
 
-    from lightning_te_moe.policy_doc import render_policy_markdown
+    from lightning_te_moe.policy.doc import render_policy_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "policy.md"
     assert doc.read_text() == render_policy_markdown(), (
-        "docs/policy.md is stale: run `python -m lightning_te_moe.policy_doc > docs/policy.md`")
+        "docs/policy.md is stale: run `python -m lightning_te_moe.policy.doc > docs/policy.md`")
 
 
 @pytest.mark.parametrize(("cublaslt", "noted"), [("13.1.0", True), ("13.4.0", True), ("13.5.0", False)])

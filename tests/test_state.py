@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_te_moe import Environment, RecipeSpec, make_plan
-from lightning_te_moe.state import PrecisionState
+from lightning_te_moe.policy.state import PrecisionState
 
 
 def _state() -> PrecisionState:

@@ -15,9 +15,9 @@ from typing import Literal, Optional
 from torch import nn
 
 from ..console import print_rank_zero
-from ..plan import Plan
-from ..rules import RULES
-from ..state import PrecisionState
+from ..policy.plan import Plan
+from ..policy.rules import RULES
+from ..policy.state import PrecisionState
 from .cores import ReferenceCore, TECore
 from .dispatch import IMPLEMENTATION, SWAP_ATTR, LayerSwap, register
 from .report import AttentionEntry, AttentionSwapReport

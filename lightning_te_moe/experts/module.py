@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from ..state import PrecisionState
+from ..policy.state import PrecisionState
 from .activations import activation_label
 from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, native_grouped_gemm, te_applies_bias, te_available,
                    torch_grouped_linear)

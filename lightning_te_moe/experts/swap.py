@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import torch
 from torch import nn
 
 from ..console import print_rank_zero
-from ..state import PrecisionState
+from ..policy.state import PrecisionState
 from .activations import activation_label
 from .adapters import ExpertsAdapter, ExpertsMatch, NotSwappable, registered_adapters
 from .layouts import ExpertWeights

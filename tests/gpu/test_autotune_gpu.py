@@ -8,10 +8,10 @@ import lightning as L
 import torch
 
 from lightning_te_moe import PrecisionRequest, TEMoEPrecision, make_plan, probe_environment
-from lightning_te_moe.autotune import MARGIN, autotune_model
+from lightning_te_moe.policy.autotune import MARGIN, autotune_model
 from lightning_te_moe.example import StdlibBytesDataModule, TinyMoELanguageModel
 from lightning_te_moe.experts import swap_experts
-from lightning_te_moe.state import PrecisionState
+from lightning_te_moe.policy.state import PrecisionState
 
 
 def test_autotune_on_a_gpt_oss_20b_expert_layer():

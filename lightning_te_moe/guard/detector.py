@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .guard_config import GuardConfig
+from .config import GuardConfig
 
 #: Scale that makes the median absolute deviation a standard-deviation estimate for normal noise.
 MAD_TO_SIGMA = 1.4826

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..policy.state import PrecisionState
 from .decisions import Decision, DecisionLog
-from .sinks import ALERT_KINDS, iso_time, log_level
-from .state import PrecisionState
+from .metrics import ALERT_KINDS, iso_time, log_level
 
 TABLE_KEY = "precision/decisions"
 TABLE_COLUMNS = ["step", "epoch", "time", "kind", "from", "to", "rule", "reason", "evidence"]

@@ -24,13 +24,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..policy.plan import Rung
+from ..policy.state import PrecisionState
+from .config import GuardConfig
 from .decisions import DecisionLog
 from .detector import DivergenceDetector, Trigger
-from .guard_config import GuardConfig
-from .plan import Rung
-from .sinks import log_level
-from .snapshot import Snapshot, last_checkpoint, restore_checkpoint, restore_snapshot, take_snapshot
-from .state import PrecisionState
+from .metrics import log_level
+from .snapshot import (
+    Snapshot,
+    last_checkpoint,
+    restore_checkpoint,
+    restore_snapshot,
+    take_snapshot,
+)
 
 #: Steps between a CUDA step and the read of its values (0 on CPU, where the values are already on host).
 LAG_STEPS = 1

@@ -3,7 +3,7 @@
 Each rule says when it applies (compute capability, TE/cuDNN/CUDA/cuBLASLt versions, what TE itself
 reports), what it does (forbid recipes, force settings, drop a ladder step, set environment variables,
 keep attention off TE's fused backend, or give the order ``auto`` tries recipes in) and why, citing its
-source. The policy (``policy.py``) only reads this table; ``docs/policy.md`` is generated from it.
+source. The policy (``choose.py``) only reads this table; ``docs/policy.md`` is generated from it.
 """
 
 from __future__ import annotations

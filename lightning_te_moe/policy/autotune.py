@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
+from .choose import PlanError, PrecisionRequest, make_plan
 from .environment import Environment
 from .plan import Plan, Reason
-from .policy import PlanError, PrecisionRequest, make_plan
 from .recipes import RECIPE_NAMES
 
 #: A challenger must beat the rule-based choice by this fraction to replace it (timing noise).
@@ -119,7 +119,7 @@ def autotune_model(model: torch.nn.Module, env: Environment, request: PrecisionR
                    steps: int = 5) -> tuple[Plan, AutotuneResult, dict[str, Any]]:
     """Time the allowed recipes on the model's largest swapped experts module; raises ValueError with the reason
     when there is nothing to time (no GPU/TE, a named recipe, no FP8-capable swapped experts)."""
-    from .experts import GroupedExperts
+    from ..experts import GroupedExperts
 
     if env.device_type != "cuda" or not env.has_te:
         raise ValueError(f"autotune needs a CUDA device with Transformer Engine; this is {env.summary()}")

@@ -1,7 +1,7 @@
 """Where decisions go: one console line, the ``precision_decisions.jsonl`` audit file, every Lightning logger.
 
 All sinks live on global rank 0 only (every rank takes the same decisions; one copy is enough).
-W&B has its own module (:mod:`lightning_te_moe.wandb_sink`) and is only imported when a WandbLogger exists.
+W&B has its own module (:mod:`lightning_te_moe.guard.wandb_sink`) and is only imported when a WandbLogger exists.
 """
 
 from __future__ import annotations
@@ -9,26 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import datetime, timezone
 from typing import Any
 
+from ..policy.state import PrecisionState
 from .decisions import Decision, DecisionLog
-from .state import PrecisionState
+from .metrics import ALERT_KINDS, iso_time, log_level
 
 JSONL_NAME = "precision_decisions.jsonl"
-#: Decisions that mean the run is in trouble: printed as warnings and alerted in W&B.
-ALERT_KINDS = ("step_down", "rollback", "stop")
-#: Metric names, the same in every logger.
-LEVEL_METRIC = "precision/level"
-STEP_DOWNS_METRIC = "precision/step_downs"
-ROLLBACKS_METRIC = "precision/rollbacks"
 
 #: A child of Lightning's logger, so the lines appear wherever Lightning's own messages do.
 _console = logging.getLogger("lightning.pytorch.lightning_te_moe")
-
-
-def iso_time(decision: Decision) -> str:
-    return datetime.fromtimestamp(decision.wall_time, tz=timezone.utc).isoformat(timespec="seconds")
 
 
 class ConsoleSink:
@@ -102,17 +92,6 @@ class LoggerSink:
 
     def _csv_record(self) -> None:
         self.logger.log_hyperparams({"precision_decisions": [f"{iso_time(d)} {d.line()}" for d in self.log.decisions]})
-
-
-def log_level(logger: Any, state: PrecisionState, log: DecisionLog, step: int) -> None:
-    """The step-wise metrics: active rung (0 = the plan's start, +1 per step-down) and the counters.
-
-    Lightning logs the loss of the batch that completes optimizer step N at x = N - 1 (its
-    ``trainer/global_step`` counts batches before the step); the metrics go to the same x, so a
-    step-down sits on the loss point of the batch that triggered it.
-    """
-    logger.log_metrics({LEVEL_METRIC: float(state.index), STEP_DOWNS_METRIC: float(log.count("step_down")),
-                        ROLLBACKS_METRIC: float(log.count("rollback"))}, step=max(step - 1, 0))
 
 
 def run_log_dir(trainer: Any) -> str:

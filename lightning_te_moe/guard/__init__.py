@@ -1,0 +1,14 @@
+"""Detect divergence, respond along the plan's ladder, and record every decision where people look.
+
+``DivergenceGuard`` (the Lightning callback) feeds ``DivergenceDetector`` and restores ``snapshot``s;
+``DecisionLog`` fans each decision out to the sinks (console, JSONL audit file, Lightning loggers, W&B).
+"""
+
+from .callback import DivergenceError, DivergenceGuard
+from .config import GuardConfig
+from .decisions import Decision, DecisionLog
+from .detector import DivergenceDetector, Trigger
+from .sinks import attach_sinks
+
+__all__ = ["Decision", "DecisionLog", "DivergenceDetector", "DivergenceError", "DivergenceGuard", "GuardConfig",
+           "Trigger", "attach_sinks"]
