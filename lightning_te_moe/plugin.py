@@ -49,7 +49,8 @@ class TEMoEPrecision(Precision):
         auto_nvfp4: let ``auto`` choose NVFP4 where the device runs it.
         prefer_stability: ``auto`` avoids delayed scaling and NVFP4 and starts with a high-precision backward.
         strict: a requested recipe the device cannot run is an error; with False the plan steps down.
-        params_dtype: dtype the model's parameters are kept in (the optimizer's master weights).
+        params_dtype: dtype the trainable parameters are kept in (the optimizer's master weights); frozen
+            parameters keep their own dtype unless the ladder has an FP32 rung.
         print_plan: print the plan table at setup (rank 0).
         swap_experts: replace every recognised MoE experts module by grouped-GEMM experts at setup (TE
             ``GroupedLinear`` on CUDA); the swap report is printed (rank 0) and recorded as a decision.
@@ -179,8 +180,28 @@ class TEMoEPrecision(Precision):
                 self.decisions.record("swap", summary, rule="swap", evidence=details)
         if trainer is not None:
             self._attach_to(trainer)
-        module.to(dtype=self.params_dtype)
+        self._cast_parameters(module)
         return module
+
+    def _cast_parameters(self, module: torch.nn.Module) -> None:
+        """Trainable parameters (the optimizer's master weights) and buffers go to ``params_dtype``.
+
+        Frozen parameters keep their dtype while every rung of the ladder runs under autocast: they have no master
+        weights, and casting a frozen BF16 base to FP32 would double its memory for nothing (a 20B model's experts:
+        38 GB more). A ladder with an FP32 rung (no autocast) casts them too, since plain FP32 math cannot take
+        BF16 weights.
+        """
+        assert self.state is not None
+        if any(rung.dense.name == "fp32" for rung in self.state.plan.ladder):
+            module.to(dtype=self.params_dtype)
+            return
+        for param in module.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != self.params_dtype:
+                param.data = param.data.to(self.params_dtype)
+        for buffer_owner in module.modules():
+            for name, buffer in buffer_owner.named_buffers(recurse=False):
+                if buffer.is_floating_point() and buffer.dtype != self.params_dtype:
+                    setattr(buffer_owner, name, buffer.to(self.params_dtype))
 
     def _attach_to(self, trainer: Any) -> None:
         """Decision sinks for this Trainer, and the guard callback (before checkpointing callbacks, so a
