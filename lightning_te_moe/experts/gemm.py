@@ -140,27 +140,42 @@ class TEGroupedGemm:
         for name in self._names + self._bias_names:
             del self.module._parameters[name]
 
-    def __call__(self, x: Tensor, weight: Tensor, splits: Optional[list[int]], bias: Optional[Tensor] = None,
-                 device_splits: Optional[Tensor] = None, recipe: Any = None) -> Tensor:
-        """``splits``: rows per expert on the host (split path); ``device_splits``: the same on the device (native
-        path); ``recipe``: the quantized recipe TE's autocast has active (:func:`active_recipe`), None for BF16/FP16."""
+    def __call__(self, x: Tensor, weight: Tensor | Sequence[Any], splits: Optional[list[int]],
+                 bias: Optional[Tensor] = None, device_splits: Optional[Tensor] = None, recipe: Any = None,
+                 fresh: bool = False) -> Tensor:
+        """``weight``: the stacked ``[E, out, in]`` weight, or the per-expert quantized copies held for a frozen one
+        (:mod:`.resident`; TE takes them as primary quantized weights); ``splits``: rows per expert on the host (split
+        path); ``device_splits``: the same on the device (native path); ``recipe``: the quantized recipe TE's
+        autocast has active (:func:`active_recipe`), None for BF16/FP16; ``fresh``: quantize the weight now and keep
+        TE's quantized copies for :meth:`take_quantized`."""
         if (bias is not None) != self.bias:
             raise ValueError(f"engine built with bias={self.bias} called with bias={bias is not None}")
         if self.native and device_splits is None:
             raise ValueError("TE's native grouped GEMM reads the split sizes on the device: pass device_splits")
         if not self.native and splits is None:
             raise ValueError("TE's split GEMM path reads the split sizes on the host: pass splits")
+        held = isinstance(weight, (list, tuple))
         names = self.module.__dict__
-        names.update(zip(self._names, expert_views(weight)))
+        names.update(zip(self._names, weight if held else expert_views(weight)))
         if bias is not None:
             names.update(zip(self._bias_names, bias.unbind(0)))
         try:
             m_splits = device_splits if self.native else splits
-            first = self.weight_cache.first_microbatch(weight, recipe)
+            if held:
+                first = None  # already quantized: TE uses them as they are
+            elif fresh:
+                first = True
+                self.weight_cache.invalidate()  # the copies leave TE's cache with take_quantized()
+            else:
+                first = self.weight_cache.first_microbatch(weight, recipe)
             return self.module(x, m_splits, is_first_microbatch=first)
         finally:
             for name in self._names + self._bias_names:
                 names.pop(name, None)
+
+    def take_quantized(self) -> list[Any]:
+        """TE's quantized copies of the weights of the last ``fresh`` call, handed over: TE keeps none of them."""
+        return [self.module._fp8_workspaces.pop(name) for name in self._names]
 
 
 def active_recipe() -> Any:

@@ -13,6 +13,7 @@ from .activations import activation_label
 from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, native_grouped_gemm, te_applies_bias, te_available,
                    torch_grouped_linear)
 from .layouts import ExpertWeights, WeightCodec
+from .resident import ResidentWeights
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
 from .te_routing import FusedRouting, fused_permutation_available, fused_routing
 
@@ -65,6 +66,8 @@ class GroupedExperts(nn.Module):
         self.state = state
         self.cache_quantized_weights = cache_quantized_weights
         self._engines: dict[tuple[str, str, bool, bool], TEGroupedGemm] = {}
+        #: Frozen weights kept on the GPU only as TE's quantized copies (:mod:`.resident`), per projection.
+        self._resident = {name: ResidentWeights(cache_quantized_weights) for name in ("fc1", "fc2")}
         self.register_state_dict_post_hook(_write_original_layout)
         self.register_load_state_dict_pre_hook(_read_original_layout)
 
@@ -162,22 +165,43 @@ class GroupedExperts(nn.Module):
             assert isinstance(route, Dispatch)  # the torch path always routes with a Dispatch
             return torch_grouped_linear(x, weight, route)
         bias = layer.bias if bias_in_te else None
+        engine = self._engine(name, weight.shape, x, bias is not None, native)
+        resident = self._resident[name]
+        if resident.eligible(weight, recipe):  # a frozen weight: its GPU copy is the quantized one only
+            held = resident.quantized(weight, recipe)
+            if held is not None:
+                return engine(x, held, route.splits, bias, route.device_splits, recipe)
+            out = engine(x, resident.source(weight, x.device), route.splits, bias, route.device_splits, recipe,
+                         fresh=True)
+            resident.keep(weight, recipe, engine.take_quantized(), x.device)
+            return out
+        resident.release(weight)
         if not torch.is_autocast_enabled(x.device.type):
             if weight.dtype != x.dtype:
                 weight = weight.to(x.dtype)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-        key = (name, str(x.device), bias is not None, native)
+        return engine(x, weight, route.splits, bias, route.device_splits, recipe)
+
+    def _engine(self, name: str, shape: torch.Size, x: Tensor, bias: bool, native: bool) -> TEGroupedGemm:
+        key = (name, str(x.device), bias, native)
         if key not in self._engines:
-            e, out_features, in_features = weight.shape
-            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias is not None,
+            e, out_features, in_features = shape
+            self._engines[key] = TEGroupedGemm(e, in_features, out_features, x.device, x.dtype, bias=bias,
                                                cache_weights=self.cache_quantized_weights, native=native)
-        return self._engines[key](x, weight, route.splits, bias, route.device_splits, recipe)
+        return self._engines[key]
+
+    def release_quantized_weights(self) -> None:
+        """Bring frozen weights held only in quantized form back to the GPU in high precision (unswap, export)."""
+        for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)):
+            self._resident[name].release(layer.weight)
 
     def invalidate_quantized_weights(self) -> None:
         """Make TE quantize the expert weights again on the next FP8 forward (after changing them out of band)."""
         for engine in self._engines.values():
             engine.weight_cache.invalidate()
+        for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)):
+            self._resident[name].release(layer.weight)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -150,6 +150,7 @@ def unswap_experts(model: nn.Module) -> int:
             continue
         experts = module if isinstance(module, GroupedExperts) else module.get_submodule("experts")
         assert isinstance(experts, GroupedExperts)
+        experts.release_quantized_weights()  # frozen weights parked on the host come back first
         weight = experts.fc1.weight
         origin.holder.to_empty(device=weight.device)
         origin.holder.to(dtype=weight.dtype)

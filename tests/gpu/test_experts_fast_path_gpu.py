@@ -222,7 +222,8 @@ class _Block(torch.nn.Module):
 
 
 def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
-    """Fine-tuning with frozen experts under FP8: the experts are quantized once; the gradients of the trainable
+    """Fine-tuning with frozen experts under FP8: the experts are quantized once (and, for the recipes whose scales
+    come from the weight itself, held on the GPU only in that form); the gradients of the trainable
     parameters around them are the ones the same FP8 layer gives with trainable experts, and match the BF16
     run's to FP8 precision (they pass through the fc1/fc2 forward and dgrad GEMMs in FP8, gradients in E5M2:
     the input gradient of this layer alone measured up to 9e-2 against BF16)."""
@@ -260,7 +261,10 @@ def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
         print(recipe, "frozen flags", flags, "vs bf16", {n: f"{v:.1e}" for n, v in vs_bf16.items()},
               "vs trainable fp8", {n: f"{v:.1e}" for n, v in vs_trainable.items()})
         assert frozen.experts.fc1.weight.grad is None and frozen.experts.fc2.weight.grad is None
-        assert flags == [False, False] * 3, flags  # quantized once (in the first step), reused by every later step
+        if recipe == "fp8_delayed":  # TE's weight cache: quantized once (in the first step), reused later
+            assert flags == [False, False] * 3, flags
+        else:  # held as the only GPU copy (experts/resident.py): TE's cache is not asked at all
+            assert flags == [] and frozen.experts.fc1.weight.device.type == "cpu", flags
         assert max(vs_trainable.values()) <= 1e-2, (recipe, vs_trainable)
         assert max(vs_bf16.values()) <= 0.15, (recipe, vs_bf16)
 

@@ -1,0 +1,84 @@
+"""Frozen experts under FP8 hold only TE's quantized copies on the GPU; their BF16 values wait on the host."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experts_helpers import fp8_recipes_here, layer_step, rel_err, tiny_model  # noqa: E402
+
+from lightning_te_moe.experts import ExpertSwapConfig, GroupedExperts, swap_experts, unswap_experts  # noqa: E402
+from lightning_te_moe.policy.environment import Environment  # noqa: E402
+from lightning_te_moe.policy.plan import Plan, Rung  # noqa: E402
+from lightning_te_moe.policy.recipes import RecipeSpec  # noqa: E402
+from lightning_te_moe.policy.state import PrecisionState  # noqa: E402
+
+RECIPES = [r for r in fp8_recipes_here() if r != "fp8_delayed"]  # delayed scaling keeps TE's own cache
+
+
+def _layer() -> torch.nn.Module:
+    """A GPT-OSS experts layer big enough for the memory to show: 8 experts, H=I=512 (BF16: 12 MiB)."""
+    model = tiny_model("gpt_oss", hidden=512, intermediate=512, experts=8, layers=1)
+    return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)
+
+
+def _swapped(ref: torch.nn.Module, recipe: str, resident: bool) -> tuple[torch.nn.Module, GroupedExperts, PrecisionState]:
+    ladder = (Rung(RecipeSpec.of("bf16"), RecipeSpec.of(recipe)), Rung(RecipeSpec.of("bf16"), RecipeSpec.of("bf16")))
+    state = PrecisionState(Plan(ladder=ladder, environment=Environment()))
+    holder = torch.nn.Module()
+    holder.experts = copy.deepcopy(ref)
+    swap_experts(holder, ExpertSwapConfig(), state=state)
+    experts = holder.experts
+    experts.requires_grad_(False)
+    for r in experts._resident.values():
+        r.enabled = resident
+    return holder, experts, state
+
+
+def _batch(tokens: int = 1024) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+    top, index = torch.topk(torch.randn(tokens, 8, device="cuda", generator=gen), 2, dim=-1)
+    grad = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_frozen_weights_live_on_the_gpu_only_quantized(recipe: str) -> None:
+    ref = _layer()
+    original = {k: v.clone() for k, v in ref.state_dict().items()}
+    batch = _batch()
+    _, cached, _ = _swapped(ref, recipe, resident=False)  # TE's cache beside the BF16 weights
+    want = [layer_step(cached, *batch) for _ in range(2)]
+    del cached
+    holder, held, state = _swapped(ref, recipe, resident=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    got = [layer_step(held, *batch) for _ in range(2)]
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()
+    bf16_bytes = sum(w.numel() * 2 for w in (held.fc1.weight, held.fc2.weight))
+    print(recipe, "GPU bytes freed", freed, "of BF16 weights", bf16_bytes)
+    assert held.fc1.weight.device.type == "cpu" and held.fc2.weight.device.type == "cpu"
+    assert freed >= 0.9 * bf16_bytes - (64 << 20) or freed >= bf16_bytes // 2  # the BF16 copy left the GPU
+    for a, b in zip(got, want):  # the same quantized weights as TE's own cache: the same numbers
+        assert max(rel_err(a[k], b[k]) for k in a) <= 1e-3
+    saved = holder.state_dict()  # checkpoints keep the exact BF16 values
+    assert all(torch.equal(saved["experts." + k].cpu(), v.cpu()) for k, v in original.items())
+    state.set_index(1)  # step down to BF16: the values come back to the GPU
+    layer_step(held, *batch)
+    assert held.fc1.weight.is_cuda and held.fc2.weight.is_cuda
+    state.set_index(0)
+    layer_step(held, *batch)
+    assert held.fc1.weight.device.type == "cpu"
+    assert unswap_experts(holder) == 1  # the original module comes back on the GPU with the exact values
+    assert all(v.is_cuda and torch.equal(v, original[k]) for k, v in holder.experts.state_dict().items())
