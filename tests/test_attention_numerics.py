@@ -141,3 +141,30 @@ def test_plugin_on_cpu_leaves_attention_numerics_untouched():
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
+def test_without_a_padding_mask_te_takes_the_causal_mask_unchecked(arch, monkeypatch):
+    """No padding mask, no overlay: the mask is causal (sliding where the layer is) by construction, so TE's own mask
+    is taken without expanding and checking the model's (that check syncs with the host once per layer type)."""
+    import transformers.masking_utils as masking_utils
+
+    torch.manual_seed(0)
+    original = tiny_model(arch)
+    swapped = copy.deepcopy(original)
+    swap_attention(swapped, core="reference")
+    ids = torch.randint(1, 64, (2, SEQ))
+    ones = torch.ones(2, SEQ)
+    ref_logits, ref_grads = _loss_and_grads(original, ids, None, ones)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("the dense mask check ran for a plainly causal mask")
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", no_check)
+    logits, grads = _loss_and_grads(swapped, ids, None, ones)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert all(c == {"core": 1} for c in _calls(swapped))
+    with pytest.raises(AssertionError, match="dense mask check ran"):  # a padding mask still gets checked
+        swapped(input_ids=ids, attention_mask=torch.ones(2, SEQ, dtype=torch.long))

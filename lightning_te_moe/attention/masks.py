@@ -51,8 +51,9 @@ class DeferredMask:
         """TE's mask for a layer with this sliding window (None: full causal), checked against the model's.
 
         The model's boolean mask must equal ``causal (and i - j < window)`` and ``key j is not padding`` with
-        padding only on the right (TE reads padding as per-sequence lengths). One host sync per layer type
-        and forward; the result is shared by every layer with the same window.
+        padding only on the right (TE reads padding as per-sequence lengths). Without a padding mask or overlay
+        that holds by construction; otherwise it is checked: one host sync per layer type and forward. The
+        result is shared by every layer with the same window.
         """
         if window not in self._te:
             self._te[window] = self._check(window)
@@ -64,6 +65,8 @@ class DeferredMask:
         if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
                 and kw["q_length"] == kw["kv_length"]):
             return TEMask(reason="cached keys/values (generation)")
+        if self._plainly_causal(window):
+            return TEMask()
         from transformers.masking_utils import sdpa_mask
 
         args = {k: v for k, v in kw.items() if k != "allow_is_causal_skip"}
@@ -86,3 +89,11 @@ class DeferredMask:
         if not nonempty:
             return TEMask(reason="a sequence with no tokens")
         return TEMask(None if full else key_valid)
+
+    def _plainly_causal(self, window: Optional[int]) -> bool:
+        """No padding mask and no overlay (transformers then allows SDPA to skip the mask): the mask is the causal
+        one, with the sliding window it was made for, so TE's own mask equals it without a check (and without the
+        check's host sync). The window the mask was made with must be this layer's."""
+        kw = self.kwargs
+        return (kw.get("allow_is_causal_skip") is True and kw.get("attention_mask") is None
+                and kw.get("local_size") == window)
