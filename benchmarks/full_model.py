@@ -373,7 +373,8 @@ def spawn(impl: Implementation, finetune: str, args: argparse.Namespace,
     session: a parent killed from outside (a time-limited call) takes the child down with its session."""
     result_file = workdir / f"{impl.key}--{finetune}.jsonl"
     print(f"[full_model] child: {impl.name} | {finetune} | shapes {' '.join(args.shapes)}", flush=True)
-    proc = subprocess.Popen(child_command(impl.key, finetune, args, result_file), env=child_env(), process_group=0)
+    proc = subprocess.Popen(child_command(impl.key, finetune, args, result_file), env=child_env(),
+                            preexec_fn=os.setpgrp)  # process_group=0 once Python 3.10 is dropped
     try:
         code = proc.wait(timeout=args.timeout)
         failure = None if code == 0 else f"the child exited with code {code}"
