@@ -32,7 +32,8 @@ class Target:
         word = "met" if self.met else "missed"
         if self.margin is None:
             return word
-        scale, fmt = {"ms": (1.0, "{:+.1f} ms"), "points": (100.0, "{:+.1f} points"), "x": (1.0, "{:+.2f}x")}[self.unit]
+        scale, fmt = {"ms": (1.0, "{:+.1f} ms"), "points": (100.0, "{:+.1f} points"), "x": (1.0, "{:+.2f}x"),
+                      "GiB": (1.0, "{:+.1f} GiB")}[self.unit]
         return f"{word} ({fmt.format(self.margin * scale)})"
 
 
