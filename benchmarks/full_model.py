@@ -128,14 +128,14 @@ def apply_finetune(model: nn.Module, finetune: str) -> nn.Module:
 def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], AbstractContextManager], dict[str, Any]]:
     """The plugin's swaps and forward context, as Lightning would run them; plain transformers runs as it is.
 
-    The plugin keeps its defaults except ``params_dtype="bfloat16"``: the model is BF16 and the default float32
-    would cast the whole 21B-parameter base to 78 GiB.
+    The plugin keeps its defaults: the trainable adapters become FP32 master weights, the frozen BF16 base stays
+    BF16 (``params_dtype`` applies to trainable parameters).
     """
     if impl.recipe is None:
         return nullcontext, {}
     from lightning_te_moe import TEMoEPrecision
 
-    plugin = TEMoEPrecision(impl.recipe, params_dtype="bfloat16", print_plan=False, guard=False)
+    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False)
     plugin.convert_module(model)
     assert plugin.plan is not None
     return plugin.forward_context, {"plan": plugin.plan.summary(),
@@ -482,8 +482,8 @@ def render(results: dict[str, Any], label: str) -> str:
              f"cuBLASLt {env.get('cublaslt', '?')}.", "",
              f"GPT-OSS-20B architecture, {depth} (hidden 2880, 64 heads, 8 KV heads, 32 experts top-4, vocab 201,088, "
              "window 128 on alternate layers), random init, BF16 weights built on the GPU; transformers' experts "
-             "`grouped_mm`; fused AdamW on the trainable parameters (PEFT keeps its adapters in FP32, the plugin "
-             "casts every parameter to BF16: `params_dtype=\"bfloat16\"`). Every implementation and fine-tune ran in "
+             "`grouped_mm`; fused AdamW on the trainable parameters (the LoRA adapters, in FP32 in every row: PEFT keeps "
+             "them so, the plugin's default `params_dtype`). Every implementation and fine-tune ran in "
              f"its own process; median (min-max) of {counts}. Peak = `max_memory_allocated` over the timed steps; "
              "setup = allocated after building, LoRA, conversion and optimizer creation; GPU busy = union of CUDA "
              f"kernel intervals over {PROFILED_STEPS} profiled steps / the median step; host = the host's time to "
