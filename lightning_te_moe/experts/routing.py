@@ -15,7 +15,7 @@ biases and computes their gradients (measured faster on an H100: docs/performanc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -26,7 +26,8 @@ class Dispatch:
     """Where every slot goes. ``row_slot[r]``: the flat slot (token * k + j) padded row r holds, or
     ``num_slots`` for a padding row; ``slot_row[s]``: the padded row of slot s, or ``rows`` if dropped."""
 
-    splits: list[int]
+    #: Padded rows per expert on the host, or None where they stay on the device (``host_splits=False``).
+    splits: Optional[list[int]]
     rows: int
     dropped: bool
     num_tokens: int
@@ -45,9 +46,16 @@ class Dispatch:
         return torch.div(self.row_slot, self.top_k, rounding_mode="floor")
 
 
-def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Dispatch:
-    """Sort the slots by expert and pad each expert's block to a multiple of ``align``."""
+def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1, host_splits: bool = True) -> Dispatch:
+    """Sort the slots by expert and pad each expert's block to a multiple of ``align``.
+
+    ``host_splits=True``: exact rows and the split sizes on the host (one host sync). ``host_splits=False``, for a
+    grouped GEMM that reads its offsets on the device (``grouped_mm``): no host sync; the buffer has
+    :func:`upper_bound_rows` rows and the slack rows, which no slot reads or writes, go to the last expert's block
+    (``splits`` is then None).
+    """
     num_tokens, top_k = top_k_index.shape
+    num_slots = num_tokens * top_k
     device = top_k_index.device
     flat = top_k_index.reshape(-1).long()
     keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
@@ -56,25 +64,43 @@ def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1) -> Disp
     bounds = torch.searchsorted(sorted_keys, torch.arange(num_experts + 1, device=device))
     counts = bounds.diff()
     padded = torch.div(counts + (align - 1), align, rounding_mode="floor") * align
-    counts_host: list[int] = counts.tolist()  # the one host sync: the GEMMs need split sizes on the host
-    splits = [-(-c // align) * align for c in counts_host]
-    rows, kept = sum(splits), sum(counts_host)
-
-    starts = bounds[:-1]
     padded_starts = torch.cumsum(padded, 0) - padded
+    splits: Optional[list[int]] = None
+    if host_splits:
+        counts_host: list[int] = counts.tolist()  # the one host sync: TE's split GEMMs need the sizes on the host
+        splits = [-(-c // align) * align for c in counts_host]
+        rows, kept = sum(splits), sum(counts_host)
+        block_rows = padded
+    else:
+        rows = upper_bound_rows(num_tokens, top_k, num_experts, align, merges_repeats=False)
+        kept = num_slots  # dropped slots too: they are sent to a spare row past the end, cut off below
+        block_rows = torch.cat([padded[:-1], (rows - padded[:-1].sum()).view(1)])
     expert = sorted_keys[:kept]
-    position = torch.arange(kept, device=device) - starts[expert] + padded_starts[expert]
+    position = torch.arange(kept, device=device) - bounds[expert] + torch.cat([padded_starts, padded_starts.new_full(
+        (1,), rows)])[expert]
     slots = order[:kept]
-    num_slots = num_tokens * top_k
+    if not host_splits:
+        position = torch.where(expert < num_experts, position, rows)
 
-    row_slot = torch.full((rows,), num_slots, dtype=torch.long, device=device)
+    row_slot = torch.full((rows + 1,), num_slots, dtype=torch.long, device=device)
     row_slot[position] = slots
+    row_slot = row_slot[:rows]
     slot_row = torch.full((num_slots,), rows, dtype=torch.long, device=device)
     slot_row[slots] = position
-    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device), padded, output_size=rows)
-    offsets = torch.cumsum(padded, 0).to(torch.int32)
-    return Dispatch(splits, rows, kept < num_slots, num_tokens, top_k, row_slot, slot_row, row_expert, offsets,
-                    padded.long())
+    row_expert = torch.repeat_interleave(torch.arange(num_experts, device=device), block_rows, output_size=rows)
+    offsets = torch.cumsum(block_rows, 0).to(torch.int32)
+    dropped = kept < num_slots if host_splits else True
+    return Dispatch(splits, rows, dropped, num_tokens, top_k, row_slot, slot_row, row_expert, offsets,
+                    block_rows.long())
+
+
+def upper_bound_rows(num_tokens: int, top_k: int, num_experts: int, align: int, merges_repeats: bool = True) -> int:
+    """Most padded rows a routing can need, a multiple of ``align`` (so the slack keeps the last expert's block
+    aligned): each token fills at most ``min(k, E)`` expert rows where a repeated expert merges into one row (TE's
+    mask routing; ``k`` rows otherwise), and each expert's block pads by at most ``align - 1``."""
+    per_token = min(top_k, num_experts) if merges_repeats else top_k
+    bound = num_tokens * per_token + num_experts * (align - 1)
+    return -(-bound // align) * align
 
 
 def _rows(src: Tensor, index: Tensor, zero_row: bool = True) -> Tensor:

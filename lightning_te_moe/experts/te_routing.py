@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .gemm import te_available
+from .routing import upper_bound_rows
 
 
 @lru_cache(maxsize=1)
@@ -131,11 +132,3 @@ def fused_routing(index: Tensor, weights: Tensor, num_experts: int, align: int,
     device_splits = torch.cat([padded[:-1], (rows - padded[:-1].sum()).view(1)])
     # Offsets always given (zeros where nothing is padded): TE then zero-fills the buffer, slack rows included.
     return FusedRouting(routing_map, probs, rows, None, device_splits, pad_offsets(counts, align))
-
-
-def upper_bound_rows(num_tokens: int, top_k: int, num_experts: int, align: int) -> int:
-    """Most padded rows a routing can need, a multiple of ``align`` (so the slack keeps the last expert's block
-    aligned): each token fills at most ``min(k, E)`` expert rows (repeats merge) and each expert's block pads by
-    at most ``align - 1``."""
-    bound = num_tokens * min(top_k, num_experts) + num_experts * (align - 1)
-    return -(-bound // align) * align
