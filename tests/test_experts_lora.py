@@ -231,6 +231,21 @@ def test_several_adapters_follow_set_adapter() -> None:
         grads = {n: p.grad for n, p in trainable(ours).items()}
         assert all(f".{name}." in n for n in grads)
         assert max(rel_err(g, dict(ref.named_parameters())[n].grad) for n, g in grads.items()) <= 1e-4
+    ref.base_model.set_adapter(["default", "second"])  # both active: each adds its update
+    ours.base_model.set_adapter(["default", "second"])
+    assert rel_err(step(ours, batch), step(ref, batch)) <= 1e-4
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_one_expert_parameter_with_rslora(target: str) -> None:
+    ref = get_peft_model(tiny_model("gpt_oss"), LoraConfig(r=3, lora_alpha=5, target_parameters=[target],
+                                                           use_rslora=True, init_lora_weights=False))
+    ours = copy.deepcopy(ref)
+    (entry,) = swap_experts(ours).swapped[:1]
+    assert entry.lora == f"LoRA 'default' r=3 alpha=5 (scaling 2.88675) on {target.split('.')[-1]}"  # 5 / sqrt(3)
+    batch = ids()
+    assert rel_err(step(ours, batch), step(ref, batch)) <= 1e-4
+    assert max(rel_err(p.grad, dict(ref.named_parameters())[n].grad) for n, p in trainable(ours).items()) <= 1e-4
 
 
 def test_lora_dropout_and_other_peft_methods_are_refused_clearly() -> None:
