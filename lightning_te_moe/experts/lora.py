@@ -249,10 +249,12 @@ def grouped_param_wrapper() -> type:
 
         def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             self._check_forward_args(x, *args, **kwargs)
-            if kwargs.get("adapter_names") is not None:
+            adapter_names = kwargs.pop("adapter_names", None)
+            if self.disable_adapters:
+                if self.merged:
+                    self.unmerge()
+            elif adapter_names is not None:
                 raise ValueError(f"lora.{ParamWrapper.__name__} does not support mixed batch inference")
-            if self.disable_adapters and self.merged:
-                self.unmerge()
             return self.base_layer(x, *args, **kwargs)
 
         def get_param(self) -> Tensor:
