@@ -18,8 +18,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
 peft = pytest.importorskip("peft")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import (cuda_experts_layer, fp8_recipes_here, layer_step, precision_state,  # noqa: E402
-                             rel_err)
+from experts_helpers import cuda_experts_layer, fp8_recipes_here, layer_step, precision_state, rel_err  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
