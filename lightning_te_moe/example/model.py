@@ -52,15 +52,26 @@ class TinyMoELanguageModel(L.LightningModule):
         num_experts / top_k: experts per MoE layer and experts per token.
         sliding_window: GPT-OSS sliding-window size (alternate layers).
         lr / weight_decay / warmup_steps: AdamW with linear warm-up then cosine decay over the run.
+        lora_rank: > 0 fine-tunes PEFT LoRA adapters of this rank instead of every weight (the base is frozen);
+            the plugin's expert swap keeps them and runs the expert adapters as grouped GEMMs.
+        lora_alpha: LoRA scaling numerator (``scaling = lora_alpha / lora_rank``).
+        lora_attention / lora_experts: adapt the attention projections (``q/k/v/o_proj``) and the expert weights
+            (``experts.gate_up_proj``, ``experts.down_proj`` through PEFT's ``target_parameters``).
     """
 
     def __init__(self, arch: Architecture = "gpt_oss", hidden_size: int = 128, intermediate_size: int = 128,
                  num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, num_experts: int = 8,
                  top_k: int = 2, sliding_window: int = 64, max_positions: int = 2048, lr: float = 3e-3,
-                 weight_decay: float = 0.01, warmup_steps: int = 20) -> None:
+                 weight_decay: float = 0.01, warmup_steps: int = 20, lora_rank: int = 0, lora_alpha: float = 32.0,
+                 lora_attention: bool = True, lora_experts: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         import transformers
+
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: no LoRA, train every weight), got {lora_rank}")
+        if lora_rank and not (lora_attention or lora_experts):
+            raise ValueError("lora_rank > 0 needs a target: lora_attention and/or lora_experts must be true")
 
         config = build_config(arch, vocab_size=256, hidden_size=hidden_size, intermediate_size=intermediate_size,
                               num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -68,6 +79,8 @@ class TinyMoELanguageModel(L.LightningModule):
                               max_positions=max_positions)
         torch.manual_seed(0)
         self.model = transformers.AutoModelForCausalLM.from_config(config)
+        if lora_rank:
+            self.model = lora_model(self.model, lora_rank, lora_alpha, lora_attention, lora_experts)
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
 
@@ -93,7 +106,8 @@ class TinyMoELanguageModel(L.LightningModule):
         self.log("val_ppl", self.val_ppl, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        params = [p for p in self.parameters() if p.requires_grad]  # with LoRA: the adapters only
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(self.trainer.estimated_stepping_batches, 1)
         warmup = min(self.hparams.warmup_steps, total)
 
@@ -105,3 +119,14 @@ class TinyMoELanguageModel(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lora_model(model: Any, rank: int, alpha: float, attention: bool, experts: bool) -> Any:
+    """``model`` wrapped by PEFT LoRA: the usual GPT-OSS recipe (attention projections, and the expert weights
+    through ``target_parameters``); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"] if attention else [],
+                        target_parameters=["experts.gate_up_proj", "experts.down_proj"] if experts else None)
+    return get_peft_model(model, config)

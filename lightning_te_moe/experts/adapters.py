@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .activations import GLU, ClampedSwiGLU, HFGate, Ungated
 from .block import ModuleListMoEBlock
 from .layouts import FusedCodec, ModuleListCodec, WeightCodec, _interleave
+from .lora import is_tuner_layer
 from .module import GroupedExperts
 
 
@@ -112,6 +113,9 @@ class ModuleListAdapter(ExpertsAdapter):
                 and isinstance(getattr(module, "top_k", None), int)):
             return None
         first = experts[0]
+        if any(is_tuner_layer(m) for m in first.modules()):
+            raise NotSwappable("PEFT adapters on the expert MLPs' Linear layers are not swapped (the swap keeps PEFT "
+                               "LoRA only on transformers 5.x experts, through LoraConfig(target_parameters=...))")
         names = next((n for n in _MLP_NAMES if all(isinstance(getattr(first, a, None), nn.Linear) for a in n)), None)
         if names is None or not hasattr(first, "act_fn"):
             return None

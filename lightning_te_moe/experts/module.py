@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,24 @@ from .resident import ResidentWeights
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
 from .te_routing import FusedRouting, fused_permutation_available, fused_routing
 
+if TYPE_CHECKING:
+    from .lora import ExpertsLoRA
+
 Backend = Literal["auto", "te", "torch"]
+
+
+class Projection(Protocol):
+    """What a grouped GEMM reads: ``weight [E, out, in]`` and an optional ``bias [E, out]``."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+
+
+class LoraFactor(NamedTuple):
+    """One grouped LoRA factor (``A [E, r, in]`` or ``B [E, out, r]``) as a bias-free projection."""
+
+    weight: Tensor
+    bias: Optional[Tensor] = None
 
 
 class GroupedWeights(nn.Module):
@@ -47,6 +64,10 @@ class GroupedExperts(nn.Module):
     since TE 2.20 drops that bias gradient. The torch backend always adds the biases outside the GEMMs.
 
     ``state_dict`` is written in the original module's layout (``codec``) and either layout loads.
+
+    Under PEFT LoRA on the expert weights (``target_parameters``) PEFT's wrappers stay around this module and keep
+    the adapters; ``lora`` (:class:`~.lora.ExpertsLoRA`) reads them and each active adapter runs as two grouped
+    GEMMs on the same padded rows as the base GEMM (:meth:`_lora`).
     """
 
     def __init__(self, weights: ExpertWeights, activation: nn.Module, codec: WeightCodec, *,
@@ -65,6 +86,8 @@ class GroupedExperts(nn.Module):
         self.fp8_reason = fp8_reason
         self.state = state
         self.cache_quantized_weights = cache_quantized_weights
+        #: PEFT's LoRA wrappers around this module (set by the swap of a PEFT model; not submodules).
+        self.lora: Optional[ExpertsLoRA] = None
         self._engines: dict[tuple[str, str, bool, bool], TEGroupedGemm] = {}
         #: Frozen weights kept on the GPU only as TE's quantized copies (:mod:`.resident`), per projection.
         self._resident = {name: ResidentWeights(cache_quantized_weights) for name in ("fc1", "fc2")}
@@ -107,11 +130,13 @@ class GroupedExperts(nn.Module):
                 route = make_dispatch(index, self.num_experts, align)
                 rows = permute(x.to(dtype), route)
             h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te, recipe, native)
+            h = self._lora("fc1", rows, h, route, use_te)
             if self.fc1.bias is not None and not fc1_bias_in_te:
                 assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
                 h = add_expert_bias(h, self.fc1.bias, route)
-            h = self._gemm("fc2", self.fc2, self.activation(h, fused=use_te), route, use_te, fc2_bias_in_te, recipe,
-                           native)
+            act = self.activation(h, fused=use_te)
+            h = self._gemm("fc2", self.fc2, act, route, use_te, fc2_bias_in_te, recipe, native)
+            h = self._lora("fc2", act, h, route, use_te)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
         if fused is not None:
             out = fused.combine(h)
@@ -156,7 +181,7 @@ class GroupedExperts(nn.Module):
             return te.autocast(enabled=state.experts.is_te, recipe=state.te_recipe(state.experts))
         return nullcontext()
 
-    def _gemm(self, name: str, layer: GroupedWeights, x: Tensor, route: Dispatch | FusedRouting, use_te: bool,
+    def _gemm(self, name: str, layer: Projection, x: Tensor, route: Dispatch | FusedRouting, use_te: bool,
               bias_in_te: bool = False, recipe: Any = None, native: bool = False) -> Tensor:
         """``x @ weight[e].T`` per expert block, plus ``bias[e]`` where ``bias_in_te`` (TE path only);
         ``recipe``: TE's active quantized recipe (None: BF16/FP16); ``native``: TE's native grouped GEMM."""
@@ -166,8 +191,8 @@ class GroupedExperts(nn.Module):
             return torch_grouped_linear(x, weight, route)
         bias = layer.bias if bias_in_te else None
         engine = self._engine(name, weight.shape, x, bias is not None, native)
-        resident = self._resident[name]
-        if resident.eligible(weight, recipe):  # a frozen weight: its GPU copy is the quantized one only
+        resident = self._resident.get(name)  # the base projections (LoRA factors train: never held quantized)
+        if resident is not None and resident.eligible(weight, recipe):  # frozen: its GPU copy is the quantized one
             held = resident.quantized(weight, recipe)
             if held is not None:
                 return engine(x, held, route.splits, bias, route.device_splits, recipe)
@@ -175,7 +200,8 @@ class GroupedExperts(nn.Module):
                          fresh=True)
             resident.keep(weight, recipe, engine.take_quantized(), x.device)
             return out
-        resident.release(weight)
+        if resident is not None:
+            resident.release(weight)
         if not torch.is_autocast_enabled(x.device.type):
             if weight.dtype != x.dtype:
                 weight = weight.to(x.dtype)
@@ -195,6 +221,30 @@ class GroupedExperts(nn.Module):
         """Bring frozen weights held only in quantized form back to the GPU in high precision (unswap, export)."""
         for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)):
             self._resident[name].release(layer.weight)
+
+    def _lora(self, name: str, x: Tensor, h: Tensor, route: Dispatch | FusedRouting, use_te: bool) -> Tensor:
+        """``h + scaling * (x_e @ A_e^T) @ B_e^T`` per expert block for each active adapter: two grouped GEMMs on the
+        rows the base GEMM read (padding rows are zero and stay zero), never a ``[E, out, in]`` delta.
+
+        On the TE path they run on TE engines in the compute dtype, outside any FP8 autocast: the rank is rarely a
+        multiple of the FP8 GEMM dimension (16), and the factors train, so quantizing them every step would cost more
+        than their GEMMs (``r / in`` of the base GEMM's work) and put FP8 error into the update. The split sizes are
+        the base GEMM's: on the device where the routing kept no host copy (TE's native path)."""
+        if self.lora is None:
+            return h
+        native = use_te and (route.splits is None or native_grouped_gemm(None, x.dtype))
+        high_precision: AbstractContextManager = nullcontext()
+        if use_te and active_recipe() is not None:
+            import transformer_engine.pytorch as te
+
+            high_precision = te.autocast(enabled=False)
+        for factors in self.lora.adapters(name, x.dtype):
+            key = f"{name}.lora.{factors.adapter}.r{factors.A.size(1)}"
+            with high_precision:
+                low = self._gemm(f"{key}.A", LoraFactor(factors.A), x, route, use_te, native=native)
+                up = self._gemm(f"{key}.B", LoraFactor(factors.B), low, route, use_te, native=native)
+            h = torch.add(h, up.to(h.dtype), alpha=factors.scaling)
+        return h
 
     def invalidate_quantized_weights(self) -> None:
         """Make TE quantize the expert weights again on the next FP8 forward (after changing them out of band)."""

@@ -21,13 +21,16 @@ class SwapEntry:
     activation: str = ""
     bias: bool = False
     fp8: bool = False
+    #: The PEFT LoRA adapters the swapped experts run (name, rank, alpha, targets); empty without PEFT.
+    lora: str = ""
 
     def line(self) -> str:
         shape = f" E={self.experts} H={self.hidden_size} I={self.intermediate_size}" if self.experts else ""
         extra = f" {self.activation}{', bias' if self.bias else ''};" if self.activation else ""
         fp8 = (" FP8 allowed;" if self.fp8 else "") if self.status == "swapped" else ""
         why = f" {self.reason}" if self.reason else ""
-        return f"  {self.path or '<root>'} ({self.original}): {self.status}{shape};{extra}{fp8}{why}".rstrip(";")
+        lora = f" {self.lora};" if self.lora else ""
+        return f"  {self.path or '<root>'} ({self.original}): {self.status}{shape};{extra}{lora}{fp8}{why}".rstrip(";")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class SwapReport:
         bf16 = [e for e in swapped if not e.fp8]
         kinds = sorted({e.original for e in swapped})
         text = f"swapped {len(swapped)} expert layer(s) of {self.model} ({', '.join(kinds)}) to grouped experts"
+        lora = [e for e in swapped if e.lora]
+        if lora:
+            text += f"; {len(lora)} with PEFT LoRA adapters (run as grouped GEMMs)"
         if again:
             text += f"; {len(again)} already swapped"
         if bf16:

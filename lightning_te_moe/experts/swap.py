@@ -2,7 +2,9 @@
 
 Runs before the optimizer is built (the plugin calls it from ``convert_module``; Lightning's strategy setup
 converts the module, moves it to the device, then sets up optimizers), so the optimizer and DDP only ever
-see the grouped parameters.
+see the grouped parameters. A model with PEFT LoRA on the expert weights (``target_parameters``) keeps PEFT's
+wrappers and adapters; only the module they wrap is swapped, and it runs the adapters (:mod:`.lora`). Apply PEFT
+first, then swap (``unswap_experts`` first to add adapters to a swapped model).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..policy.state import PrecisionState
 from .activations import activation_label
 from .adapters import ExpertsAdapter, ExpertsMatch, NotSwappable, registered_adapters
 from .layouts import ExpertWeights
+from .lora import LoraNotSwappable, PeftChain, attach, detach, peft_chain, read_lora
 from .module import Backend, GroupedExperts
 from .report import SwapEntry, SwapReport
 
@@ -97,6 +100,9 @@ def swap_experts(model: nn.Module, config: Optional[ExpertSwapConfig] = None, *,
 def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence[ExpertsAdapter],
               config: ExpertSwapConfig, state: Optional[PrecisionState],
               keep: Optional[Callable[[nn.Module, str], bool]]) -> Optional[SwapEntry]:
+    chain = peft_chain(module)
+    if chain is not None:  # PEFT's wrappers stay; the module they wrap is the one swapped
+        path, module = path + ".base_layer" * len(chain.wrappers), chain.base
     name = type(module).__name__
     for adapter in adapters:
         try:
@@ -111,14 +117,31 @@ def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence
             return SwapEntry(path, name, "not swappable", "the root module cannot be replaced in place", adapter.name)
         experts = _build(match, config, state)
         replacement = adapter.replace(module, experts)
+        lora = ""
+        if chain is not None:
+            try:
+                lora = _attach_lora(experts, chain, match, replacement)
+            except LoraNotSwappable as why:
+                return SwapEntry(path, name, "not swappable", str(why), adapter.name)
         replacement._swap_origin = SwapOrigin(module, match.holder)
         match.holder.to_empty(device="meta")  # the original keeps its structure, not a second copy of the weights
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, replacement)
         return SwapEntry(path, name, "swapped", experts.fp8_reason or "", adapter.name, experts.num_experts,
                          experts.hidden_size, experts.intermediate_size, activation_label(experts.activation),
-                         experts.fc1.bias is not None, experts.fp8_reason is None)
+                         experts.fc1.bias is not None, experts.fp8_reason is None, lora)
     return None
+
+
+def _attach_lora(experts: GroupedExperts, chain: PeftChain, match: ExpertsMatch, replacement: nn.Module) -> str:
+    """Let the grouped module run the adapters of PEFT's wrappers; the report's description of them."""
+    if replacement is not experts:
+        raise LoraNotSwappable("PEFT adapters on experts whose adapter replaces an enclosing block: not supported")
+    shapes = {"fc1": (experts.hidden_size, experts.fc1.weight.size(1)),
+              "fc2": (experts.intermediate_size, experts.hidden_size)}
+    lora = read_lora(chain, match.codec, experts.num_experts, shapes)
+    attach(experts, lora)
+    return lora.label()
 
 
 def _build(match: ExpertsMatch, config: ExpertSwapConfig, state: Optional[PrecisionState]) -> GroupedExperts:
@@ -151,6 +174,7 @@ def unswap_experts(model: nn.Module) -> int:
         experts = module if isinstance(module, GroupedExperts) else module.get_submodule("experts")
         assert isinstance(experts, GroupedExperts)
         experts.release_quantized_weights()  # frozen weights parked on the host come back first
+        detach(experts)  # PEFT's wrappers (if any) apply their adapters to the original again
         weight = experts.fc1.weight
         origin.holder.to_empty(device=weight.device)
         origin.holder.to(dtype=weight.dtype)

@@ -1,0 +1,157 @@
+"""PEFT LoRA on swapped experts on a GPU: the adapters on TE's engines (BF16, and beside FP8 base GEMMs) against
+PEFT on the unswapped layer, the split-size path TE's native grouped GEMM uses, and a LoRA fit with the plugin."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
+peft = pytest.importorskip("peft")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experts_helpers import cuda_experts_layer, fp8_recipes_here, layer_step, precision_state, rel_err  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
+from lightning_te_moe.experts import gemm as experts_gemm  # noqa: E402
+from lightning_te_moe.experts import module as experts_module  # noqa: E402
+
+
+def _peft_layer(arch: str, rank: int) -> torch.nn.Module:
+    """PEFT LoRA (random B, so the adapters act) on one tiny BF16 experts layer: the unswapped reference."""
+    holder = torch.nn.Module()
+    holder.experts = cuda_experts_layer(arch)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                        init_lora_weights=False)
+    return get_peft_model(holder, config)
+
+
+def _experts(model: torch.nn.Module) -> torch.nn.Module:
+    return model.base_model.model.experts
+
+
+def _grouped(model: torch.nn.Module) -> GroupedExperts:
+    return next(m for m in model.modules() if isinstance(m, GroupedExperts))
+
+
+def _routing(tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Distinct experts per token; experts 5..7 get no token (empty blocks)."""
+    gen = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(tokens, 8, device="cuda", generator=gen)
+    logits[:, 5:] = -torch.inf
+    top, index = torch.topk(logits, 2, dim=-1)
+    grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
+
+
+def _step(model: torch.nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """One forward + backward of the (wrapped) experts layer: output, input/routing grads and the adapter grads."""
+    out = layer_step(_experts(model), *data)
+    out.update({n.split("experts.", 1)[1]: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
+@pytest.mark.parametrize(("recipe", "rank"), [("bf16", 16), ("bf16", 4), *((r, 16) for r in fp8_recipes_here())])
+def test_lora_on_te_engines_matches_peft(arch: str, recipe: str, rank: int) -> None:
+    """Swapped (TE engines, the adapters as grouped GEMMs; rank 4 is below any GEMM alignment) vs PEFT's
+    parametrized delta on the unswapped layer: output, input and routing-weight gradients, every adapter gradient."""
+    ref = _peft_layer(arch, rank)
+    ours = copy.deepcopy(ref)
+    assert len(swap_experts(ours, state=precision_state(recipe)).swapped) == 1
+    data = _routing(999)
+    want, got = _step(ref, data), _step(ours, data)
+    engines = _grouped(ours)._engines
+    assert any(".lora." in key[0] for key in engines), "the adapters did not run on TE engines"
+    assert set(got) == set(want) and any("lora_B" in k for k in got)
+    errors = {k: rel_err(got[k], want[k]) for k in want}
+    print(arch, recipe, rank, {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(torch.isfinite(v).all() for v in got.values())
+    assert max(errors.values()) <= (2e-2 if recipe == "bf16" else 0.1), errors
+
+
+@pytest.mark.parametrize("recipe", fp8_recipes_here())
+def test_adapters_run_outside_fp8_beside_fp8_base_gemms(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an FP8 experts recipe the base GEMMs run in FP8 and the adapter GEMMs (in or out features = rank) in
+    BF16, each engine call seeing the TE autocast state it should."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    seen: list[tuple[int, int, bool]] = []
+    original = experts_gemm.TEGroupedGemm.__call__
+
+    def spy(engine: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        module = engine.module
+        seen.append((module.in_features, module.out_features, FP8GlobalStateManager.is_fp8_enabled()))
+        return original(engine, *args, **kwargs)
+
+    monkeypatch.setattr(experts_gemm.TEGroupedGemm, "__call__", spy)
+    ours = _peft_layer("gpt_oss", 16)
+    swap_experts(ours, state=precision_state(recipe))
+    _step(ours, _routing(512))
+    lora = {fp8 for i, o, fp8 in seen if 16 in (i, o)}
+    base = {fp8 for i, o, fp8 in seen if 16 not in (i, o)}
+    assert lora == {False} and base == {True}, seen
+
+
+@pytest.mark.parametrize("recipe", ["bf16", *fp8_recipes_here()])
+def test_lora_on_device_split_sizes_computes_the_same(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where TE's native grouped GEMM runs, the routing keeps no host split sizes and the adapter engines get the
+    device ones too (this image's cuBLASLt makes TE fall back to its split path on them): same outputs and grads."""
+    exact = _peft_layer("gpt_oss", 16)
+    swap_experts(exact, state=precision_state(recipe))
+    free = copy.deepcopy(exact)
+    data = _routing(777, seed=2)
+    a = _step(exact, data)
+    monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: True)
+    b = _step(free, data)
+    engines = _grouped(free)._engines
+    assert engines and all(engine.native for engine in engines.values())
+    assert any(".lora." in key[0] for key in engines)
+    errors = {k: rel_err(b[k], a[k]) for k in a}
+    print(recipe, {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(errors.values()) <= (1e-3 if recipe == "bf16" else 2e-2), errors
+
+
+def test_lora_fit_with_the_plugin_default_plan(tmp_path: Path) -> None:
+    """The example model's LoRA fine-tune under the plugin's default plan on this GPU: adapters train, the base
+    stays frozen, the loss falls, and the swapped experts ran the adapters."""
+    import lightning as L
+
+    from lightning_te_moe import TEMoEPrecision
+    from lightning_te_moe.example.model import TinyMoELanguageModel
+
+    class Recording(TinyMoELanguageModel):
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.losses.append(loss.item())
+            return loss
+
+    module = Recording(hidden_size=64, intermediate_size=128, num_experts=8, lora_rank=16, lora_alpha=32, lr=1e-2,
+                       warmup_steps=1)
+    module.losses = []
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    data = torch.arange(80).remainder(7).repeat(16, 1)[:, :65]
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    plugin = TEMoEPrecision()
+    trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=20, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    print("plan:", plugin.plan.summary(), "losses:", [round(v, 3) for v in module.losses[::4]])
+    experts = [m for m in module.modules() if isinstance(m, GroupedExperts)]
+    assert len(experts) == 2 and all(m.lora is not None and m._engines for m in experts)
+    after = {k: v.cpu() for k, v in module.state_dict().items()}
+    lora = [k for k in start if ".lora_" in k]
+    assert all(not torch.equal(after[k], start[k].cpu()) for k in lora)
+    assert all(torch.equal(after[k], v.cpu()) for k, v in start.items() if k not in lora)
+    assert all(math.isfinite(v) for v in module.losses)
+    assert sum(module.losses[-4:]) < 0.97 * sum(module.losses[:4])
