@@ -57,3 +57,26 @@ def test_the_layer_function_and_gradients_are_those_of_the_exact_dispatch() -> N
 
     for got, want in zip(run(False), run(True)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_bf16_experts_take_grouped_mm_only_where_te_would_run_one_gemm_per_expert() -> None:
+    from lightning_te_moe.experts.gemm import GROUPED_MM_MAX_TOKENS, grouped_mm_runs, prefer_grouped_mm
+
+    assert prefer_grouped_mm(1024, None, native=False)
+    assert prefer_grouped_mm(GROUPED_MM_MAX_TOKENS, None, native=False)
+    assert not prefer_grouped_mm(GROUPED_MM_MAX_TOKENS + 1, None, native=False)  # large batches: TE's GEMMs win
+    assert not prefer_grouped_mm(1024, None, native=True)  # TE's native grouped GEMM: one launch already
+    assert not prefer_grouped_mm(1024, object(), native=False)  # a quantized recipe: TE
+    cuda = torch.device("cuda")
+    assert grouped_mm_runs(cuda, torch.bfloat16, [2880, 5760, 16])
+    assert not grouped_mm_runs(cuda, torch.bfloat16, [2880, 5760, 4])  # a LoRA rank of 4
+    assert not grouped_mm_runs(cuda, torch.float16, [2880, 5760])
+    assert not grouped_mm_runs(torch.device("cpu"), torch.bfloat16, [2880, 5760])
+
+
+def test_a_dispatch_without_host_splits_refuses_the_per_expert_loop() -> None:
+    from lightning_te_moe.experts.gemm import torch_grouped_linear
+
+    d = make_dispatch(torch.randint(0, 4, (6, 2)), 4, host_splits=False)
+    with pytest.raises(ValueError, match="without host split sizes needs torch's grouped_mm"):
+        torch_grouped_linear(torch.randn(d.rows, 8), torch.randn(4, 8, 8), d)

@@ -37,10 +37,29 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+#: Up to this many tokens per call, BF16 experts run on torch's ``grouped_mm`` (one launch per GEMM, offsets on the
+#: device: no host sync) where TE would run one GEMM per expert (its native grouped GEMM unavailable). Measured on an
+#: H100, GPT-OSS-20B expert layer, cuBLASLt 13.1 (docs/performance.md, 2026-11-24): grouped_mm 8.9 ms vs TE 10.1 ms at
+#: 4,096 tokens, 28.8 vs 19.9 ms at 16,384; and in the full model at 1,024 tokens TE's per-expert path took 3.6 ms of
+#: host time per projection and layer against 0.1 ms of GPU time (benchmarks/step_profile.py, 2026-11-27).
+GROUPED_MM_MAX_TOKENS = 8192
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dims: Sequence[int]) -> bool:
+    """torch's fused grouped GEMM runs here: CUDA, BF16, every matrix dimension 16-byte aligned (CPU's lacks a
+    robust backward)."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and all(d % 8 == 0 for d in dims))
+
+
+def prefer_grouped_mm(tokens: int, recipe: Any, native: bool) -> bool:
+    """BF16 experts (no quantized recipe) with TE's native grouped GEMM unavailable, at most
+    :data:`GROUPED_MM_MAX_TOKENS` tokens: torch's ``grouped_mm`` beats TE's one GEMM per expert there."""
+    return recipe is None and not native and tokens <= GROUPED_MM_MAX_TOKENS
+
+
 def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
-    """torch's fused grouped GEMM runs here (CUDA, BF16, 16-byte aligned dims); CPU's lacks a robust backward."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
-            and weight.size(1) % 8 == 0 and weight.size(2) % 8 == 0)
+    return grouped_mm_runs(x.device, x.dtype, weight.shape[1:])
 
 
 def torch_grouped_linear(x: Tensor, weight: Tensor, dispatch: Dispatch) -> Tensor:
@@ -49,6 +68,8 @@ def torch_grouped_linear(x: Tensor, weight: Tensor, dispatch: Dispatch) -> Tenso
     if _grouped_mm_ok(x, weight):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=dispatch.offsets)
     splits = dispatch.splits
+    if splits is None:
+        raise ValueError("a dispatch without host split sizes needs torch's grouped_mm (CUDA, BF16, dims % 8)")
     parts = [F.linear(chunk, weight[e]) for e, chunk in enumerate(x.split(splits)) if splits[e]]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.size(1))
 

@@ -130,6 +130,10 @@ class ExpertsLoRA:
             grouped_b = b.view(b.size(0), -1, experts).permute(2, 0, 1).contiguous()
         return Factors(adapter, grouped_a, grouped_b, float(wrapper.scaling[adapter]))
 
+    def ranks(self) -> list[int]:
+        """The rank of every adapter (the inner dimension of its grouped GEMMs)."""
+        return [int(wrapper.r[name]) for wrapper in (site.wrapper for site in self.sites) for name in wrapper.lora_A]
+
     def site_of(self, wrapper: nn.Module) -> LoraSite:
         return next(site for site in self.sites if site.wrapper is wrapper)
 

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from ..policy.state import PrecisionState
 from .activations import activation_label
-from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, native_grouped_gemm, te_applies_bias, te_available,
-                   torch_grouped_linear)
+from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, grouped_mm_runs, native_grouped_gemm, prefer_grouped_mm,
+                   te_applies_bias, te_available, torch_grouped_linear)
 from .layouts import ExpertWeights, WeightCodec
 from .resident import ResidentWeights
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
@@ -108,16 +108,19 @@ class GroupedExperts(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         index, weights = top_k_index.reshape(x.size(0), -1), top_k_weights.reshape(x.size(0), -1)
-        use_te = self._use_te(x)
+        te_kernels = self._use_te(x)  # TE's kernels on CUDA: activation, permutation and (below) the GEMMs
         dtype = compute_dtype(x)
-        fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
-        fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
-        biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)
-                          or (self.fc2.bias is not None and not fc2_bias_in_te))
-        with self._precision(use_te):
-            recipe = active_recipe() if use_te else None  # the experts' own recipe, inside their autocast
+        with self._precision(te_kernels):
+            recipe = active_recipe() if te_kernels else None  # the experts' own recipe, inside their autocast
             # TE's native grouped GEMM reads the split sizes on the device: the fused routing then skips the sync.
-            native = use_te and native_grouped_gemm(recipe, dtype)
+            native = te_kernels and native_grouped_gemm(recipe, dtype)
+            # torch's grouped_mm reads its offsets on the device too: the torch dispatch then skips the sync.
+            grouped_mm = x.is_cuda and grouped_mm_runs(x.device, dtype, self._gemm_dims())
+            use_te = te_kernels and not (grouped_mm and prefer_grouped_mm(x.size(0), recipe, native))
+            fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
+            fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
+            biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)
+                              or (self.fc2.bias is not None and not fc2_bias_in_te))
             align = self._alignment(use_te)
             fused = None
             if use_te and not biases_outside and x.size(0) and fused_permutation_available():
@@ -127,14 +130,14 @@ class GroupedExperts(nn.Module):
                 route = fused
                 rows = fused.permute(x.to(dtype))
             else:
-                route = make_dispatch(index, self.num_experts, align)
+                route = make_dispatch(index, self.num_experts, align, host_splits=use_te or not grouped_mm)
                 rows = permute(x.to(dtype), route)
             h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te, recipe, native)
             h = self._lora("fc1", rows, h, route, use_te)
             if self.fc1.bias is not None and not fc1_bias_in_te:
                 assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
                 h = add_expert_bias(h, self.fc1.bias, route)
-            act = self.activation(h, fused=use_te)
+            act = self.activation(h, fused=te_kernels)
             h = self._gemm("fc2", self.fc2, act, route, use_te, fc2_bias_in_te, recipe, native)
             h = self._lora("fc2", act, h, route, use_te)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
@@ -145,6 +148,13 @@ class GroupedExperts(nn.Module):
             if self.fc2.bias is not None and not fc2_bias_in_te:
                 out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
         return out.to(hidden_states.dtype).reshape(shape)
+
+    def _gemm_dims(self) -> list[int]:
+        """Every matrix dimension of this layer's GEMMs, LoRA ranks included."""
+        dims = [self.hidden_size, self.intermediate_size, self.fc1.weight.size(1)]
+        if self.lora is not None:
+            dims += self.lora.ranks()
+        return dims
 
     def _use_te(self, x: Tensor) -> bool:
         if self.backend == "torch":
