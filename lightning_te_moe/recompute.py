@@ -66,8 +66,8 @@ class PrecisionSnapshot:
 
     @classmethod
     def capture(cls) -> PrecisionSnapshot:
-        autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), torch.is_autocast_cache_enabled())
-                         for d in _DEVICES)
+        cache = torch.is_autocast_cache_enabled()
+        autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in _DEVICES)
         return cls(autocast, te_autocast_state())
 
     def forward(self) -> AbstractContextManager:

@@ -134,6 +134,8 @@ def _adapter_prefixes(modules: dict[str, nn.Module]) -> list[str]:
     ``get_base_layer``) except the ``base_layer`` the adapter wraps."""
     prefixes = []
     for path, module in modules.items():
-        if isinstance(getattr(module, "base_layer", None), nn.Module) and callable(getattr(module, "get_base_layer", None)):
-            prefixes += [f"{path}.{name}" if path else name for name, _ in module.named_children() if name != "base_layer"]
+        if not (isinstance(getattr(module, "base_layer", None), nn.Module)
+                and callable(getattr(module, "get_base_layer", None))):
+            continue
+        prefixes += [f"{path}.{name}" if path else name for name, _ in module.named_children() if name != "base_layer"]
     return prefixes
