@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import te_standin
 import torch
+import torch.nn.functional as F
 from experts_helpers import tiny_model
-from te_standin import Float8CurrentScaling, autocast
+from te_standin import Float8CurrentScaling, autocast, fake_fp8
 
 from lightning_te_moe.dense import TEDenseLinear, swap_dense, unswap_dense
 
@@ -58,9 +59,21 @@ def test_lora_applied_first_keeps_training_on_the_te_base_layer(monkeypatch: pyt
         with autocast(recipe=Float8CurrentScaling()):
             _step(model, opt, seed)
     assert all(not torch.equal(before[k], v) for k, v in _adapter_state(model).items())  # the adapters train
-    q_calls = [c.first_microbatch for c in te.calls if c.layer == id(layer.q_proj.base_layer._engines["cpu"].module)]
-    assert q_calls == [True, False, False]  # the frozen base: quantized once for the run
-    assert layer.q_proj.base_layer.weight.grad is None and not layer.q_proj.base_layer.weight.requires_grad
+    base = layer.q_proj.base_layer
+    engine = id(base._engines["cpu"].module)
+    assert [c.first_microbatch for c in te.calls if c.layer == engine] == [True, False, False]  # quantized once
+    assert base.weight.grad is None and not base.weight.requires_grad
+
+    x = torch.randn(16, 32)
+    for change in (model.merge_adapter, model.unmerge_adapter):  # both rewrite the base weight through .data
+        before = base.weight.detach().clone()
+        change()
+        assert not torch.equal(base.weight, before)
+        with autocast(recipe=Float8CurrentScaling()):
+            assert torch.equal(base(x), F.linear(fake_fp8(x), fake_fp8(base.weight), base.bias))
+    assert [c.first_microbatch for c in te.calls if c.layer == engine][3:] == [True, True]  # quantized again
+    unswap_dense(model)
+    assert "merge" not in layer.q_proj.__dict__ and type(layer.q_proj.base_layer) is torch.nn.Linear
 
 
 def test_lora_applied_after_the_swap_wraps_the_te_layer_merges_and_saves(tmp_path: Path) -> None:

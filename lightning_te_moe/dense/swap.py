@@ -4,13 +4,16 @@ Attention projections (q/k/v/o, MLA's), shared experts and dense MLP blocks beco
 holding the very same parameters; routers, the output head and embeddings stay in the compute dtype by rule
 (``dense-high-precision-parts``), and so do expert layers (the expert swap's), PEFT adapters and layers whose
 dimensions TE's quantized GEMMs cannot take. A PEFT ``lora.Linear`` keeps wrapping the layer: the swap replaces
-its ``base_layer``. Runs before the optimizer is built (the plugin calls it from ``convert_module``).
+its ``base_layer``, and makes the LoRA layer's ``merge``/``unmerge`` (which change the base weight through
+``.data``, unseen by the quantized-weight cache) drop TE's quantized copy. Runs before the optimizer is built
+(the plugin calls it from ``convert_module``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -26,6 +29,9 @@ from .roles import Classifier
 
 #: Weight-dimension multiple without a plan: what TE's FP8 GEMMs need.
 FP8_DIM_MULTIPLE = DIM_MULTIPLE["Float8CurrentScaling"]
+#: Methods of a PEFT tuner layer that rewrite its base layer's weight in place through ``.data``.
+_MERGE_METHODS = ("merge", "unmerge")
+_MERGE_HOOKED = "_te_moe_invalidates_on_merge"
 
 
 @dataclass
@@ -87,6 +93,7 @@ def swap_dense(model: nn.Module, config: Optional[DenseSwapConfig] = None, *, pl
         name = type(module).__name__
         if isinstance(module, TEDenseLinear):
             module.cache_quantized_weights = config.cache_quantized_weights
+            _invalidate_on_merge(classifier.parent(path), module)
             report.entries.append(DenseEntry(path, name, "already swapped", classifier.role(path), "", "",
                                              module.in_features, module.out_features))
             continue
@@ -101,10 +108,30 @@ def swap_dense(model: nn.Module, config: Optional[DenseSwapConfig] = None, *, pl
             layer = TEDenseLinear.from_linear(module, config.cache_quantized_weights)
             layer._swap_origin = SwapOrigin(module)
             parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), child, layer)
+            parent = model.get_submodule(parent_path)
+            setattr(parent, child, layer)
+            _invalidate_on_merge(parent, layer)
         report.entries.append(DenseEntry(path, name, status, verdict.role, verdict.reason, verdict.rule,
                                          module.in_features, module.out_features))
     return report
+
+
+def _merged(method: Callable[..., Any], layer: TEDenseLinear, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return method(*args, **kwargs)
+    finally:
+        layer.invalidate_quantized_weights()
+
+
+def _invalidate_on_merge(parent: Optional[nn.Module], layer: TEDenseLinear) -> None:
+    """Where ``parent`` is a PEFT tuner layer around ``layer``: its merge/unmerge also drop TE's quantized weight."""
+    if parent is None or getattr(parent, "base_layer", None) is not layer or _MERGE_HOOKED in parent.__dict__:
+        return
+    if not all(callable(getattr(parent, name, None)) for name in _MERGE_METHODS):
+        return
+    for name in _MERGE_METHODS:
+        parent.__dict__[name] = functools.partial(_merged, getattr(parent, name), layer)
+    parent.__dict__[_MERGE_HOOKED] = True
 
 
 def unswap_dense(model: nn.Module) -> int:
@@ -119,7 +146,11 @@ def unswap_dense(model: nn.Module) -> int:
         original.bias = module.bias
         original.train(module.training)
         parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, original)
+        parent = model.get_submodule(parent_path)
+        if parent.__dict__.pop(_MERGE_HOOKED, False):
+            for name in _MERGE_METHODS:
+                parent.__dict__.pop(name, None)
+        setattr(parent, child, original)
         restored += 1
     return restored
 
