@@ -160,7 +160,10 @@ def test_a_step_down_changes_the_dense_recipe_from_the_next_step(monkeypatch: py
 
 def _grads_with_plugin(base: torch.nn.Module, recipe: str, checkpointing: str) -> dict[str, torch.Tensor]:
     """One step of a fresh copy under a fresh plugin: ``checkpointing`` is "off", "ours" or "plain" (transformers'
-    own checkpoint function, the wrapper removed)."""
+    own checkpoint function, the wrapper removed). TE's global FP8 state starts as in a fresh process."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    FP8GlobalStateManager.reset()
     model = copy.deepcopy(base)
     if checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
