@@ -65,7 +65,7 @@ class Classifier:
                  module_filter: Optional[Callable[[nn.Module, str], bool]] = None) -> None:
         self.model, self.multiple, self.module_filter = model, multiple, module_filter
         self.modules = dict(model.named_modules())
-        self.heads = {id(m) for m in _hf_embeddings(model, "get_output_embeddings")}
+        self.heads = {id(m) for m in _output_heads(model)}
         self.adapters = _adapter_prefixes(self.modules)
 
     def parent(self, path: str) -> Optional[nn.Module]:
@@ -114,11 +114,11 @@ class Classifier:
         return None
 
 
-def _hf_embeddings(model: nn.Module, getter: str) -> list[nn.Module]:
-    """The modules transformers models return from ``getter`` (``get_output_embeddings``), for every model inside."""
+def _output_heads(model: nn.Module) -> list[nn.Module]:
+    """What every transformers model inside ``model`` returns from ``get_output_embeddings()``."""
     found = []
     for module in model.modules():
-        get = getattr(module, getter, None)
+        get = getattr(module, "get_output_embeddings", None)
         if callable(get):
             try:
                 result = get()
