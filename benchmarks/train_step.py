@@ -3,8 +3,9 @@
 Hidden 2880, 64 heads, 8 KV heads, head dim 64, 32 experts top-4, vocab 32k, sliding window 128 on
 alternate layers, batch 4 x 2048 tokens, BF16 weights, fused AdamW; forward (loss), backward, optimizer step.
 Variants: transformers eager / default (grouped_mm) experts on eager attention, and the plugin (its module
-swaps and forward context, without a Trainer) with the attention swap on/off, per recipe, and a
-frozen-experts fine-tuning step. Median step time over --steps after --warmup steps; peak memory of the
+swaps and forward context, without a Trainer) with the attention swap on/off, per recipe with the dense layers
+on TE (the default) and in BF16 (``swap_dense=False``), with gradient checkpointing, and a frozen-experts
+fine-tuning step. Median step time over --steps after --warmup steps; peak memory of the
 run. Writes train_step.json to --out; ``--render FILE`` puts its table (and, with ``--attention-core``, the
 table of ``benchmarks/attention_core.py``) into docs/performance.md.
 
@@ -37,6 +38,8 @@ class Variant(NamedTuple):
     recipe: Optional[str] = None  # None: plain transformers, no plugin
     attention: bool = False  # the plugin's attention swap
     frozen_experts: bool = False
+    dense: bool = True  # the plugin's dense swap (attention projections on te.Linear under quantized recipes)
+    checkpointing: bool = False  # transformers' gradient_checkpointing_enable() before the plugin's setup
 
 
 VARIANTS = [
@@ -48,6 +51,12 @@ VARIANTS = [
     Variant("plugin fp8_current, attention swap on", "eager", "fp8_current", True),
     Variant("plugin fp8_delayed, attention swap on", "eager", "fp8_delayed", True),
     Variant("plugin fp8_block, attention swap on", "eager", "fp8_block", True),
+    Variant("plugin fp8_current, attention swap on, dense in BF16", "eager", "fp8_current", True, dense=False),
+    Variant("plugin fp8_delayed, attention swap on, dense in BF16", "eager", "fp8_delayed", True, dense=False),
+    Variant("plugin fp8_block, attention swap on, dense in BF16", "eager", "fp8_block", True, dense=False),
+    Variant("plugin bf16, attention swap on, gradient checkpointing", "eager", "bf16", True, checkpointing=True),
+    Variant("plugin fp8_current, attention swap on, gradient checkpointing", "eager", "fp8_current", True,
+            checkpointing=True),
     Variant("plugin bf16, attention swap on, experts frozen", "eager", "bf16", True, True),
 ]
 
@@ -72,6 +81,8 @@ def run(variant: Variant, steps: int, warmup: int = 3) -> dict[str, Any]:
     from contextlib import nullcontext
 
     model = build(variant.experts)
+    if variant.checkpointing:
+        model.gradient_checkpointing_enable()
     if variant.frozen_experts:
         for name, p in model.named_parameters():
             if ".experts." in name:
@@ -79,12 +90,15 @@ def run(variant: Variant, steps: int, warmup: int = 3) -> dict[str, Any]:
     context, info = nullcontext, {}
     if variant.recipe is not None:
         from lightning_te_moe import TEMoEPrecision
+        from lightning_te_moe.dense import TEDenseLinear
 
         plugin = TEMoEPrecision(variant.recipe, params_dtype="bfloat16", print_plan=False, guard=False,
-                                swap_attention=variant.attention)
+                                swap_attention=variant.attention, swap_dense=variant.dense)
         plugin.convert_module(model)
         context = plugin.forward_context
-        info = {"plan": plugin.plan.summary(), "swaps": [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]}
+        swaps = [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]
+        info = {"plan": plugin.plan.summary(), "swaps": swaps,
+                "dense_on_te": sum(isinstance(m, TEDenseLinear) for m in model.modules())}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -151,7 +165,9 @@ def render(results: dict[str, Any], attention_core: Optional[dict[str, Any]] = N
              f"batch {BATCH} x {SEQ}, BF16 weights, fused AdamW; median of {rows[0].get('steps', '?')} steps after "
              f"{rows[0].get('warmup', 3)} warm-up steps (per-step times in the raw results); peak = `torch.cuda.max_memory_allocated` over the run. Plugin rows run its module swaps "
              "(the expert swap as committed when this ran, and the attention swap) and forward context without a "
-             "Trainer. Raw results: `benchmarks/train_step_h100.json`, `benchmarks/attention_core_h100.json`.", "",
+             "Trainer; they run the dense layers (attention projections) on te.Linear unless the row says \"dense in "
+             "BF16\" (`swap_dense=False`). Raw results: `benchmarks/train_step_h100.json`, "
+             "`benchmarks/attention_core_h100.json`.", "",
              "| variant | step | tokens/s | vs transformers default | peak memory | loss (first -> last timed step) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -181,10 +197,23 @@ def notes(rows: list[dict[str, Any]], base: Optional[dict[str, Any]]) -> list[st
         out.append(f"- Best full-training plugin step: {best['name']}, {best['tokens_per_s']:,.0f} tokens/s = "
                    f"{base['median_ms'] / best['median_ms']:.2f}x transformers default (target >= 2.5x, >= 62k), peak "
                    f"{best['peak_gib']:.1f} GiB vs {base['peak_gib']:.1f} GiB.")
-        slower = [n for n, r in done.items() if "fp8" in n and on and r["median_ms"] > on["median_ms"]]
+        slower = [n for n, r in done.items() if "fp8" in n and "checkpointing" not in n and on
+                  and r["median_ms"] > on["median_ms"]]
         if slower:
             out.append(f"- Slower than BF16 here: {', '.join(slower)} (see the `hopper-grouped-fp8-slow` rule; "
                        "`auto` follows the rules table, `autotune=True` times the shapes).")
+    for name, row in done.items():
+        bf16_dense = done.get(f"{name}, dense in BF16")
+        if bf16_dense:
+            out.append(f"- {name.removeprefix('plugin ').split(',')[0]}: dense layers on TE {row['median_ms']:.1f} ms, "
+                       f"peak {row['peak_gib']:.1f} GiB vs dense in BF16 {bf16_dense['median_ms']:.1f} ms, "
+                       f"peak {bf16_dense['peak_gib']:.1f} GiB ({row.get('dense_on_te', '?')} layers on TE).")
+        plain = done.get(name.removesuffix(", gradient checkpointing"))
+        if name.endswith("gradient checkpointing") and plain:
+            out.append(f"- Gradient checkpointing, {name.removeprefix('plugin ').split(',')[0]}: "
+                       f"{row['median_ms']:.1f} ms vs {plain['median_ms']:.1f} ms without "
+                       f"(+{row['median_ms'] / plain['median_ms'] - 1:.0%}), peak {row['peak_gib']:.1f} GiB vs "
+                       f"{plain['peak_gib']:.1f} GiB.")
     return out
 
 

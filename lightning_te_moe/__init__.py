@@ -1,6 +1,7 @@
 """lightning-te-moe: a Lightning precision plugin for training MoE models with NVIDIA Transformer Engine."""
 
 from .attention import swap_attention, unswap_attention
+from .dense import DenseSwapConfig, swap_dense, unswap_dense
 from .experts import (
                      ExpertSwapConfig,
                      GroupedExperts,
@@ -25,6 +26,7 @@ from .policy import (
 
 __all__ = [
     "RECIPE_NAMES",
+    "DenseSwapConfig",
     "DivergenceError",
     "DivergenceGuard",
     "Environment",
@@ -42,8 +44,10 @@ __all__ = [
     "probe_environment",
     "register_adapter",
     "swap_attention",
+    "swap_dense",
     "swap_experts",
     "unswap_attention",
+    "unswap_dense",
     "unswap_experts",
 ]
 __version__ = "0.1.0"

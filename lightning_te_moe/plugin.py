@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from .compiled import compiled_modules
 from .console import print_rank_zero
 from .guard import DecisionLog, DivergenceGuard, GuardConfig, attach_sinks
 from .policy import (
@@ -61,6 +62,9 @@ class TEMoEPrecision(Precision):
             softmax; Mixtral/Qwen3-MoE: vanilla) where the plan allows fused attention on CUDA with TE; attention
             with different q/k and v head sizes (DeepSeek MLA) and every other case keep the model's own,
             with the reason printed (rank 0) and recorded as a decision.
+        swap_dense: run dense linear layers (attention projections, shared experts, dense MLPs) on TE's
+            ``te.Linear`` where the plan runs a quantized dense recipe on CUDA with TE; routers, the output head,
+            embeddings and layers TE cannot run stay as they are, with the reason (docs/dense.md).
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
         guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard.config.GuardConfig`).
@@ -86,6 +90,7 @@ class TEMoEPrecision(Precision):
         swap_experts: bool = True,
         cache_quantized_weights: bool = True,
         swap_attention: bool = True,
+        swap_dense: bool = True,
         guard: bool = True,
         guard_config: Optional[GuardConfig] = None,
         autotune: bool = False,
@@ -125,6 +130,14 @@ class TEMoEPrecision(Precision):
             from .attention import swap_for_plugin as swap_attention_for_plugin
 
             self.module_swaps.append(swap_attention_for_plugin)
+        if swap_dense:
+            from .dense import DenseSwapConfig, swap_for_plugin as swap_dense_for_plugin
+
+            config = DenseSwapConfig(cache_quantized_weights=cache_quantized_weights)
+            self.module_swaps.append(functools.partial(swap_dense_for_plugin, config=config))
+        from .recompute import recompute_for_plugin
+
+        self.module_swaps.append(recompute_for_plugin)  # after the swaps: checkpointed layers recompute on TE too
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self, device: torch.device, torch_compile: bool = False,
@@ -167,7 +180,7 @@ class TEMoEPrecision(Precision):
         self._model = module
         if self.state is None:
             device = trainer.strategy.root_device if trainer is not None else _default_device()
-            compiled = getattr(module, "_compiler_ctx", None) is not None
+            compiled = bool(compiled_modules(module))
             plan = self.make_plan(device, torch_compile=compiled)
             if trainer is not None and trainer.world_size > 1:  # every rank runs rank 0's plan
                 plan = Plan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))

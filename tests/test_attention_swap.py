@@ -102,4 +102,7 @@ def test_plugin_on_cpu_prints_the_reason_and_plans_attention_as_the_models_own(c
     assert "device is cpu" in capsys.readouterr().out
     assert not plugin.plan.fused_attention and plugin.decisions.count("swap") == 0
     assert not _swapped(model)
-    assert not TEMoEPrecision(swap_attention=False, swap_experts=False).module_swaps
+    from lightning_te_moe.recompute import recompute_for_plugin
+
+    swaps = TEMoEPrecision(swap_attention=False, swap_experts=False, swap_dense=False).module_swaps
+    assert swaps == [recompute_for_plugin]  # no module swap left, only the checkpointing wrapper

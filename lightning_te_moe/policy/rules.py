@@ -254,6 +254,16 @@ RULES: tuple[Rule, ...] = (
          " cuBLASLt >= 13.4, >= 13.5 for FP8 current scaling): for GPT-OSS-20B experts FP8 delayed scaling was"
          " 18% faster than BF16 at 65k tokens a step but only at par at 16k, FP8 current scaling slower than"
          " BF16 below 65k, and every FP8 recipe slower at 4k; autotune=True times your shapes."),
+    # -- which layers run the dense recipe --------------------------------------------------------
+    Rule("dense-high-precision-parts",
+         "DeepSeek-V3 technical report (arXiv 2412.19437) sec. 3.3.1; TE utils.assert_dim_for_fp8_exec",
+         When(device="cuda", cc_min=8.9, te_installed=True),
+         Effect(),
+         "Dense linear layers (attention projections, shared experts, dense MLPs) run the dense recipe on"
+         " te.Linear; the embeddings, the output head and the MoE routers stay in the compute dtype: a router's"
+         " top-k flips on small logit errors and its GEMM is too narrow to gain, the head's logits feed the loss"
+         " directly, an embedding is a lookup, not a GEMM. Layers whose dimensions are not multiples of 16 (32 for"
+         " MXFP8/NVFP4) stay nn.Linear."),
     # -- TE's own availability checks, when TE is installed on the real device ------------------
     Rule("te-check-fp8", "TE is_fp8_available", When(te_reports_unavailable="fp8"),
          Effect(forbid=_FP8_SCALED + ("fp8_block", "mxfp8", "nvfp4")),

@@ -1,0 +1,171 @@
+"""Activation checkpointing that recomputes under the precision the forward ran under.
+
+transformers' ``gradient_checkpointing_enable()`` gives every decoder layer a checkpointing function (torch's
+``checkpoint`` with the user's kwargs). Its recompute runs in the backward pass, outside the plugin's forward
+context: torch's checkpoint restores torch autocast, but not TE's ``autocast`` (its recipe) nor TE's FP8
+recompute state, so layers on TE would recompute in BF16 (wrong gradients, or torch's "recomputed values differ"
+error) and delayed scaling would recompute with newer scales than the forward used.
+
+:class:`PrecisionRecompute` wraps the model's own checkpointing function (reentrant or not, offloading or not): it
+hands it the layer wrapped so that the first call (the forward) runs inside TE's ``activation_recompute_forward``
+forward phase, and every later call (the recompute) re-enters the torch autocasts, TE's recompute phase (TE then
+uses the forward's delayed-scaling scales) and ``te.autocast`` with the forward's recipe: what TE's own
+``te.pytorch.checkpoint`` does, on top of the user's checkpoint. :func:`install` puts it on every layer, and on
+every transformers model's ``_set_gradient_checkpointing``, so checkpointing enabled after setup gets it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .console import print_rank_zero
+from .policy.state import PrecisionState
+
+_DEVICES = ("cpu", "cuda")
+_PATCHED = "_te_moe_precision_recompute"
+
+
+# -- the TE side (imported lazily; only read where the process already imported TE) ------------------------------
+def te_autocast_state() -> Optional[tuple[bool, Any]]:
+    """``(quantized recipe active, that recipe)`` of TE's autocast now; None where TE was never imported."""
+    if "transformer_engine.pytorch" not in sys.modules:
+        return None
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    enabled = FP8GlobalStateManager.is_fp8_enabled()
+    return enabled, FP8GlobalStateManager.get_fp8_recipe() if enabled else None
+
+
+def te_phase(recompute: bool) -> AbstractContextManager:
+    """TE's activation-recompute phase: the forward (TE keeps its scales for the recompute) or the recompute."""
+    from transformer_engine.pytorch.distributed import activation_recompute_forward
+
+    return activation_recompute_forward(activation_recompute=True, recompute_phase=recompute)
+
+
+def te_autocast(enabled: bool, recipe: Any) -> AbstractContextManager:
+    import transformer_engine.pytorch as te
+
+    return te.autocast(enabled=enabled, recipe=recipe)
+
+
+# -- the snapshot of one forward's precision ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrecisionSnapshot:
+    """The torch autocasts and TE autocast a checkpointed forward ran under."""
+
+    autocast: tuple[tuple[str, bool, torch.dtype, bool], ...]
+    te: Optional[tuple[bool, Any]]
+
+    @classmethod
+    def capture(cls) -> PrecisionSnapshot:
+        cache = torch.is_autocast_cache_enabled()
+        autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in _DEVICES)
+        return cls(autocast, te_autocast_state())
+
+    def forward(self) -> AbstractContextManager:
+        stack = ExitStack()
+        if self.te is not None:
+            stack.enter_context(te_phase(recompute=False))
+        return stack
+
+    def recompute(self) -> AbstractContextManager:
+        stack = ExitStack()
+        for device, enabled, dtype, cache in self.autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        if self.te is not None:
+            stack.enter_context(te_phase(recompute=True))
+            stack.enter_context(te_autocast(*self.te))
+        return stack
+
+
+class _Replay:
+    """The checkpointed layer: its first call is the forward, every later call a recompute."""
+
+    def __init__(self, function: Callable[..., Any], snapshot: PrecisionSnapshot) -> None:
+        self.function, self.snapshot, self.calls = function, snapshot, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        with self.snapshot.forward() if self.calls == 1 else self.snapshot.recompute():
+            return self.function(*args, **kwargs)
+
+
+class PrecisionRecompute:
+    """A gradient-checkpointing function: the model's own (``inner``), recomputing under the forward's precision."""
+
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # nothing will be recomputed
+            return self.inner(function, *args, **kwargs)
+        return self.inner(_Replay(function, PrecisionSnapshot.capture()), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"PrecisionRecompute({self.inner!r})"
+
+
+# -- installing it --------------------------------------------------------------------------------------------------
+def _wrap(func: Any) -> Any:
+    return func if func is None or isinstance(func, PrecisionRecompute) else PrecisionRecompute(func)
+
+
+def _set_gradient_checkpointing(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``_set_gradient_checkpointing`` with the checkpointing function wrapped."""
+    if "gradient_checkpointing_func" in kwargs:
+        kwargs["gradient_checkpointing_func"] = _wrap(kwargs["gradient_checkpointing_func"])
+    elif len(args) > 1:
+        args = (args[0], _wrap(args[1]), *args[2:])
+    return original(*args, **kwargs)
+
+
+def install(model: nn.Module) -> int:
+    """Wrap every checkpointing function set on ``model`` and hook every transformers model's
+    ``_set_gradient_checkpointing`` (instance attribute) so later ``gradient_checkpointing_enable()`` calls are
+    wrapped too. Returns how many checkpointing functions it wrapped now (idempotent)."""
+    wrapped = 0
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and not isinstance(func, PrecisionRecompute):
+            module._gradient_checkpointing_func = PrecisionRecompute(func)
+            wrapped += 1
+        setter = getattr(type(module), "_set_gradient_checkpointing", None)
+        if callable(setter) and _PATCHED not in module.__dict__:
+            # functools.wraps keeps the signature transformers inspects (no ``value``: the current format)
+            hook = functools.wraps(setter)(functools.partial(_set_gradient_checkpointing,
+                                                             functools.partial(setter, module)))
+            module.__dict__["_set_gradient_checkpointing"] = hook
+            module.__dict__[_PATCHED] = True
+    return wrapped
+
+
+def uninstall(model: nn.Module) -> int:
+    """Undo :func:`install`: the original checkpointing functions and methods back; returns how many."""
+    restored = 0
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, PrecisionRecompute):
+            module._gradient_checkpointing_func = func.inner
+            restored += 1
+        if module.__dict__.pop(_PATCHED, False):
+            module.__dict__.pop("_set_gradient_checkpointing", None)
+    return restored
+
+
+def recompute_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[str, dict]]:
+    """The plugin's setup step: install; a decision when checkpointing functions were wrapped now."""
+    wrapped = install(model)
+    if not wrapped:
+        return None
+    summary = (f"gradient checkpointing of {wrapped} layer(s) recomputes under the forward's precision"
+               " (torch autocast; TE autocast, recipe and FP8 recompute state where TE runs)")
+    print_rank_zero(f"[lightning-te-moe] {summary}")
+    return summary, {"layers": wrapped, "plan": state.plan.summary()}

@@ -1,0 +1,191 @@
+"""A stand-in for Transformer Engine on the CPU: the parts of TE's interface the dense swap, the recompute and the
+plugin's forward context use (``te.Linear``, ``autocast``, recipes, the FP8 global state, the alignment helper,
+the activation-recompute phases), implemented in torch.
+
+Its ``Linear`` runs a quantized recipe as FP8 would change the numbers: input and weight go through a per-tensor
+E4M3 round trip (straight-through gradients), so a layer that runs outside the recipe (or on a stale cached
+weight) computes visibly different values. With ``is_first_microbatch`` it caches the quantized weight as TE does
+(True: quantize and keep, False: reuse the kept copy, None: quantize, keep nothing).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Format(enum.Enum):
+    E4M3 = "E4M3"
+    E5M2 = "E5M2"
+    HYBRID = "HYBRID"
+
+
+class _Recipe:
+    def __init__(self, **settings: Any) -> None:
+        settings.setdefault("backward_override", None)
+        self.settings = settings
+        self.__dict__.update(settings)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.settings == self.settings
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(sorted(self.settings.items(), key=str))))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in sorted(self.settings.items()))})"
+
+
+class DelayedScaling(_Recipe): ...
+class Float8CurrentScaling(_Recipe): ...
+class Float8BlockScaling(_Recipe): ...
+class MXFP8BlockScaling(_Recipe): ...
+class NVFP4BlockScaling(_Recipe): ...
+
+
+@dataclass
+class Call:
+    """One stand-in ``te.Linear`` call: the recipe (its repr, None: not quantized), what ``is_first_microbatch``
+    said, whether it ran in the recompute phase, how many rows it got."""
+
+    layer: int
+    recipe: Optional[str]
+    first_microbatch: Optional[bool]
+    recompute: bool
+    rows: int
+
+
+@dataclass
+class State:
+    """TE's process-wide autocast state, and what the stand-ins saw."""
+
+    stack: list[tuple[bool, Any]] = field(default_factory=lambda: [(False, None)])
+    phase: Optional[str] = None  # None, "forward" or "recompute"
+    phases: list[str] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.stack[-1][0]
+
+    @property
+    def recipe(self) -> Any:
+        return self.stack[-1][1]
+
+
+STATE = State()
+
+
+class FP8GlobalStateManager:
+    @staticmethod
+    def is_fp8_enabled() -> bool:
+        return STATE.enabled
+
+    @staticmethod
+    def get_fp8_recipe() -> Any:
+        return STATE.recipe if STATE.recipe is not None else DelayedScaling()
+
+
+class autocast:  # noqa: N801 - TE's name
+    def __init__(self, enabled: bool = True, calibrating: bool = False, recipe: Any = None,
+                 amax_reduction_group: Any = None) -> None:
+        self.entry = (enabled, (recipe or DelayedScaling()) if enabled else None)
+
+    def __enter__(self) -> None:
+        STATE.stack.append(self.entry)
+
+    def __exit__(self, *exc: Any) -> None:
+        STATE.stack.pop()
+
+
+class activation_recompute_forward:  # noqa: N801 - TE's name
+    def __init__(self, activation_recompute: bool = False, recompute_phase: bool = False) -> None:
+        self.phase = "recompute" if recompute_phase else "forward"
+
+    def __enter__(self) -> None:
+        STATE.phase = self.phase
+        STATE.phases.append(self.phase)
+
+    def __exit__(self, *exc: Any) -> None:
+        STATE.phase = None
+
+
+def get_align_size_for_quantization(recipe: Any) -> int:
+    return {"MXFP8BlockScaling": 32, "NVFP4BlockScaling": 128}.get(type(recipe).__name__, 16)
+
+
+def fake_fp8(t: Tensor) -> Tensor:
+    """A per-tensor E4M3 round trip with a straight-through gradient."""
+    amax = t.detach().abs().amax().clamp(min=1e-12)
+    scale = 448.0 / amax
+    q = (t.detach() * scale).to(torch.float8_e4m3fn).to(t.dtype) / scale
+    return t + (q - t.detach())
+
+
+class Linear(nn.Module):
+    """``te.Linear(in_features, out_features, bias, params_dtype, device)``; ``forward(inp, is_first_microbatch)``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, params_dtype: Any = None,
+                 device: Any = None, **_: Any) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype, device="cpu"))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=params_dtype, device="cpu")) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+        self.cached: Optional[Tensor] = None
+        self.quantized = 0  # how many times the weight was quantized
+
+    def forward(self, inp: Tensor, is_first_microbatch: Optional[bool] = None) -> Tensor:
+        recipe = STATE.recipe if STATE.enabled else None
+        STATE.calls.append(Call(id(self), repr(recipe) if recipe is not None else None, is_first_microbatch,
+                                STATE.phase == "recompute", inp.numel() // self.in_features))
+        if recipe is None:
+            return F.linear(inp, self.weight, self.bias)
+        if is_first_microbatch is False:
+            assert self.cached is not None, "is_first_microbatch=False before any cached weight"
+            weight = self.weight + (self.cached - self.weight.detach())
+        else:
+            weight = fake_fp8(self.weight)
+            self.quantized += 1
+            self.cached = weight.detach() if is_first_microbatch else None
+        if recipe.backward_override is None:
+            inp = fake_fp8(inp)
+        return F.linear(inp, weight, self.bias)
+
+
+def _module(name: str, **attrs: Any) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> State:
+    """Put the stand-in in ``sys.modules`` as ``transformer_engine`` and let the dense layers take the TE path on
+    CPU tensors; returns the state (fresh for each test)."""
+    import lightning_te_moe.dense.module as dense_module
+
+    state = State()
+    monkeypatch.setattr(sys.modules[__name__], "STATE", state)
+    recipe = _module("transformer_engine.common.recipe", Format=Format, DelayedScaling=DelayedScaling,
+                     Float8CurrentScaling=Float8CurrentScaling, Float8BlockScaling=Float8BlockScaling,
+                     MXFP8BlockScaling=MXFP8BlockScaling, NVFP4BlockScaling=NVFP4BlockScaling)
+    common = _module("transformer_engine.common", recipe=recipe)
+    quantization = _module("transformer_engine.pytorch.quantization", FP8GlobalStateManager=FP8GlobalStateManager,
+                           get_align_size_for_quantization=get_align_size_for_quantization)
+    distributed = _module("transformer_engine.pytorch.distributed",
+                          activation_recompute_forward=activation_recompute_forward)
+    pytorch = _module("transformer_engine.pytorch", Linear=Linear, autocast=autocast, quantization=quantization,
+                      distributed=distributed)
+    root = _module("transformer_engine", pytorch=pytorch, common=common)
+    for module in (root, common, recipe, pytorch, quantization, distributed):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(dense_module, "te_runs", lambda x: True)
+    return state
