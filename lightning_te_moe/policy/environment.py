@@ -198,10 +198,12 @@ def probe_environment(device: Optional[torch.device] = None) -> Environment:
 def _te_facts() -> tuple[dict[str, TECheck], Optional[str], Optional[str]]:
     import transformer_engine.pytorch as te
 
+    from .te_features import te_has
+
     checks = {}
     for family, fn_name in TE_CHECKS.items():
         fn = getattr(te, fn_name, None)
-        if fn is None:
+        if fn is None or not te_has("availability_reasons"):  # TE < 2.9: no return_reason (the plan ignores TE)
             continue
         answer = fn(return_reason=True)
         ok, reason = answer if isinstance(answer, tuple) else (bool(answer), "")
