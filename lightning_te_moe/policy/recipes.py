@@ -36,6 +36,8 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
 #: split-quantize path); ``"torch"``, no TE (torch's ``grouped_mm`` or a loop).
 GemmPath = Literal["native", "split", "torch"]
 GEMM_PATHS: tuple[str, ...] = get_args(GemmPath)
+GEMM_PATH_TEXT: dict[str, str] = {"native": "native grouped GEMM", "split": "one GEMM per expert",
+                                  "torch": "torch grouped GEMM (no TE)"}
 
 #: Per-expert row multiple each GEMM path needs under each quantized recipe (recipes not listed: 1, no padding).
 #: ``split`` (and ``torch``, which pads the same so a step-down never changes the layout): TE
