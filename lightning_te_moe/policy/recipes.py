@@ -163,6 +163,10 @@ class RecipeSpec:
         return getattr(te_recipe, TE_CLASSES[self.name])(**kwargs)
 
 
+#: NVFP4 settings the rules may force (SM120: no RHT, no stochastic rounding), read from a user's recipe object.
+_NVFP4_KEYS = {"disable_rht", "disable_stochastic_rounding"}
+
+
 def spec_from_te_recipe(recipe: Any) -> RecipeSpec:
     """Name and settings of a TE recipe object a user passed in (no TE import needed to call this)."""
     cls_name = type(recipe).__name__
@@ -174,12 +178,10 @@ def spec_from_te_recipe(recipe: Any) -> RecipeSpec:
         )
     name = names[cls_name]
     settings: dict[str, Any] = {}
-    for key in set(DEFAULT_SETTINGS[name]) | {"backward_override", "disable_rht"}:
+    for key in set(DEFAULT_SETTINGS[name]) | {"backward_override"} | (_NVFP4_KEYS if name == "nvfp4" else set()):
         if hasattr(recipe, key):
             value = getattr(recipe, key)
             settings[key] = getattr(value, "name", value)  # Format enum -> its name
-    if name != "nvfp4":
-        settings.pop("disable_rht", None)
     if settings.get("backward_override") is None:
         settings.pop("backward_override", None)
     return RecipeSpec(name, settings)
