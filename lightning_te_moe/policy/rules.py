@@ -89,8 +89,7 @@ class When:
             parts.append("TE installed" if self.te_installed else "TE not installed")
         if self.te_min or self.te_fixed_in:
             lo = f"TE >= {self.te_min}" if self.te_min else "TE"
-            hi = f" < {self.te_fixed_in} (fixed in {self.te_fixed_in})" if self.te_fixed_in else " (unfixed)"
-            parts.append(lo + hi)
+            parts.append(lo + (f" < {self.te_fixed_in} (fixed in {self.te_fixed_in})" if self.te_fixed_in else ""))
         if self.cublaslt_min:
             parts.append(f"cuBLASLt >= {self.cublaslt_min}")
         for label, below in (("cuDNN", self.cudnn_below), ("torch CUDA", self.torch_cuda_below),
