@@ -11,7 +11,7 @@ from typing import Any
 from .choose import PrecisionRequest, make_plan
 from .environment import Environment
 from .measurements import MEASUREMENTS
-from .recipes import ALIGNMENT, TE_RECIPES
+from .recipes import ALIGNMENT, TE_RECIPES, RecipeSpec
 from .rules import RULES
 from .te_features import TE_FEATURES, TE_FLOOR
 
@@ -80,13 +80,16 @@ def render_policy_markdown() -> str:
         "| recipe | one GEMM per expert | native grouped GEMM |",
         "|---|---|---|",
     ]
-    lines += [f"| `{name}` | {ALIGNMENT['split'].get(name, 1)} | {ALIGNMENT['native'].get(name, '-')} |"
-              for name in TE_RECIPES]
+    for name in TE_RECIPES:
+        native = ALIGNMENT["native"].get(name)
+        cell = str(native) if native is not None else f"{RecipeSpec.of(name).alignment_for('native')} (never native)"
+        lines.append(f"| `{name}` | {ALIGNMENT['split'][name]} | {cell} |")
     lines += [
         "",
         "One GEMM per expert: TE `get_align_size_for_quantization` (MXFP8 needs 32: TE #2966). Native: TE's grouped",
         "quantize kernels and grouped scale layouts (TE 2.20.2 `common/`): FP8 block scaling quantizes 128x128",
-        "tiles per expert, MXFP8 and NVFP4 swizzle each expert's scales in 128-row tiles; `-`: never native.",
+        "tiles per expert, MXFP8 and NVFP4 swizzle each expert's scales in 128-row tiles. A recipe TE never runs",
+        "natively keeps the split path's multiple, which is what TE then runs.",
         "The swapped expert module reads the *active* recipe and the path TE takes on every forward, so a",
         "step-down changes the padding from the next step; the no-host-sync routing's slack rows keep the last",
         "expert's block a multiple too.",

@@ -68,6 +68,13 @@ def _check_path(path: str) -> str:
     return path
 
 
+def _alignment(name: str, path: str) -> int:
+    """A recipe missing from the native table (delayed scaling) is one TE runs on its split path even when asked
+    for the native one: it gets the split path's multiple."""
+    split = ALIGNMENT["split"].get(name, 1)
+    return ALIGNMENT[_check_path(path)].get(name, split)
+
+
 def te_recipe_alignment(recipe: Any, path: str) -> int:
     """Per-expert row multiple for a TE recipe object on ``path`` (a user's own ``te.autocast``; no TE import).
 
@@ -75,7 +82,7 @@ def te_recipe_alignment(recipe: Any, path: str) -> int:
     """
     name = {cls: key for key, cls in TE_CLASSES.items()}.get(type(recipe).__name__)
     if name is not None:
-        return ALIGNMENT[_check_path(path)].get(name, 1)
+        return _alignment(name, path)
     declared = getattr(recipe, "quantization_alignment", None)
     if declared is None:
         raise ValueError(f"unsupported TE recipe type {type(recipe).__name__}: supported are "
@@ -114,7 +121,7 @@ class RecipeSpec:
 
     def alignment_for(self, path: str) -> int:
         """Per-expert row multiple the experts' grouped GEMM needs on ``path`` (:data:`GEMM_PATHS`)."""
-        return ALIGNMENT[_check_path(path)].get(self.name, 1)
+        return _alignment(self.name, path)
 
     @property
     def compute_dtype(self) -> torch.dtype:
