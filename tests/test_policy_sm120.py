@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,14 @@ def test_cli_plan_for_dgx_spark(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["dense"] == NVFP4_SM120.to_dict() and plan["experts"]["name"] == "bf16"
     assert [r["experts"]["name"] for r in plan["ladder"]] == ["bf16", "bf16", "bf16"]
     assert plan["fused_attention"] is True and plan["env_vars"] == {}
+
+
+def test_dgx_spark_page_shows_todays_plan() -> None:
+    """docs/dgx-spark.md quotes the plan a DGX Spark gets; it must be the one make_plan gives."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dgx-spark.md").read_text()
+    block = doc[doc.index("<!-- dgx-spark-plan:begin -->"):doc.index("<!-- dgx-spark-plan:end -->")]
+    plan, old_cudnn = make_plan(_spark("12.1")), make_plan(_spark("12.1", cudnn="9.14.0"))
+    assert f"- dense layers: `{plan.dense.label()}`" in block
+    assert f"- experts: `{plan.experts.label()}` (one GEMM per expert)" in block and plan.experts_gemm == "split"
+    assert f"- ladder: `{plan.summary()}`" in block
+    assert plan.fused_attention and not old_cudnn.fused_attention and old_cudnn.env_vars == {"NVTE_FUSED_ATTN": "0"}

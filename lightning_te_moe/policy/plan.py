@@ -77,11 +77,16 @@ class Plan:
     def experts(self) -> RecipeSpec:
         return self.ladder[0].experts
 
+    @property
+    def experts_gemm(self) -> Optional[str]:
+        """How TE runs the experts' GEMMs on the first rung: ``native``, ``split`` or ``torch``."""
+        return self.ladder[0].experts_gemm
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "dense": self.dense.to_dict(),
             "experts": self.experts.to_dict(),
-            "experts_gemm": self.ladder[0].experts_gemm,
+            "experts_gemm": self.experts_gemm,
             "ladder": [r.to_dict() for r in self.ladder],
             "env_vars": dict(self.env_vars),
             "fused_attention": self.fused_attention,
