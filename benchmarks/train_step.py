@@ -183,8 +183,8 @@ def notes(rows: list[dict[str, Any]], base: Optional[dict[str, Any]]) -> list[st
                    f"{best['peak_gib']:.1f} GiB vs {base['peak_gib']:.1f} GiB.")
         slower = [n for n, r in done.items() if "fp8" in n and on and r["median_ms"] > on["median_ms"]]
         if slower:
-            out.append(f"- Slower than BF16 here: {', '.join(slower)} (see the `hopper-grouped-fp8-slow` rule; "
-                       "`auto` follows the rules table, `autotune=True` times the shapes).")
+            out.append(f"- Slower than BF16 here: {', '.join(slower)} (`auto` gives the experts the recipe measured "
+                       "fastest on the stack: docs/policy.md; `autotune=True` times the shapes).")
     return out
 
 

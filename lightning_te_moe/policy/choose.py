@@ -323,8 +323,8 @@ def _fastest_measured(measured: ExpertLayerMeasurement, request: PrecisionReques
     name = min(allowed, key=measured.trainable_ms.__getitem__)
     left_out = sorted(set(measured.trainable_ms) - set(allowed))
     text = (f"experts: auto chose {name}, the fastest allowed recipe measured on this stack ({measured.layer},"
-            f" T={measured.tokens:,}, {measured.stack()}: {measured.table(allowed)}"
-            + (f"; not allowed here: {', '.join(left_out)}" if left_out else "") + f"). {measured.note}")
+            f" T={measured.tokens:,}, forward + backward; {measured.stack()}: {measured.table(allowed)}"
+            + (f"; not allowed here: {', '.join(left_out)}" if left_out else "") + ")")
     reasons.append(Reason(measured.id, text, measured.source))
     return _apply_settings(RecipeSpec.of(name), c, reasons, user_given=False, strict=False)
 

@@ -97,8 +97,8 @@ def render_policy_markdown() -> str:
         "## Measured expert-layer speed (what `auto` gives the experts)",
         "",
         "From `lightning_te_moe/policy/measurements.py`, the one place to update after re-measuring",
-        "(`benchmarks/moe_layer.py`). Milliseconds per forward + backward step; `auto` picks the fastest allowed",
-        "trainable row of the record that matches the machine.",
+        "(`benchmarks/moe_layer.py`). Milliseconds per forward + backward step of the layer named in each record;",
+        "`auto` picks the fastest allowed trainable row of the record that matches the machine.",
         "",
         "| record | stands for | measured on | trainable | cached weights | frozen experts | note |",
         "|---|---|---|---|---|---|---|",
@@ -106,7 +106,8 @@ def render_policy_markdown() -> str:
     for m in MEASUREMENTS:
         rows = [", ".join(f"{n} {ms:.1f}" for n, ms in table.items()) or "-"
                 for table in (m.trainable_ms, m.cached_ms, m.frozen_ms)]
-        lines.append(f"| `{m.id}` | {_cell(m.where.describe())} | {_cell(m.stack())}, T={m.tokens:,} ({m.source}) |"
+        lines.append(f"| `{m.id}` | {_cell(m.where.describe())} | {_cell(m.layer)}, T={m.tokens:,}; {_cell(m.stack())}"
+                     f" ({m.source}) |"
                      f" {' | '.join(rows)} | {_cell(m.note)} |")
     lines += [
         "",

@@ -20,7 +20,7 @@ from .te_features import since
 if TYPE_CHECKING:
     from .environment import Environment
 
-GPT_OSS_20B_LAYER = "GPT-OSS-20B expert layer (H=2880, I=2880, E=32, top-4), forward + backward, BF16 activations"
+GPT_OSS_20B_LAYER = "GPT-OSS-20B expert layer (H=I=2880, E=32, top-4)"
 
 
 @dataclass(frozen=True)
