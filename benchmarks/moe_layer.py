@@ -5,8 +5,10 @@ backends) and under every FP8 recipe the device runs: trainable experts with one
 (TE quantizes the weights on every forward), micro-batches 2..n of a step (TE reuses its quantized weights), and
 frozen experts (fine-tuning: no weight gradients, weights quantized once). Reports the median step time over
 >= 10 steps after warm-up, the peak memory of the step, and the output error against transformers' eager experts,
-then checks the issues' speed targets on the same run (:mod:`moe_targets`: met, or missed by how much). Writes
-``moe_layer.json`` (to --out) and the markdown table with the targets into ``docs/performance.md``.
+then checks the issues' speed targets on the same run (:mod:`moe_targets`: met, or missed by how much). Records the
+CUDA stack (cuBLASLt decides TE's GEMM path: one GEMM per expert, or its native grouped GEMM from 13.4) and the path
+TE takes for each recipe. Writes ``moe_layer.json`` (to --out) and the markdown table with the targets into the
+stack's own section of ``docs/performance.md`` (one section per cuBLASLt major.minor, so both stacks stay shown).
 
     python3 benchmarks/moe_layer.py --out /tmp/bench [--tokens 4096 16384 65536] [--steps 10]
 """
@@ -17,19 +19,20 @@ import argparse
 import copy
 import datetime as dt
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from doc_section import write_section
+from doc_section import DOC, write_section
 from moe_targets import check_targets, targets_json, targets_markdown
 from te_state import fresh_te_state
 from torch import Tensor, nn
 
 H, I, E, TOP_K = 2880, 2880, 32, 4
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- moe_layer:begin -->", "<!-- moe_layer:end -->"
+RECIPES = ("bf16", "fp8_delayed", "fp8_current", "fp8_block")
 
 
 def hf_experts(implementation: str) -> nn.Module:
@@ -153,16 +156,55 @@ def _with_impl(base: nn.Module, implementation: str) -> nn.Module:
     return module
 
 
-def environment() -> dict[str, str]:
+def environment() -> dict[str, Any]:
+    """The run's stack: device, versions, cuBLASLt (as TE reads it and as the loaded library reports it), and the
+    GEMM path TE takes for each recipe here (TE's own predicate)."""
     import transformer_engine
     import transformers
 
+    from lightning_te_moe.experts.gemm import native_grouped_gemm
+    from lightning_te_moe.policy.environment import probe_environment
+    from lightning_te_moe.policy.recipes import RecipeSpec
+
+    env = probe_environment()
+    paths = {name: "native" if native_grouped_gemm(RecipeSpec.of(name).build(), torch.bfloat16) else "split"
+             for name in RECIPES}
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "transformer_engine": transformer_engine.__version__, "transformers": transformers.__version__,
-            "cuda": str(torch.version.cuda), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "cuda": str(torch.version.cuda), "cublaslt": env.cublaslt_version, "cublaslt_loaded": loaded_cublaslt(),
+            "cudnn": env.cudnn_version, "gemm_paths": paths, "probe": env.to_dict(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int], targets: list[str]) -> str:
+def loaded_cublaslt() -> Optional[str]:
+    """``cublasLtGetVersion()`` of the libcublasLt this process loaded (131000: 13.10.0), or None."""
+    import ctypes
+
+    for name in ("libcublasLt.so.13", "libcublasLt.so.12"):
+        try:
+            value = int(ctypes.CDLL(name).cublasLtGetVersion())
+        except OSError:
+            continue
+        return f"{value // 10000}.{value % 10000 // 100}.{value % 100}"
+    return None
+
+
+def stack_key(cublaslt: Optional[str]) -> str:
+    """The doc section a run writes: one per cuBLASLt major.minor (``cublaslt-13.10``)."""
+    return "cublaslt-" + (".".join((cublaslt or "unknown").split(".")[:2]))
+
+
+def markers(stack: str) -> tuple[str, str]:
+    return f"<!-- moe_layer:{stack}:begin -->", f"<!-- moe_layer:{stack}:end -->"
+
+
+def last_section_end(doc: Path = DOC) -> Optional[str]:
+    """The end marker of the doc's last expert-layer section (a new stack's section goes right after it)."""
+    found = re.findall(r"<!-- moe_layer:[^:>]+:end -->", doc.read_text()) if doc.exists() else []
+    return found[-1] if found else None
+
+
+def markdown(env: dict[str, Any], rows: list[dict[str, Any]], tokens: list[int], targets: list[str]) -> str:
     names = list(dict.fromkeys(r["name"] for r in rows))
     cell = {(r["name"], r["tokens"]): r for r in rows}
     head = ["| implementation | " + " | ".join(f"T={t:,} ms (peak GiB, rel err)" for t in tokens) + " |",
@@ -174,16 +216,21 @@ def markdown(env: dict[str, str], rows: list[dict[str, Any]], tokens: list[int],
             r: Optional[dict[str, Any]] = cell.get((name, t))
             parts.append("n/a" if r is None else f"{r['median_ms']:.1f} ({r['peak_gib']:.1f}, {r['rel_err']:.1e})")
         body.append(f"| {name} | " + " | ".join(parts) + " |")
+    paths = ", ".join(f"{name} {'native grouped GEMM' if path == 'native' else 'one GEMM per expert'}"
+                      for name, path in env["gemm_paths"].items())
     meta = (f"Measured {env['date']} on {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), "
+            f"cuBLASLt {env['cublaslt']} (loaded library: {env['cublaslt_loaded']}), cuDNN {env['cudnn']}, "
             f"Transformer Engine {env['transformer_engine']}, transformers {env['transformers']}. "
+            f"TE's GEMM path for the experts on this stack: {paths}. "
             f"GPT-OSS-20B expert layer H={H}, I={I}, E={E}, top-{TOP_K}, BF16 weights and activations, forward + "
             f"backward (weights, input and routing weights), median of {rows[0]['steps']} steps after 3 warm-up, "
             "TE's global FP8 state reset between rows; "
             "peak = max allocated during the timed steps; rel err = ||out - HF eager|| / ||HF eager||.")
-    return "\n".join([BEGIN, "## MoE expert layer (`benchmarks/moe_layer.py`)", "", meta, "", *head, *body, "",
+    begin, end = markers(stack_key(env["cublaslt"]))
+    title = f"## MoE expert layer (`benchmarks/moe_layer.py`), cuBLASLt {env['cublaslt']}"
+    return "\n".join([begin, title, "", meta, "", *head, *body, "",
                       "**Targets**, checked by the benchmark on this run (`benchmarks/moe_targets.py`):", "", *targets,
-                      END])
-
+                      end])
 
 
 def main() -> None:
@@ -199,6 +246,8 @@ def main() -> None:
                              "against the first one measured, and the doc is left alone)")
     args = parser.parse_args()
     env = environment()
+    print(f"cuBLASLt {env['cublaslt']} (loaded: {env['cublaslt_loaded']}), TE {env['transformer_engine']}, "
+          f"GEMM paths {env['gemm_paths']}", flush=True)
     base = hf_experts("eager")
     rows: list[dict[str, Any]] = []
     for tokens in args.tokens:
@@ -221,13 +270,15 @@ def main() -> None:
         frozen = "_frozen" if args.profile_frozen else ""
         profile(ours(base, args.profile_recipe, "te", args.profile_frozen, args.profile_frozen), args.profile,
                 args.out / f"moe_layer_profile_{args.profile_recipe}{frozen}.txt")
-    targets = check_targets(rows)
+    from lightning_te_moe.policy.environment import Environment
+
+    targets = check_targets(rows, Environment.from_dict(env["probe"]))
     (args.out / "moe_layer.json").write_text(json.dumps({"environment": env, "results": rows,
                                                          "targets": targets_json(targets)}, indent=2))
     text = markdown(env, rows, args.tokens, targets_markdown(targets))
     (args.out / "moe_layer.md").write_text(text + "\n")
     if not args.only:
-        write_section(text, BEGIN, END)
+        write_section(text, *markers(stack_key(env["cublaslt"])), after=last_section_end())
     print(text)
 
 

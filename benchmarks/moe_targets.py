@@ -1,18 +1,27 @@
-"""The expert-layer speed targets of issues 3 and 5, checked against one ``moe_layer.py`` run, with the margin.
+"""The expert-layer speed targets of issues 3, 5 and 11, checked against one ``moe_layer.py`` run, with the margin.
 
 Rows are ``moe_layer.py`` results (``name``, ``tokens``, ``median_ms``, ``peak_gib``). "Trainable" rows are our
 layer with one micro-batch per optimizer step (no "cached" / "frozen" suffix): the layer a training step runs.
-A target whose rows were not measured in the run is reported as such, never as met.
+A target whose rows were not measured in the run is reported as such, never as met. Issue 11's targets are for
+the current CUDA stack (cuBLASLt >= 13.5, where TE runs FP8 current scaling natively); the run's environment
+says which stack it is, and ``auto``'s experts recipe is the one ``make_plan`` gives for that environment.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from packaging.version import Version
+
+if TYPE_CHECKING:
+    from lightning_te_moe.policy.environment import Environment
 
 HF_GROUPED = "HF grouped_mm"
 OURS_BF16 = "ours BF16 (TE GroupedLinear)"
 FP8_RECIPES = ("fp8_delayed", "fp8_current", "fp8_block")
+#: Issue 11's targets hold on the current stack: cuBLASLt >= 13.5 (pip's torch brings 13.4, NGC containers newer).
+CURRENT_CUBLASLT = "13.5"
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,39 @@ def _best(cells: dict[str, dict[str, Any]], names: list[str]) -> Optional[dict[s
     return min(present, key=lambda r: r["median_ms"]) if present else None
 
 
-def check_targets(rows: list[dict[str, Any]]) -> list[Target]:
-    """Every target, evaluated on this run's rows."""
-    return [_issue3(rows), _issue5_time(rows), _issue5_fp8_gain(rows), *_issue5_frozen(rows)]
+def check_targets(rows: list[dict[str, Any]], env: Optional[Environment] = None) -> list[Target]:
+    """Every target, evaluated on this run's rows (``env``: the run's machine, for issue 11's targets)."""
+    return [_issue3(rows), _issue5_time(rows), _issue5_fp8_gain(rows), *_issue5_frozen(rows), *_issue11(rows, env)]
+
+
+def _issue11(rows: list[dict[str, Any]], env: Optional[Environment]) -> list[Target]:
+    goals = ("issue 11: trainable FP8 <= 16 ms at T=16,384 (cuBLASLt >= 13.5)",
+             "issue 11: frozen FP8 <= 11 ms at T=16,384 (cuBLASLt >= 13.5)",
+             "issue 11: auto's experts recipe not slower than BF16 at T=16,384 (cuBLASLt >= 13.5)")
+    cublaslt = env.cublaslt_version if env is not None else None
+    if cublaslt is None or Version(cublaslt) < Version(CURRENT_CUBLASLT):
+        return [Target(goal, f"this run's cuBLASLt is {cublaslt or 'unknown'}", None) for goal in goals]
+    cells = _cells(rows, 16384)
+    out = []
+    for goal, names, bound in ((goals[0], [f"ours {r}" for r in FP8_RECIPES], 16.0),
+                               (goals[1], [f"ours {r}, frozen experts" for r in FP8_RECIPES], 11.0)):
+        best = _best(cells, names)
+        out.append(Target(goal, "not measured", None) if best is None else
+                   Target(goal, f"{best['name']} {best['median_ms']:.1f} ms", best["median_ms"] <= bound,
+                          bound - best["median_ms"]))
+    return [*out, _auto_experts(cells, env, goals[2])]
+
+
+def _auto_experts(cells: dict[str, dict[str, Any]], env: Environment, goal: str) -> Target:
+    """The experts recipe ``auto`` plans for this machine, timed in this run, against our BF16 layer."""
+    from lightning_te_moe.policy.choose import make_plan
+
+    chosen = make_plan(env).experts.name
+    row, bf16 = cells.get(OURS_BF16 if chosen == "bf16" else f"ours {chosen}"), cells.get(OURS_BF16)
+    if row is None or bf16 is None:
+        return Target(goal, f"auto plans {chosen}: its row or BF16's was not measured", None)
+    measured = f"auto plans {chosen}: {row['median_ms']:.1f} ms vs BF16 {bf16['median_ms']:.1f} ms"
+    return Target(goal, measured, row["median_ms"] <= bf16["median_ms"], bf16["median_ms"] - row["median_ms"])
 
 
 def _issue3(rows: list[dict[str, Any]]) -> Target:

@@ -200,8 +200,8 @@ def notes(rows: list[dict[str, Any]], base: Optional[dict[str, Any]]) -> list[st
         slower = [n for n, r in done.items() if "fp8" in n and "checkpointing" not in n and on
                   and r["median_ms"] > on["median_ms"]]
         if slower:
-            out.append(f"- Slower than BF16 here: {', '.join(slower)} (see the `hopper-grouped-fp8-slow` rule; "
-                       "`auto` follows the rules table, `autotune=True` times the shapes).")
+            out.append(f"- Slower than BF16 here: {', '.join(slower)} (`auto` gives the experts the recipe measured "
+                       "fastest on the stack: docs/policy.md; `autotune=True` times the shapes).")
     for name, row in done.items():
         bf16_dense = done.get(f"{name}, dense in BF16")
         if bf16_dense:

@@ -25,7 +25,7 @@ def test_plan_json_for_assumed_dgx_spark(capsys):
                  "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["dense"] == {"name": "nvfp4", "settings": {"disable_rht": True, "disable_stochastic_rounding": True}}
-    assert plan["experts"]["name"] == "fp8_current"
+    assert plan["experts"]["name"] == "bf16"  # TE's grouped NVFP4 needs RHT; FP8 unproven on SM120 (issue 17)
     assert plan["fused_attention"] is True and plan["env_vars"] == {}
     assert plan["environment"]["compute_capability"] == [12, 1] and plan["environment"]["assumed"] is True
     assert {"sm120-nvfp4-no-rht", "sm120-order"} <= {r["rule"] for r in plan["reasons"]}

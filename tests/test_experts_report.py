@@ -68,7 +68,7 @@ def test_fp8_incompatible_shapes_stay_bf16_with_a_reason() -> None:
     assert report.swapped[0].reason == "hidden size 40 not a multiple of 16 (TE FP8 GEMMs need it): stays BF16"
     assert "kept out of FP8 (hidden size 40" in report.summary()
     experts = model.model.layers[0].mlp.experts
-    assert isinstance(experts, GroupedExperts) and experts._alignment(use_te=False) == 1
+    assert isinstance(experts, GroupedExperts) and experts._alignment(None, native=False) == 1
     ids = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
         assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-5

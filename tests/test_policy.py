@@ -4,71 +4,90 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_te_moe import Environment, PlanError, PrecisionRequest, RecipeSpec, make_plan
+from lightning_te_moe import Environment, PlanError, PrecisionRequest, make_plan
 from lightning_te_moe.policy.environment import TECheck
+from lightning_te_moe.policy.measurements import MEASUREMENTS
 from lightning_te_moe.policy.rules import RULES
 
 RULE_IDS = {r.id for r in RULES}
 
-# (compute capability, TE version, expected ladder) for the default request (recipe="auto").
+# (compute capability, TE version, expected ladder) for the default request (recipe="auto"), with the assumed GPU's
+# default cuBLASLt (13.0: TE's split path on Hopper, where the experts' measured fastest recipe is BF16).
 # Read each row as a claim about that machine; the reasons are checked in the tests below.
+SPARK = "nvfp4(disable_rht=True, disable_stochastic_rounding=True) / experts bf16"
+SPARK_LADDER = f"{SPARK} -> nvfp4+dq_bwd(disable_rht=True, disable_stochastic_rounding=True) / experts bf16 -> bf16"
+HOPPER_LADDER = "fp8_current / experts bf16 -> fp8_current+dq_bwd / experts bf16 -> bf16"
 AUTO = [
-    (None, None, "fp32"),
-    (None, '2.8', "fp32"),
-    (None, '2.14', "fp32"),
-    (None, '2.15', "fp32"),
-    (None, '2.20', "fp32"),
-    ('7.0', None, "fp16 -> fp32"),
-    ('7.0', '2.8', "fp16 -> fp32"),
-    ('7.0', '2.14', "fp16 -> fp32"),
-    ('7.0', '2.15', "fp16 -> fp32"),
-    ('7.0', '2.20', "fp16 -> fp32"),
-    ('8.0', None, "bf16"),
-    ('8.0', '2.8', "bf16"),
-    ('8.0', '2.14', "bf16"),
-    ('8.0', '2.15', "bf16"),
-    ('8.0', '2.20', "bf16"),
-    ('8.6', None, "bf16"),
-    ('8.6', '2.8', "bf16"),
-    ('8.6', '2.14', "bf16"),
-    ('8.6', '2.15', "bf16"),
-    ('8.6', '2.20', "bf16"),
-    ('8.9', None, "bf16"),
-    ('8.9', '2.8', "fp8_current -> bf16"),
-    ('8.9', '2.14', "fp8_current -> bf16"),
-    ('8.9', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('8.9', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('9.0', None, "bf16"),
-    ('9.0', '2.8', "fp8_current -> bf16"),
-    ('9.0', '2.14', "fp8_current -> bf16"),
-    ('9.0', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('9.0', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('10.0', None, "bf16"),
-    ('10.0', '2.8', "mxfp8 -> bf16"),
-    ('10.0', '2.14', "mxfp8 -> bf16"),
-    ('10.0', '2.15', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
-    ('10.0', '2.20', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
-    ('10.3', None, "bf16"),
-    ('10.3', '2.8', "mxfp8 -> bf16"),
-    ('10.3', '2.14', "mxfp8 -> bf16"),
-    ('10.3', '2.15', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
-    ('10.3', '2.20', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
-    ('11.0', None, "bf16"),
-    ('11.0', '2.8', "mxfp8 -> bf16"),
-    ('11.0', '2.14', "mxfp8 -> bf16"),
-    ('11.0', '2.15', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
-    ('11.0', '2.20', "mxfp8 -> mxfp8+dq_bwd -> bf16"),
-    ('12.0', None, "bf16"),
-    ('12.0', '2.8', "fp8_current -> bf16"),
-    ('12.0', '2.14', "fp8_current -> bf16"),
-    ('12.0', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('12.0', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('12.1', None, "bf16"),
-    ('12.1', '2.8', "fp8_current -> bf16"),
-    ('12.1', '2.14', "fp8_current -> bf16"),
-    ('12.1', '2.15', "fp8_current -> fp8_current+dq_bwd -> bf16"),
-    ('12.1', '2.20', "fp8_current -> fp8_current+dq_bwd -> bf16"),
+    (None, None, 'fp32'),
+    (None, '2.8', 'fp32'),
+    (None, '2.9', 'fp32'),
+    (None, '2.14', 'fp32'),
+    (None, '2.15', 'fp32'),
+    (None, '2.20', 'fp32'),
+    ('7.0', None, 'fp16 -> fp32'),
+    ('7.0', '2.8', 'fp16 -> fp32'),
+    ('7.0', '2.9', 'fp16 -> fp32'),
+    ('7.0', '2.14', 'fp16 -> fp32'),
+    ('7.0', '2.15', 'fp16 -> fp32'),
+    ('7.0', '2.20', 'fp16 -> fp32'),
+    ('8.0', None, 'bf16'),
+    ('8.0', '2.8', 'bf16'),
+    ('8.0', '2.9', 'bf16'),
+    ('8.0', '2.14', 'bf16'),
+    ('8.0', '2.15', 'bf16'),
+    ('8.0', '2.20', 'bf16'),
+    ('8.6', None, 'bf16'),
+    ('8.6', '2.8', 'bf16'),
+    ('8.6', '2.9', 'bf16'),
+    ('8.6', '2.14', 'bf16'),
+    ('8.6', '2.15', 'bf16'),
+    ('8.6', '2.20', 'bf16'),
+    ('8.9', None, 'bf16'),
+    ('8.9', '2.8', 'bf16'),
+    ('8.9', '2.9', 'fp8_current -> bf16'),
+    ('8.9', '2.14', 'fp8_current -> bf16'),
+    ('8.9', '2.15', 'fp8_current -> fp8_current+dq_bwd -> bf16'),
+    ('8.9', '2.20', 'fp8_current -> fp8_current+dq_bwd -> bf16'),
+    ('9.0', None, 'bf16'),
+    ('9.0', '2.8', 'bf16'),
+    ('9.0', '2.9', 'fp8_current -> bf16'),
+    ('9.0', '2.14', 'fp8_current -> bf16'),
+    ('9.0', '2.15', HOPPER_LADDER),
+    ('9.0', '2.20', HOPPER_LADDER),
+    ('10.0', None, 'bf16'),
+    ('10.0', '2.8', 'bf16'),
+    ('10.0', '2.9', 'mxfp8 -> bf16'),
+    ('10.0', '2.14', 'mxfp8 -> bf16'),
+    ('10.0', '2.15', 'mxfp8 -> mxfp8+dq_bwd -> bf16'),
+    ('10.0', '2.20', 'mxfp8 -> mxfp8+dq_bwd -> bf16'),
+    ('10.3', None, 'bf16'),
+    ('10.3', '2.8', 'bf16'),
+    ('10.3', '2.9', 'mxfp8 -> bf16'),
+    ('10.3', '2.14', 'mxfp8 -> bf16'),
+    ('10.3', '2.15', 'mxfp8 -> mxfp8+dq_bwd -> bf16'),
+    ('10.3', '2.20', 'mxfp8 -> mxfp8+dq_bwd -> bf16'),
+    ('11.0', None, 'bf16'),
+    ('11.0', '2.8', 'bf16'),
+    ('11.0', '2.9', 'mxfp8 -> bf16'),
+    ('11.0', '2.14', 'mxfp8 -> bf16'),
+    ('11.0', '2.15', 'mxfp8 -> mxfp8+dq_bwd -> bf16'),
+    ('11.0', '2.20', 'mxfp8 -> mxfp8+dq_bwd -> bf16'),
+    ('12.0', None, 'bf16'),
+    ('12.0', '2.8', 'bf16'),
+    ('12.0', '2.9', f"{SPARK} -> bf16"),
+    ('12.0', '2.14', f"{SPARK} -> bf16"),
+    ('12.0', '2.15', SPARK_LADDER),
+    ('12.0', '2.20', SPARK_LADDER),
+    ('12.1', None, 'bf16'),
+    ('12.1', '2.8', 'bf16'),
+    ('12.1', '2.9', f"{SPARK} -> bf16"),
+    ('12.1', '2.14', f"{SPARK} -> bf16"),
+    ('12.1', '2.15', SPARK_LADDER),
+    ('12.1', '2.20', SPARK_LADDER),
 ]
+#: Reason ids that are not rules: the user's request, auto's pick, the ladder, the measurements, the GEMM path.
+NOT_RULES = {"auto", "ladder", "grouped-gemm-alignment", "request.auto_nvfp4", "experts-gemm-split",
+             *(m.id for m in MEASUREMENTS)}
 
 
 @pytest.mark.parametrize(("cc", "te", "ladder"), AUTO)
@@ -77,12 +96,14 @@ def test_auto_plan_per_device_and_te_version(cc, te, ladder):
     assert plan.summary() == ladder
     rules = {r.rule for r in plan.reasons}
     assert "auto" in rules and "ladder" in rules
-    assert rules - {"auto", "ladder", "grouped-gemm-alignment", "request.auto_nvfp4"} <= RULE_IDS
+    assert rules - NOT_RULES <= RULE_IDS
     if cc is None:
         assert "cpu-fp32" in rules and not plan.fused_attention
     elif te is None:
         assert "no-te" in rules
-    if te in ("2.8", "2.14") and plan.dense.is_te:
+    if te == "2.8" and cc is not None:
+        assert "te-below-floor" in rules and not plan.fused_attention
+    if te in ("2.9", "2.14") and plan.dense.is_te:
         assert "backward-override-needs-2.15" in rules
 
 
@@ -104,36 +125,6 @@ def test_sm120_fused_attention_needs_te_2_14():
 def test_hopper_fused_attention_on():
     plan = make_plan(Environment.assume(cc="9.0", te="2.20.2"))
     assert plan.fused_attention and not plan.env_vars
-
-
-@pytest.mark.parametrize("cc", ["12.0", "12.1"])
-def test_sm120_nvfp4_when_allowed_uses_disable_rht_and_experts_fall_back(cc):
-    plan = make_plan(Environment.assume(cc=cc, te="2.20.2", cudnn="9.18.1"), PrecisionRequest(auto_nvfp4=True))
-    assert plan.dense == RecipeSpec("nvfp4", {"disable_rht": True, "disable_stochastic_rounding": True})
-    assert plan.experts == RecipeSpec.of("fp8_current")
-    rules = {r.rule for r in plan.reasons}
-    assert {"sm120-nvfp4-no-rht", "sm120-experts-no-nvfp4", "sm120-order"} <= rules
-    assert plan.ladder[-1].dense.name == "bf16"
-    assert plan.ladder[1].dense.backward_override == "dequantized"
-    assert plan.ladder[1].dense.settings["disable_rht"] is True
-
-
-@pytest.mark.parametrize("cc", ["12.0", "12.1"])
-def test_sm120_never_block_scaling_or_mxfp8(cc):
-    env = Environment.assume(cc=cc, te="2.20.2")
-    for recipe, rule in (("fp8_block", "sm120-no-block"), ("mxfp8", "sm120-no-mxfp8")):
-        with pytest.raises(PlanError, match=rule):
-            make_plan(env, PrecisionRequest(recipe=recipe))
-        stepped = make_plan(env, PrecisionRequest(recipe=recipe, strict=False))
-        assert stepped.dense.name == "fp8_current"
-        assert any(r.rule == rule and "Stepped down to fp8_current" in r.text for r in stepped.reasons)
-
-
-def test_sm120_without_nvfp4_or_fp8_falls_to_bf16_and_says_why():
-    plan = make_plan(Environment.assume(cc="12.1", te="2.20.2"), PrecisionRequest(deny=("fp8_current", "fp8_delayed")))
-    assert plan.summary() == "bf16"
-    texts = " ".join(r.text for r in plan.reasons)
-    assert "auto skips nvfp4" in texts and "auto skips fp8_current" in texts
 
 
 @pytest.mark.parametrize(("cc", "te", "experts"), [("10.0", "2.16.0", "mxfp8"), ("10.0", "2.17.0", "nvfp4"),
@@ -204,7 +195,7 @@ def test_te_own_checks_forbid_with_te_reason():
 
 
 def test_prefer_stability_starts_with_high_precision_backward_and_skips_delayed():
-    env = Environment.assume(cc="9.0", te="2.20.2")
+    env = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0")
     plan = make_plan(env, PrecisionRequest(prefer_stability=True, deny=("fp8_current", "fp8_block")))
     assert plan.summary() == "bf16"  # only fp8_delayed was left, and stability skips it
     plan = make_plan(env, PrecisionRequest(prefer_stability=True))
@@ -213,11 +204,13 @@ def test_prefer_stability_starts_with_high_precision_backward_and_skips_delayed(
 
 
 def test_allow_and_deny_lists():
-    env = Environment.assume(cc="9.0", te="2.20.2")
+    env = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.1.0")
     assert make_plan(env, PrecisionRequest(allow=("bf16", "fp8_block"))).summary() == (
-        "fp8_block -> fp8_block+dq_bwd -> bf16")
+        "fp8_block / experts bf16 -> fp8_block+dq_bwd / experts bf16 -> bf16")  # block measured slower than BF16
+    assert make_plan(env, PrecisionRequest(allow=("fp8_block",))).summary() == (
+        "fp8_block -> fp8_block+dq_bwd")  # the only measured recipe allowed; nothing below is allowed
     plan = make_plan(env, PrecisionRequest(allow=("fp8_current",)))
-    assert plan.summary() == "fp8_current -> fp8_current+dq_bwd"  # nothing below is allowed
+    assert plan.summary() == "fp8_current -> fp8_current+dq_bwd"
     with pytest.raises(PlanError, match="request.deny"):
         make_plan(env, PrecisionRequest(recipe="fp8_current", deny=("fp8_current",)))
 
@@ -266,15 +259,8 @@ def test_policy_doc_is_current():
         "docs/policy.md is stale: run `python -m lightning_te_moe.policy.doc > docs/policy.md`")
 
 
-@pytest.mark.parametrize(("cublaslt", "noted"), [("13.1.0", True), ("13.4.0", True), ("13.5.0", False)])
-def test_hopper_note_when_fp8_grouped_gemm_measured_slower(cublaslt, noted):
-    plan = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt=cublaslt))
-    assert plan.dense.name == "fp8_current"  # a note informs; it does not change the choice
-    assert ("hopper-grouped-fp8-slow" in {r.rule for r in plan.reasons}) is noted
-
-
 def test_middle_rung_backward_override_follows_params_dtype():
-    env = Environment.assume(cc="9.0", te="2.20.2")
+    env = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0")
     fp32 = make_plan(env)
     assert fp32.ladder[1].dense.backward_override == "dequantized"
     assert "hp-backward-fp32-params" in {r.rule for r in fp32.reasons}

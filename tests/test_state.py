@@ -9,7 +9,7 @@ from lightning_te_moe.policy.state import PrecisionState
 
 
 def _state() -> PrecisionState:
-    return PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2")))
+    return PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0")))
 
 
 def test_step_down_walks_the_ladder_and_notifies():

@@ -13,12 +13,18 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..policy.te_features import te_has
+
 #: Activation classes whose ``act_fn(gate) * up`` TE's fused ``swiglu`` computes.
 _SILU_NAMES = ("SiLU", "SiLUActivation")
 
 
 class _TEGLU(torch.autograd.Function):
-    """TE's fused (clamped) SwiGLU on ``[gate | up]``: ``clamp=None`` is plain SwiGLU."""
+    """TE's fused (clamped) SwiGLU on ``[gate | up]``: ``clamp=None`` is plain SwiGLU.
+
+    GPT-OSS's ``up + 1`` is TE's ``glu_linear_offset=1.0`` (an argument from TE 2.17); TE 2.9-2.16's
+    clamped kernel takes no offset and always adds 1: the same function.
+    """
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, clamp: Optional[tuple[float, float]]) -> Tensor:
@@ -29,7 +35,7 @@ class _TEGLU(torch.autograd.Function):
         ctx.save_for_backward(h)
         if clamp is None:
             return tex.swiglu(h, None)
-        return tex.clamped_swiglu(h, None, clamp[0], clamp[1], 1.0)
+        return tex.clamped_swiglu(h, None, *clamp, *_glu_offset())
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -39,7 +45,12 @@ class _TEGLU(torch.autograd.Function):
         grad = grad.contiguous()
         if ctx.clamp is None:
             return tex.dswiglu(grad, h, None), None
-        return tex.clamped_dswiglu(grad, h, None, ctx.clamp[0], ctx.clamp[1], 1.0), None
+        return tex.clamped_dswiglu(grad, h, None, *ctx.clamp, *_glu_offset()), None
+
+
+def _glu_offset() -> tuple[float, ...]:
+    """The ``glu_linear_offset`` argument where this TE's clamped SwiGLU takes one (TE >= 2.17)."""
+    return (1.0,) if te_has("clamped_swiglu_offset") else ()
 
 
 class GLU(nn.Module):

@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..policy.te_features import te_has
 from .routing import Dispatch
 from .weight_cache import QuantizedWeightCache
 
 
 @lru_cache(maxsize=1)
 def te_available() -> bool:
-    """Transformer Engine's PyTorch API imports (looked up lazily: the package works without TE)."""
-    if importlib.util.find_spec("transformer_engine") is None:
+    """Transformer Engine's PyTorch API imports and is at least the TE the package needs (looked up lazily: the
+    package works without TE, and treats a TE below its floor as absent, as the plan's ``te-below-floor`` says)."""
+    if importlib.util.find_spec("transformer_engine") is None or not te_has("autocast"):
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -154,8 +156,10 @@ class TEGroupedGemm:
         self.bias = bias
         self.native = native
         self.weight_cache = QuantizedWeightCache(cache_weights)
+        # TE < 2.17 has no use_grouped_tensor (only its split path); native is only ever asked for on TE >= 2.19.
+        path = {"use_grouped_tensor": native} if te_has("use_grouped_tensor") else {}
         self.module: Any = te.GroupedLinear(num_gemms, in_features, out_features, bias=bias, device=device,
-                                            params_dtype=params_dtype, use_grouped_tensor=native)
+                                            params_dtype=params_dtype, **path)
         self._names = [f"weight{i}" for i in range(num_gemms)]
         self._bias_names = [f"bias{i}" for i in range(num_gemms)] if bias else []
         for name in self._names + self._bias_names:

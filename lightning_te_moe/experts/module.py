@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..policy.recipes import te_recipe_alignment
 from ..policy.state import PrecisionState
 from .activations import activation_label
 from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, grouped_mm_runs, native_grouped_gemm, prefer_grouped_mm,
@@ -54,8 +55,8 @@ class GroupedExperts(nn.Module):
     """Drop-in replacement for an experts module: ``forward(hidden_states, top_k_index, top_k_weights)``.
 
     Tokens are sorted by expert and each expert's block padded to the alignment of the *active* experts recipe
-    (read from ``state`` on every call), then ``fc1 -> activation -> fc2`` run as grouped GEMMs: TE
-    ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). On the TE path TE's
+    (read from ``state`` on every call) on the GEMM path TE takes, then ``fc1 -> activation -> fc2`` run as grouped
+    GEMMs: TE ``GroupedLinear`` on CUDA when TE imports, the torch reference otherwise (same math). On the TE path TE's
     fused permute/unpermute kernels move the tokens (:mod:`.te_routing`), and under FP8 TE reuses its quantized
     weights while they are unchanged (``cache_quantized_weights``; :mod:`.weight_cache`). The routing weight
     multiplies the expert output after the down-projection bias, as every transformers experts class does.
@@ -121,7 +122,7 @@ class GroupedExperts(nn.Module):
             fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
             biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)
                               or (self.fc2.bias is not None and not fc2_bias_in_te))
-            align = self._alignment(use_te)
+            align = self._alignment(recipe, native)
             fused = None
             if use_te and not biases_outside and x.size(0) and fused_permutation_available():
                 fused = fused_routing(index, weights, self.num_experts, align, host_splits=not native)
@@ -165,17 +166,16 @@ class GroupedExperts(nn.Module):
             return True
         return x.is_cuda and te_available()
 
-    def _alignment(self, use_te: bool) -> int:
+    def _alignment(self, recipe: Any, native: bool) -> int:
+        """Rows per expert block are padded to this: what the active experts recipe needs on the GEMM path TE
+        takes (``native``: TE's grouped quantize kernels need 128 rows per expert for FP8 block scaling, MXFP8 and
+        NVFP4; :data:`~lightning_te_moe.policy.recipes.ALIGNMENT`). ``recipe``: TE's active quantized recipe."""
         if self.fp8_reason is not None:
             return 1
+        path = "native" if native else "split"
         if self.state is not None:
-            return self.state.experts.alignment
-        recipe = active_recipe() if use_te else None  # a user's own te.autocast
-        if recipe is not None:
-            from transformer_engine.pytorch.quantization import get_align_size_for_quantization
-
-            return get_align_size_for_quantization(recipe)
-        return 1
+            return self.state.experts.alignment_for(path)
+        return te_recipe_alignment(recipe, path) if recipe is not None else 1  # a user's own te.autocast
 
     def _precision(self, use_te: bool) -> AbstractContextManager:
         """The nested TE autocast for the experts recipe where it differs from the dense one (or FP8 is off)."""

@@ -1,7 +1,8 @@
 """Environment -> rules -> plan: what the machine is, what is known about it, and the recipes chosen for it.
 
-``probe_environment`` reads the machine, ``make_plan`` folds the rules table (:mod:`.rules`) into a
-:class:`~.plan.Plan`, ``PrecisionState`` is its active rung at run time, and ``autotune`` times the allowed recipes.
+``probe_environment`` reads the machine, ``make_plan`` folds the rules table (:mod:`.rules`) and the measured
+expert-layer speeds (:mod:`.measurements`) into a :class:`~.plan.Plan`, ``PrecisionState`` is its active rung at run
+time, and ``autotune`` times the allowed experts recipes. :mod:`.te_features` says which TE each API needs.
 """
 
 from .choose import STEP_DOWN, PlanError, PrecisionRequest, make_plan

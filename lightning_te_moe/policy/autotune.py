@@ -1,4 +1,4 @@
-"""Measured ``auto``: time the recipes the policy allows on the model's real expert shapes, keep the fastest.
+"""Measured ``auto``: time the experts recipes the policy allows on the model's real expert shapes, keep the fastest.
 
 Only recipes that the rules already allow are timed (never a recipe "to see if it works"); the timing
 function is injected, so the choice logic is tested on CPU with made-up timings.
@@ -13,10 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from .choose import PlanError, PrecisionRequest, make_plan
+from .choose import PlanError, PrecisionRequest, experts_allowed, make_plan
 from .environment import Environment
 from .plan import Plan, Reason
-from .recipes import RECIPE_NAMES
 
 #: A challenger must beat the rule-based choice by this fraction to replace it (timing noise).
 MARGIN = 0.03
@@ -31,16 +30,17 @@ class AutotuneResult:
 
 
 def candidate_plans(env: Environment, request: PrecisionRequest) -> dict[str, Plan]:
-    """The plan that each allowed, speed-relevant recipe would give (the rule-based choice first)."""
+    """The plan each allowed, speed-relevant experts recipe would give, keyed by that recipe (the rule-based
+    choice first). Only the experts' recipe varies: the dense layers keep the rule-based choice."""
     base = make_plan(env, request)
-    plans = {base.dense.name: base}
-    for name in RECIPE_NAMES:
+    plans = {base.experts.name: base}
+    for name in experts_allowed(env, request):
         if name in plans or name in ("fp32", "fp16") or (name == "nvfp4" and not request.auto_nvfp4):
             continue
         if request.prefer_stability and name == "fp8_delayed":
             continue
         try:
-            plans[name] = make_plan(env, dataclasses.replace(request, recipe=name, strict=True))
+            plans[name] = make_plan(env, dataclasses.replace(request, experts=name, strict=True))
         except PlanError:
             continue
     return plans
@@ -60,15 +60,16 @@ def choose(timings_ms: dict[str, float], rule_choice: str, margin: float = MARGI
 
 def autotune_plan(env: Environment, request: PrecisionRequest,
                   time_plan: Callable[[Plan], float]) -> tuple[Plan, AutotuneResult]:
-    """Time each candidate plan's first rung with ``time_plan(plan) -> ms`` and plan on the fastest."""
-    if request.recipe != "auto":
-        raise ValueError(f"autotune needs recipe='auto' (got {request.recipe!r}): a named recipe is not re-chosen")
+    """Time each candidate plan's first rung with ``time_plan(plan) -> ms`` and plan on the fastest experts recipe."""
+    if request.recipe != "auto" or request.experts != "auto":
+        raise ValueError(f"autotune needs recipe='auto' and experts='auto' (got {request.recipe!r},"
+                         f" {request.experts!r}): a named recipe is not re-chosen")
     plans = candidate_plans(env, request)
     timings = {name: float(time_plan(plan)) for name, plan in plans.items()}
     rule_choice = next(iter(plans))
     chosen, why = choose(timings, rule_choice)
     plan = plans[chosen]
-    reasons = tuple(r for r in plan.reasons if r.rule != "request.recipe")  # the user asked for auto, not this
+    reasons = tuple(r for r in plan.reasons if r.rule != "request.experts")  # the user asked for auto, not this
     plan = dataclasses.replace(plan, reasons=reasons + (Reason("autotune", why, "TEMoEPrecision(autotune=True)"),),
                                request={**plans[rule_choice].request, "autotune": True})
     return plan, AutotuneResult(timings, rule_choice, chosen, why)

@@ -124,8 +124,9 @@ class Environment:
     ) -> Environment:
         """A hand-built environment: ``cc=None`` means a CPU machine.
 
-        On an assumed GPU, CUDA, cuBLASLt and cuDNN default to recent versions (13.0, 13.0, 9.14)
-        unless given, so that only what you name drives the plan.
+        On an assumed GPU, CUDA, cuBLASLt and cuDNN default to CUDA 13.0's (13.0, 13.0, 9.14) unless given.
+        cuBLASLt decides TE's GEMM path for the experts (13.0: one GEMM per expert; TE's native grouped GEMM from
+        13.4 on Hopper, 13.3 on Blackwell), and with it the experts' measured recipe: name it for a current stack.
         """
         capability = _parse_cc(cc)
         for label, text in (("te", te), ("cudnn", cudnn), ("torch_cuda", torch_cuda), ("cublaslt", cublaslt)):
@@ -198,10 +199,12 @@ def probe_environment(device: Optional[torch.device] = None) -> Environment:
 def _te_facts() -> tuple[dict[str, TECheck], Optional[str], Optional[str]]:
     import transformer_engine.pytorch as te
 
+    from .te_features import te_has
+
     checks = {}
     for family, fn_name in TE_CHECKS.items():
         fn = getattr(te, fn_name, None)
-        if fn is None:
+        if fn is None or not te_has("availability_reasons"):  # TE < 2.9: no return_reason (the plan ignores TE)
             continue
         answer = fn(return_reason=True)
         ok, reason = answer if isinstance(answer, tuple) else (bool(answer), "")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from .environment import Environment
-from .recipes import RecipeSpec
+from .recipes import GEMM_PATH_TEXT, RecipeSpec
 
 
 @dataclass(frozen=True)
@@ -24,21 +24,38 @@ class Reason:
 
 @dataclass(frozen=True)
 class Rung:
-    """One step of the ladder: the recipe for dense layers and the one for expert GEMMs."""
+    """One step of the ladder: the recipe for dense layers and the one for expert GEMMs, and the GEMM path TE takes
+    for the experts under it (``native``, ``split`` or ``torch``; None for a rung built by hand, not planned)."""
 
     dense: RecipeSpec
     experts: RecipeSpec
+    experts_gemm: Optional[str] = None
 
     def label(self) -> str:
         dense, experts = self.dense.label(), self.experts.label()
         return dense if dense == experts else f"{dense} / experts {experts}"
 
+    @property
+    def experts_alignment(self) -> int:
+        """Rows per expert block on this rung's GEMM path (the split path's where it was not planned)."""
+        return self.experts.alignment_for(self.experts_gemm or "split")
+
+    def gemm_text(self) -> str:
+        """``fp8_current: native grouped GEMM, 16 rows per expert`` (the experts' recipe, path and padding)."""
+        path = GEMM_PATH_TEXT[self.experts_gemm or "split"]
+        pad = f", {self.experts_alignment} rows per expert" if self.experts_alignment > 1 else ""
+        return f"{self.experts.label()}: {path}{pad}"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense.to_dict(), "experts": self.experts.to_dict()}
+        data: dict[str, Any] = {"dense": self.dense.to_dict(), "experts": self.experts.to_dict()}
+        if self.experts_gemm is not None:
+            data.update(experts_gemm=self.experts_gemm, experts_gemm_text=GEMM_PATH_TEXT[self.experts_gemm],
+                        experts_alignment=self.experts_alignment)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rung:
-        return cls(RecipeSpec.from_dict(data["dense"]), RecipeSpec.from_dict(data["experts"]))
+        return cls(RecipeSpec.from_dict(data["dense"]), RecipeSpec.from_dict(data["experts"]), data.get("experts_gemm"))
 
 
 @dataclass(frozen=True)
@@ -60,10 +77,16 @@ class Plan:
     def experts(self) -> RecipeSpec:
         return self.ladder[0].experts
 
+    @property
+    def experts_gemm(self) -> Optional[str]:
+        """How TE runs the experts' GEMMs on the first rung: ``native``, ``split`` or ``torch``."""
+        return self.ladder[0].experts_gemm
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "dense": self.dense.to_dict(),
             "experts": self.experts.to_dict(),
+            "experts_gemm": self.experts_gemm,
             "ladder": [r.to_dict() for r in self.ladder],
             "env_vars": dict(self.env_vars),
             "fused_attention": self.fused_attention,
@@ -100,9 +123,13 @@ class Plan:
         head.add_column()
         head.add_row("environment", self.environment.summary())
         head.add_row("dense layers", self.dense.label())
-        pad = f"tokens per expert padded to {self.experts.alignment}" if self.experts.alignment > 1 else "no padding"
-        head.add_row("experts", f"{self.experts.label()} ({pad})")
+        start = self.ladder[0]
+        pad = f"tokens per expert padded to {start.experts_alignment}" if start.experts_alignment > 1 else "no padding"
+        path = f"{GEMM_PATH_TEXT[start.experts_gemm]}, " if start.experts_gemm else ""
+        head.add_row("experts", f"{self.experts.label()} ({path}{pad})")
         head.add_row("ladder", " -> ".join(r.label() for r in self.ladder))
+        if any(r.experts_gemm for r in self.ladder):
+            head.add_row("experts GEMM", "; ".join(dict.fromkeys(r.gemm_text() for r in self.ladder)))
         head.add_row("attention", "TE fused" if self.fused_attention else "model's own")
         if self.env_vars:
             head.add_row("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items()))

@@ -31,14 +31,63 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "nvfp4": {"disable_rht": False},
 }
 
-#: Per-expert token-count multiple the grouped GEMM needs (TE ``get_align_size_for_quantization``).
-ALIGNMENT: dict[str, int] = {"fp8_delayed": 16, "fp8_current": 16, "fp8_block": 16, "mxfp8": 32, "nvfp4": 128}
+#: How TE runs the experts' grouped GEMM: ``"native"``, one cuBLASLt grouped GEMM for all experts (TE
+#: ``GroupedLinear(use_grouped_tensor=True)``, split sizes on the device); ``"split"``, one GEMM per expert (TE's
+#: split-quantize path); ``"torch"``, no TE (torch's ``grouped_mm`` or a loop).
+GemmPath = Literal["native", "split", "torch"]
+GEMM_PATHS: tuple[str, ...] = get_args(GemmPath)
+GEMM_PATH_TEXT: dict[str, str] = {"native": "native grouped GEMM", "split": "one GEMM per expert",
+                                  "torch": "torch grouped GEMM (no TE)"}
+
+#: Per-expert row multiple each GEMM path needs under each quantized recipe (recipes not listed: 1, no padding).
+#: ``split`` (and ``torch``, which pads the same so a step-down never changes the layout): TE
+#: ``get_align_size_for_quantization`` (MXFP8 32: TE #2966). ``native``: every expert's rows go through TE's grouped
+#: quantize kernels and grouped scale layouts (TE 2.20.2, ``common/``): FP8 block scaling quantizes 128x128 tiles
+#: per expert (``cast/fp8_blockwise/group_quantize_fp8_blockwise.cuh``: "each tensor's first dimension must be a
+#: multiple of 128 (VARYING_FIRST_DIM)", NaN gradients otherwise); MXFP8 and NVFP4 swizzle each expert's scales in
+#: 128-row tiles (``gemm/cublaslt_grouped_gemm.cu`` ``padded_mxfp8_scale_inv_bytes`` / ``padded_nvfp4_...``, NVFP4's
+#: grouped Hadamard cast: "x y both a multiple of 128"); FP8 current scaling has one scale per expert and keeps
+#: FP8's 16 (GEMM leading dimensions); BF16/FP16 need none.
+_SPLIT_ALIGNMENT = {"fp8_delayed": 16, "fp8_current": 16, "fp8_block": 16, "mxfp8": 32, "nvfp4": 128}
+ALIGNMENT: dict[str, dict[str, int]] = {
+    "native": {"fp8_current": 16, "fp8_block": 128, "mxfp8": 128, "nvfp4": 128},
+    "split": _SPLIT_ALIGNMENT,
+    "torch": _SPLIT_ALIGNMENT,
+}
 
 #: How a ``backward_override`` shows in a recipe's label.
 _BACKWARD_LABEL = {"high_precision": "+hp_bwd", "dequantized": "+dq_bwd"}
 
 #: Torch compute dtype for a recipe's non-quantized math.
 COMPUTE_DTYPE: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _check_path(path: str) -> str:
+    if path not in GEMM_PATHS:
+        raise ValueError(f"unknown GEMM path {path!r}; valid paths are: {', '.join(GEMM_PATHS)}")
+    return path
+
+
+def _alignment(name: str, path: str) -> int:
+    """A recipe missing from the native table (delayed scaling) is one TE runs on its split path even when asked
+    for the native one: it gets the split path's multiple."""
+    split = ALIGNMENT["split"].get(name, 1)
+    return ALIGNMENT[_check_path(path)].get(name, split)
+
+
+def te_recipe_alignment(recipe: Any, path: str) -> int:
+    """Per-expert row multiple for a TE recipe object on ``path`` (a user's own ``te.autocast``; no TE import).
+
+    TE's ``CustomRecipe`` declares its own (``quantization_alignment``) and never runs the native path.
+    """
+    name = {cls: key for key, cls in TE_CLASSES.items()}.get(type(recipe).__name__)
+    if name is not None:
+        return _alignment(name, path)
+    declared = getattr(recipe, "quantization_alignment", None)
+    if declared is None:
+        raise ValueError(f"unsupported TE recipe type {type(recipe).__name__}: supported are "
+                         f"{', '.join(sorted(TE_CLASSES.values()))} and recipes with a quantization_alignment")
+    return int(declared)
 
 
 def check_recipe_name(name: str) -> str:
@@ -67,8 +116,12 @@ class RecipeSpec:
 
     @property
     def alignment(self) -> int:
-        """Per-expert token multiple for grouped GEMMs (1: no padding needed)."""
-        return ALIGNMENT.get(self.name, 1)
+        """Per-expert row multiple on TE's split path and the torch backend (1: no padding needed)."""
+        return self.alignment_for("split")
+
+    def alignment_for(self, path: str) -> int:
+        """Per-expert row multiple the experts' grouped GEMM needs on ``path`` (:data:`GEMM_PATHS`)."""
+        return _alignment(self.name, path)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -117,6 +170,10 @@ class RecipeSpec:
         return getattr(te_recipe, TE_CLASSES[self.name])(**kwargs)
 
 
+#: NVFP4 settings the rules may force (SM120: no RHT, no stochastic rounding), read from a user's recipe object.
+_NVFP4_KEYS = {"disable_rht", "disable_stochastic_rounding"}
+
+
 def spec_from_te_recipe(recipe: Any) -> RecipeSpec:
     """Name and settings of a TE recipe object a user passed in (no TE import needed to call this)."""
     cls_name = type(recipe).__name__
@@ -128,12 +185,10 @@ def spec_from_te_recipe(recipe: Any) -> RecipeSpec:
         )
     name = names[cls_name]
     settings: dict[str, Any] = {}
-    for key in set(DEFAULT_SETTINGS[name]) | {"backward_override", "disable_rht"}:
+    for key in set(DEFAULT_SETTINGS[name]) | {"backward_override"} | (_NVFP4_KEYS if name == "nvfp4" else set()):
         if hasattr(recipe, key):
             value = getattr(recipe, key)
             settings[key] = getattr(value, "name", value)  # Format enum -> its name
-    if name != "nvfp4":
-        settings.pop("disable_rht", None)
     if settings.get("backward_override") is None:
         settings.pop("backward_override", None)
     return RecipeSpec(name, settings)

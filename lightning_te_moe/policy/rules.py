@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .environment import parse_version
 from .recipes import TE_RECIPES
+from .te_features import TE_FLOOR, since
 
 if TYPE_CHECKING:
     from .environment import Environment
@@ -30,6 +31,7 @@ class When:
     te_fixed_in: Optional[str] = None  # ... and until this one; None while unfixed
     cudnn_below: Optional[str] = None
     torch_cuda_below: Optional[str] = None
+    cublaslt_min: Optional[str] = None  # an unknown cuBLASLt never counts as new enough
     cublaslt_below: Optional[str] = None
     cpu_bf16: Optional[bool] = None
     torch_compile: Optional[bool] = None
@@ -50,6 +52,9 @@ class When:
         if self.te_min and env.te < parse_version(self.te_min):
             return False
         if self.te_fixed_in and env.te >= parse_version(self.te_fixed_in):
+            return False
+        if self.cublaslt_min and (env.cublaslt_version is None
+                                  or parse_version(env.cublaslt_version) < parse_version(self.cublaslt_min)):
             return False
         for have, below in (
             (env.cudnn_version, self.cudnn_below),
@@ -84,8 +89,9 @@ class When:
             parts.append("TE installed" if self.te_installed else "TE not installed")
         if self.te_min or self.te_fixed_in:
             lo = f"TE >= {self.te_min}" if self.te_min else "TE"
-            hi = f" < {self.te_fixed_in} (fixed in {self.te_fixed_in})" if self.te_fixed_in else " (unfixed)"
-            parts.append(lo + hi)
+            parts.append(lo + (f" < {self.te_fixed_in} (fixed in {self.te_fixed_in})" if self.te_fixed_in else ""))
+        if self.cublaslt_min:
+            parts.append(f"cuBLASLt >= {self.cublaslt_min}")
         for label, below in (("cuDNN", self.cudnn_below), ("torch CUDA", self.torch_cuda_below),
                              ("cuBLASLt", self.cublaslt_below)):
             if below:
@@ -107,8 +113,12 @@ class Effect:
 
     forbid: tuple[str, ...] = ()
     experts_only: bool = False  # forbid for the expert GEMMs only; dense layers may still use it
+    lifted_by_request: bool = False  # a recipe the user names (recipe= or allow=) runs anyway, with this rule's warning
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe -> forced settings
     prefer: tuple[str, ...] = ()  # the order ``auto`` tries recipes in (first matching rule wins)
+    auto_nvfp4: bool = False  # auto takes NVFP4 here without the user's auto_nvfp4=True
+    native_grouped: tuple[str, ...] = ()  # recipes whose expert GEMMs TE runs as its native grouped GEMM here
+    split_when_set: tuple[str, ...] = ()  # recipe settings that keep the experts on TE's split path when set
     drop_high_precision_backward: bool = False
     high_precision_backward_via: dict[str, str] = field(default_factory=dict)  # recipe -> recipe to use
     backward_override: Optional[str] = None  # the override value the ladder's middle step uses
@@ -118,11 +128,18 @@ class Effect:
     def describe(self) -> str:
         parts = []
         if self.forbid:
-            parts.append(("experts: no " if self.experts_only else "no ") + ", ".join(self.forbid))
+            parts.append(("experts: no " if self.experts_only else "no ") + ", ".join(self.forbid)
+                         + (" unless the user names it" if self.lifted_by_request else ""))
         for recipe, values in self.settings.items():
             parts.append(f"{recipe}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
         if self.prefer:
             parts.append("auto tries " + " > ".join(self.prefer))
+        if self.auto_nvfp4:
+            parts.append("auto takes nvfp4 without auto_nvfp4=True")
+        if self.native_grouped:
+            parts.append("experts on TE's native grouped GEMM: " + ", ".join(self.native_grouped))
+        if self.split_when_set:
+            parts.append("experts on one GEMM per expert with " + " or ".join(self.split_when_set) + " set")
         if self.drop_high_precision_backward:
             parts.append("ladder skips the high-precision-backward step")
         for src, dst in self.high_precision_backward_via.items():
@@ -147,6 +164,9 @@ class Rule:
 
 _QUANTIZED = TE_RECIPES
 _FP8_SCALED = ("fp8_delayed", "fp8_current")
+
+#: TE 2.20.2 ``module/grouped_linear.py``, the predicate TE's ``GroupedLinear`` asks before its native grouped GEMM.
+_NATIVE_REF = "TE grouped_linear.is_module_grouped_tensor_path_supported (TE 2.20.2 L89-152; TE PR #3224, TE 2.19)"
 
 RULES: tuple[Rule, ...] = (
     # -- what the machine can run at all, and the order auto tries -------------------------------
@@ -184,28 +204,38 @@ RULES: tuple[Rule, ...] = (
          When(device="cuda", cc_min=10.0, cc_below=12.0),
          Effect(prefer=("nvfp4", "mxfp8", "fp8_current", "fp8_block", "fp8_delayed", "bf16", "fp32")),
          "Blackwell (10.x/11.x): MXFP8 by default; NVFP4 only when allowed."),
-    Rule("sm120-order", "DGX Spark users: NVFP4 with disable_rht=True trains",
+    Rule("sm120-order", "TE #2382 (NVFP4 converges on SM120, FP8 block scaling does not); TE PR #3195",
          When(device="cuda", cc_min=12.0),
-         Effect(prefer=("nvfp4", "fp8_current", "fp8_delayed", "bf16", "fp32")),
-         "SM120/SM121: NVFP4 (with disable_rht) when allowed, else FP8 current scaling, else BF16."),
+         Effect(prefer=("nvfp4", "fp8_current", "fp8_delayed", "bf16", "fp32"), auto_nvfp4=True),
+         "SM120/SM121 (DGX Spark): NVFP4 without RHT and stochastic rounding is what trains there (TE #2382,"
+         " DGX Spark users), so auto takes it without auto_nvfp4=True; else BF16."),
     # -- known TE problems -----------------------------------------------------------------------
     Rule("sm120-no-block", "TE #2382", When(device="cuda", cc_min=12.0),
          Effect(forbid=("fp8_block",)),
-         "FP8 block scaling does not converge on SM120/SM121."),
-    Rule("sm120-nvfp4-no-rht", "TE #2372", When(device="cuda", cc_min=12.0),
+         "FP8 block scaling does not converge on SM120/SM121 'for any of its options' (power-of-2 scales are"
+         " forced there)."),
+    Rule("sm120-fp8-unproven", "TE #2382; no report of FP8 per-tensor scaling converging on SM120",
+         When(device="cuda", cc_min=12.0),
+         Effect(forbid=("fp8_current", "fp8_delayed"), lifted_by_request=True),
+         "FP8 per-tensor scaling is unproven on SM120/SM121: no report we know of shows it converging there, so"
+         " neither auto nor the experts take it unless you name it (recipe= or allow=)."),
+    Rule("sm120-nvfp4-no-rht", "TE #2372; TE PR #3300 (RHT for SM120/SM121, open)", When(device="cuda", cc_min=12.0),
          Effect(settings={"nvfp4": {"disable_rht": True}}),
-         "NVFP4's random Hadamard transform fails on SM120 ('Failed to set Shared Memory size')."),
+         "NVFP4's random Hadamard transform fails on SM120 ('Failed to set Shared Memory size'); disable_rht=True"
+         " trains."),
+    Rule("sm120-nvfp4-no-sr", "TE PR #3195 (support matrix); TE #3062; TE PR #3281 (all-zero SR data, TE 2.19)",
+         When(device="cuda", cc_min=12.0),
+         Effect(settings={"nvfp4": {"disable_stochastic_rounding": True}}),
+         "NVFP4 on 12.x trains only without RHT and stochastic rounding (TE's support matrix; the default recipe"
+         " crashes in the fused RHT kernel, TE #3062)."),
     Rule("sm120-no-mxfp8", "TE #2668", When(device="cuda", cc_min=12.0),
          Effect(forbid=("mxfp8",)),
          "TE has no MXFP8 kernels for SM120/SM121."),
-    Rule("sm120-nvfp4-no-sr", "TE PR #3281 (fix merged 2026-07; first release not verified)",
-         When(device="cuda", cc_min=12.0),
-         Effect(settings={"nvfp4": {"disable_stochastic_rounding": True}}),
-         "NVFP4 stochastic rounding could produce all-zero data on SM120/SM121."),
-    Rule("sm120-experts-no-nvfp4", "TE #2455; TE grouped_linear.is_module_grouped_tensor_path_supported",
+    Rule("sm120-experts-no-nvfp4", f"TE #2372, TE #3219; {_NATIVE_REF}",
          When(device="cuda", cc_min=12.0),
          Effect(forbid=("nvfp4",), experts_only=True),
-         "TE's NVFP4 grouped GEMM runs on CC 10.x/11.0 with RHT only; SM120 must disable RHT."),
+         "TE's grouped NVFP4 needs its random Hadamard transform (native path: CC 10.x/11.0 with RHT), which"
+         " fails on SM120: experts run BF16 there."),
     Rule("sm120-fused-attn-cudnn", "TE PR #2693", When(device="cuda", cc_min=12.0, cudnn_below="9.18.1"),
          Effect(env={"NVTE_FUSED_ATTN": "0"}, fused_attention=False),
          "Fused attention on SM120 needs cuDNN >= 9.18.1; NVTE_FUSED_ATTN=0 keeps TE on another backend."),
@@ -217,43 +247,68 @@ RULES: tuple[Rule, ...] = (
          Effect(settings={"mxfp8": {"fp8_format": "E4M3"}}),
          "MXFP8 with the HYBRID format diverges: MXFP8 uses E4M3 in both directions."),
     Rule("experts-no-nvfp4-grouped", "TE #2455 (NVFP4 GroupedLinear path first in TE 2.17)",
-         When(te_installed=True, te_fixed_in="2.17"),
+         When(te_installed=True, te_fixed_in=since("nvfp4_grouped")),
          Effect(forbid=("nvfp4",), experts_only=True),
          "No NVFP4 grouped GEMM for GroupedLinear experts in this TE: experts use the next recipe."),
     Rule("experts-no-nvfp4-unknown-te", "TE #2455", When(te_installed=False),
          Effect(forbid=("nvfp4",), experts_only=True),
          "TE version unknown: experts do not get NVFP4 without a TE known to have NVFP4 grouped GEMMs (>= 2.17)."),
-    Rule("te-too-old-mxfp8", "TE 2.0 release (MXFP8BlockScaling)", When(te_installed=True, te_fixed_in="2.0"),
-         Effect(forbid=("mxfp8",)), "MXFP8BlockScaling first shipped in TE 2.0."),
-    Rule("te-too-old-current", "TE 2.2 release (Float8CurrentScaling)", When(te_installed=True, te_fixed_in="2.2"),
-         Effect(forbid=("fp8_current",)), "Float8CurrentScaling first shipped in TE 2.2."),
-    Rule("te-too-old-block", "TE 2.3 release (Float8BlockScaling)", When(te_installed=True, te_fixed_in="2.3"),
-         Effect(forbid=("fp8_block",)), "Float8BlockScaling first shipped in TE 2.3."),
-    Rule("te-too-old-nvfp4", "TE 2.8 release (NVFP4BlockScaling, PR #2177)",
-         When(te_installed=True, te_fixed_in="2.8"),
-         Effect(forbid=("nvfp4",)), "NVFP4BlockScaling first shipped in TE 2.8."),
-    Rule("backward-override-needs-2.15", "TE PR #2644 (first in TE 2.15)", When(te_installed=True, te_fixed_in="2.15"),
+    Rule("te-below-floor", f"pyproject.toml (transformer-engine >= {TE_FLOOR}); policy/te_features.py",
+         When(te_installed=True, te_fixed_in=TE_FLOOR),
+         Effect(forbid=_QUANTIZED, fused_attention=False),
+         f"This TE predates te.autocast and the other APIs the package needs (TE >= {TE_FLOOR}): it runs as if TE"
+         " were absent (torch autocast, torch expert GEMMs, the model's own attention). Upgrade Transformer Engine."),
+    Rule("backward-override-needs-2.15", "TE PR #2644 (first in TE 2.15)",
+         When(te_installed=True, te_fixed_in=since("backward_override")),
          Effect(drop_high_precision_backward=True),
          "backward_override exists from TE 2.15: the ladder goes straight to BF16."),
+    Rule("te-no-fused-permute", "TE 2.15 permutation.py (te_moe custom ops with pad_offsets)",
+         When(device="cuda", te_installed=True, te_fixed_in=since("fused_permute")),
+         Effect(),
+         "TE before 2.15 has no mask-map permute kernels with padding: the experts move tokens with torch gathers"
+         " (the same function, slower)."),
     Rule("delayed-rejects-backward-override", "TE recipe.DelayedScaling (backward_override must be None)", When(),
          Effect(high_precision_backward_via={"fp8_delayed": "fp8_current"}),
          "DelayedScaling rejects backward_override: the high-precision-backward step uses current scaling."),
-    Rule("hp-backward-fp32-params", "benchmarks/hp_backward_probe.py (H100, TE 2.20.2, 2026-11-24)",
+    Rule("hp-backward-fp32-params", "benchmarks/hp_backward_probe.py (H100, TE 2.20.2, cuBLASLt 13.1, 2026-11-24)",
          When(device="cuda", te_min="2.15", params_dtype="float32"),
          Effect(backward_override="dequantized"),
          "backward_override='high_precision' with FP32 master weights under BF16 autocast fails in te.Linear's"
          " backward ('Unable to find suitable cuBLAS GEMM algorithm'); 'dequantized' (BF16 GEMMs on the"
-         " dequantized saved operands, no FP8 gradients) runs."),
+         " dequantized saved operands, no FP8 gradients) runs. Measured with cuBLASLt 13.1 only."),
     Rule("compile-no-delayed", "TE check_recipe_support", When(torch_compile=True),
          Effect(forbid=("fp8_delayed",)),
          "DelayedScaling is rejected under torch.compile."),
-    Rule("hopper-grouped-fp8-slow", "docs/performance.md; TE is_module_grouped_tensor_path_supported",
-         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_below="13.5"),
+    # -- which GEMM path TE takes for the experts (TE's own predicate, as data) -------------------
+    Rule("native-grouped-hopper", _NATIVE_REF,
+         When(device="cuda", cc_min=9.0, cc_below=10.0, te_min=since("native_grouped_predicate"), cublaslt_min="13.4"),
+         Effect(native_grouped=("bf16", "fp16")),
+         "Hopper with cuBLASLt >= 13.4: TE runs BF16/FP16 experts as one cuBLASLt grouped GEMM, split sizes on the"
+         " device. DelayedScaling never runs there (TE has no grouped delayed-scaling quantize)."),
+    Rule("native-grouped-hopper-fp8-current", _NATIVE_REF,
+         When(device="cuda", cc_min=9.0, cc_below=10.0, te_min=since("native_grouped_predicate"), cublaslt_min="13.5"),
+         Effect(native_grouped=("fp8_current",)),
+         "Hopper: FP8 current scaling runs TE's native grouped GEMM from cuBLASLt 13.5."),
+    Rule("native-grouped-hopper-fp8-block", _NATIVE_REF + "; 'cuBLASLt 13.6 fixes Hopper grouped GEMM algo selection'",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, te_min=since("native_grouped_predicate"), cublaslt_min="13.6"),
+         Effect(native_grouped=("fp8_block",)),
+         "Hopper: FP8 block scaling runs TE's native grouped GEMM from cuBLASLt 13.6 (TE's source; some TE docs"
+         " say 13.4). Its grouped quantize needs 128 rows per expert."),
+    Rule("native-grouped-blackwell", _NATIVE_REF,
+         When(device="cuda", cc_min=10.0, cc_below=11.1, te_min=since("native_grouped_predicate"), cublaslt_min="13.3"),
+         Effect(native_grouped=("bf16", "fp16", "fp8_current", "mxfp8", "nvfp4")),
+         "Blackwell (CC 10.x, 11.0) with cuBLASLt >= 13.3: TE's native grouped GEMM runs BF16/FP16, FP8 current"
+         " scaling, MXFP8 and NVFP4 (with its RHT); FP8 block scaling stays on the split path there."),
+    Rule("native-grouped-split-settings", _NATIVE_REF, When(device="cuda"),
+         Effect(split_when_set=("backward_override", "disable_rht")),
+         "A backward_override (the ladder's high-precision-backward rung) and NVFP4 without its random Hadamard"
+         " transform run TE's split path: one GEMM per expert."),
+    Rule("te-no-native-grouped", _NATIVE_REF,
+         When(device="cuda", cc_min=9.0, cc_below=11.1, te_installed=True,
+              te_fixed_in=since("native_grouped_predicate")),
          Effect(),
-         "Measured on an H100 (TE 2.20, cuBLASLt 13.1: one GEMM per expert, TE's native grouped GEMM needs"
-         " cuBLASLt >= 13.4, >= 13.5 for FP8 current scaling): for GPT-OSS-20B experts FP8 delayed scaling was"
-         " 18% faster than BF16 at 65k tokens a step but only at par at 16k, FP8 current scaling slower than"
-         " BF16 below 65k, and every FP8 recipe slower at 4k; autotune=True times your shapes."),
+         "TE before 2.19 has no is_module_grouped_tensor_path_supported: the experts run TE's split path (one GEMM"
+         " per expert) whatever the cuBLASLt."),
     # -- which layers run the dense recipe --------------------------------------------------------
     Rule("dense-high-precision-parts",
          "DeepSeek-V3 technical report (arXiv 2412.19437) sec. 3.3.1; TE utils.assert_dim_for_fp8_exec",

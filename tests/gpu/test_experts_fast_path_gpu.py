@@ -151,6 +151,72 @@ def test_native_path_routing_computes_the_same_function(recipe: str, monkeypatch
     assert max(errors.values()) <= (1e-3 if recipe == "bf16" else 2e-2), errors
 
 
+def _cublaslt() -> str:
+    import transformer_engine_torch as tex
+
+    value = int(tex.get_cublasLt_version())
+    return f"{value // 10000}.{value % 10000 // 100}.{value % 100}"
+
+
+def _blocks(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Record the expert blocks (rows per expert) every TE engine call gets, as TE's GEMM reads them."""
+    seen: list[list[int]] = []
+    original = experts_module.TEGroupedGemm.__call__
+
+    def call(engine: Any, x: torch.Tensor, weight: torch.Tensor, splits: Optional[list[int]], *args: Any) -> Any:
+        device_splits = args[1] if len(args) > 1 else None
+        seen.append(device_splits.tolist() if engine.native else list(splits or []))
+        return original(engine, x, weight, splits, *args)
+
+    monkeypatch.setattr(experts_module.TEGroupedGemm, "__call__", call)
+    return seen
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen-experts"])
+@pytest.mark.parametrize("recipe", ["bf16", *fp8_recipes_here()])
+def test_native_grouped_gemm_where_te_takes_it(recipe: str, frozen: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every recipe TE runs on its native grouped GEMM on this stack (TE's own predicate; skipped where TE runs it
+    one GEMM per expert): every expert block, the slack block included, is a multiple of the rows the native
+    quantizer needs (128 for FP8 block scaling), and the layer matches transformers' eager experts and the same
+    layer on TE's split path, outputs and every gradient, all finite. Before the 128-row alignment, FP8 block
+    scaling failed here on cuBLASLt 13.10 with TE's "multiple of 128 (VARYING_FIRST_DIM)" assertion and NaN
+    gradients."""
+    from lightning_te_moe.experts.gemm import native_grouped_gemm
+    from lightning_te_moe.policy.recipes import RecipeSpec
+
+    spec = RecipeSpec.of(recipe)
+    if not native_grouped_gemm(spec.build(), torch.bfloat16):
+        pytest.skip(f"TE runs {recipe} one GEMM per expert on this stack (cuBLASLt {_cublaslt()})")
+    ref = cuda_experts_layer("gpt_oss")
+    holder, native = _swap(ref, recipe)
+    split = copy.deepcopy(native)
+    for module in (ref, native, split):
+        module.requires_grad_(not frozen)
+    data = _topk_routing(999, seed=4)
+    blocks = _blocks(monkeypatch)
+    want, got = layer_step(ref, *data), layer_step(native, *data)
+    assert native._engines and all(engine.native for engine in native._engines.values())
+    need = spec.alignment_for("native")
+    assert blocks and all(b % need == 0 for call in blocks for b in call), (need, blocks)
+    assert sum(blocks[0]) == te_routing.upper_bound_rows(999, 2, 8, need)  # no host sync: the upper bound
+    monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda r, dtype: False)
+    other = layer_step(split, *data)
+    if not frozen:
+        want.update({k: p.grad.float() for k, p in ref.named_parameters()})
+        got.update({k.removeprefix("experts."): v.float() for k, v in original_layout_grads(holder).items()})
+        other.update({n: p.grad.float() for n, p in split.named_parameters()})
+        got_ours = {n: p.grad.float() for n, p in native.named_parameters()}
+    vs_hf = {k: rel_err(got[k], want[k]) for k in want}
+    vs_split = {k: rel_err(got[k], other[k]) for k in ("out", "x.grad", "weights.grad")}
+    if not frozen:
+        vs_split.update({n: rel_err(got_ours[n], other[n]) for n in got_ours})
+    print(recipe, "frozen" if frozen else "trainable", f"cuBLASLt {_cublaslt()}", "blocks of", need,
+          "vs HF", {k: f"{v:.1e}" for k, v in vs_hf.items()}, "vs split", {k: f"{v:.1e}" for k, v in vs_split.items()})
+    assert all(torch.isfinite(v).all() for v in got.values())
+    assert max(vs_hf.values()) <= (2e-2 if recipe == "bf16" else 0.1), vs_hf
+    assert max(vs_split.values()) <= (1e-2 if recipe == "bf16" else 5e-2), vs_split
+
+
 def _flags(module: GroupedExperts) -> list[Optional[bool]]:
     """Record every ``is_first_microbatch`` the module's engines hand to TE."""
     seen: list[Optional[bool]] = []
@@ -271,14 +337,15 @@ def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
 
 def test_native_grouped_gemm_follows_te_and_cublaslt() -> None:
     """TE's native grouped GEMM is picked exactly where TE's own check allows it (the H100 image's cuBLASLt 13.1
-    is below its 13.4 minimum on Hopper: the split path runs, and the engines say so)."""
+    is below its 13.4 minimum on Hopper: the split path runs, and the engines say so; cuBLASLt 13.10: native)."""
     import transformer_engine_torch as tex
 
     from lightning_te_moe.experts.gemm import native_grouped_gemm
 
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    if hopper and tex.get_cublasLt_version() < 130400:
-        assert not native_grouped_gemm(None, torch.bfloat16)
+    print("cuBLASLt", _cublaslt(), "native BF16:", native_grouped_gemm(None, torch.bfloat16))
+    if hopper:
+        assert native_grouped_gemm(None, torch.bfloat16) is (tex.get_cublasLt_version() >= 130400)
     _, swapped = _swap(cuda_experts_layer("mixtral"), "bf16")
     layer_step(swapped, *_topk_routing(128))
     assert swapped._engines

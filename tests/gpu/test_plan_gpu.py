@@ -7,6 +7,7 @@ import math
 
 import lightning as L
 import torch
+from packaging.version import Version
 
 from lightning_te_moe import TEMoEPrecision, make_plan, probe_environment
 from lightning_te_moe.example import StdlibBytesDataModule, TinyMoELanguageModel
@@ -17,17 +18,49 @@ def test_probe_sees_device_te_and_versions():
     print("environment:", env.to_dict())
     assert env.device_type == "cuda" and env.compute_capability is not None
     assert env.te_version is not None and env.cudnn_version and env.cublaslt_version
+    print("cuBLASLt", env.cublaslt_version)
     assert set(env.te_checks) == {"fp8", "mxfp8", "fp8_block", "nvfp4"}
     if env.compute_capability == (9, 0):
         assert env.te_checks["fp8"].available and not env.te_checks["mxfp8"].available
         assert not env.te_checks["nvfp4"].available and env.te_checks["mxfp8"].reason
 
 
+def test_plans_gemm_path_is_tes_own_on_this_stack():
+    """For every recipe TE runs here, the plan's experts GEMM path (the native-grouped rules) is what TE's own
+    predicate says on this machine, and the high-precision-backward rung is one GEMM per expert."""
+    from transformer_engine.pytorch.module.grouped_linear import is_module_grouped_tensor_path_supported
+
+    from lightning_te_moe import PrecisionRequest, RecipeSpec
+
+    env = probe_environment()
+    names = ["bf16"] + [n for n, family in (("fp8_delayed", "fp8"), ("fp8_current", "fp8"), ("fp8_block", "fp8_block"),
+                                             ("mxfp8", "mxfp8"), ("nvfp4", "nvfp4")) if env.te_checks[family].available]
+    seen = {}
+    for name in names:
+        plan = make_plan(env, PrecisionRequest(recipe="bf16", experts=name, strict=False))
+        if plan.experts.name != name:  # a rule keeps the experts off it here (SM120: NVFP4)
+            continue
+        te_says = is_module_grouped_tensor_path_supported(plan.experts.build(), torch.bfloat16)
+        seen[name] = plan.ladder[0].experts_gemm
+        assert plan.ladder[0].experts_gemm == ("native" if te_says else "split"), (name, env.cublaslt_version)
+        if plan.experts.is_te and len(plan.ladder) > 2:
+            hp = plan.ladder[1].experts
+            assert plan.ladder[1].experts_gemm == "split"
+            assert not is_module_grouped_tensor_path_supported(hp.build(), torch.bfloat16)
+    print("cuBLASLt", env.cublaslt_version, "experts GEMM path per recipe:", seen)
+    assert RecipeSpec.of("bf16").alignment_for(seen["bf16"]) == 1
+
+
 def test_plan_on_real_device_picks_fp8():
-    plan = make_plan(probe_environment())
+    """The dense layers get FP8; the experts get the recipe measured fastest on this stack (H100: BF16 on cuBLASLt
+    13.1, FP8 current scaling on 13.10)."""
+    env = probe_environment()
+    plan = make_plan(env)
     print(plan.render_text(width=160))
     assert plan.dense.name in ("fp8_current", "fp8_delayed", "fp8_block", "mxfp8", "nvfp4")
     assert plan.ladder[-1].dense.name == "bf16"
+    if env.compute_capability == (9, 0) and env.te_version.startswith("2.20"):
+        assert plan.experts.name == ("fp8_current" if Version(env.cublaslt_version) >= Version("13.5") else "bf16")
 
 
 class TEProbe(L.LightningModule):
