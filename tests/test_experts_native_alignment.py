@@ -100,7 +100,7 @@ def test_alignment_table_is_the_documented_one() -> None:
         assert spec.alignment_for("split") == spec.alignment == SPLIT_ROWS[name] == spec.alignment_for("torch")
     assert RecipeSpec.of("fp8_delayed").alignment_for("split") == 16
     assert "fp8_delayed" not in ALIGNMENT["native"]  # TE never runs delayed scaling on its native path
-    with pytest.raises(ValueError, match="unknown GEMM path 'fused'; valid paths are: native, split, torch"):
+    with pytest.raises(ValueError, match="unknown GEMM path 'fused'; valid paths are: native, split, grouped_mm, torch"):
         RecipeSpec.of("bf16").alignment_for("fused")
 
 

@@ -59,8 +59,11 @@ def test_the_layer_function_and_gradients_are_those_of_the_exact_dispatch() -> N
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_bf16_experts_take_grouped_mm_only_where_te_would_run_one_gemm_per_expert() -> None:
+def test_bf16_experts_take_grouped_mm_only_where_te_would_run_one_gemm_per_expert(monkeypatch) -> None:
     from lightning_te_moe.experts.gemm import GROUPED_MM_MAX_TOKENS, grouped_mm_runs, prefer_grouped_mm
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
 
     assert prefer_grouped_mm(1024, None, native=False)
     assert prefer_grouped_mm(GROUPED_MM_MAX_TOKENS, None, native=False)
@@ -72,6 +75,8 @@ def test_bf16_experts_take_grouped_mm_only_where_te_would_run_one_gemm_per_exper
     assert not grouped_mm_runs(cuda, torch.bfloat16, [2880, 5760, 4])  # a LoRA rank of 4
     assert not grouped_mm_runs(cuda, torch.float16, [2880, 5760])
     assert not grouped_mm_runs(torch.device("cpu"), torch.bfloat16, [2880, 5760])
+    capability[0] = (12, 1)  # no torch grouped_mm kernels for SM120/SM121
+    assert not grouped_mm_runs(cuda, torch.bfloat16, [2880, 5760, 16])
 
 
 def test_a_dispatch_without_host_splits_refuses_the_per_expert_loop() -> None:

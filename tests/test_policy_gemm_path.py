@@ -43,9 +43,13 @@ def test_native_grouped_gemm_follows_tes_predicate(cc: str, cublaslt: str, recip
     """The rules reproduce TE's own predicate: the experts' GEMM path of a requested experts recipe."""
     env = Environment.assume(cc=cc, te="2.20.2", cublaslt=cublaslt)
     plan = make_plan(env, PrecisionRequest(recipe="bf16", experts=recipe, strict=False))
-    assert plan.experts.name == recipe and plan.ladder[0].experts_gemm == ("native" if native else "split")
+    # off TE's native GEMM, BF16 experts run torch's grouped_mm on Hopper/Blackwell (rule experts-bf16-grouped-mm)
+    off_native = "grouped_mm" if recipe == "bf16" and cc in ("9.0", "10.0", "10.3") else "split"
+    expected = "native" if native else off_native
+    assert plan.experts.name == recipe and plan.ladder[0].experts_gemm == expected
     rules = {r.rule for r in plan.reasons}
-    assert ("experts-gemm-split" in rules) is not native
+    assert ("experts-gemm-split" in rules) is (expected == "split")
+    assert ("experts-bf16-grouped-mm" in rules) is (expected == "grouped_mm")
 
 
 def test_backward_override_and_missing_rht_keep_the_experts_split() -> None:
@@ -64,7 +68,9 @@ def test_native_path_needs_a_te_with_tes_predicate() -> None:
     """TE < 2.19 has no is_module_grouped_tensor_path_supported: the module runs TE's split path whatever the
     cuBLASLt, and the plan says so."""
     plan = make_plan(_h100("13.10.0", te="2.18.0"), PrecisionRequest(recipe="bf16"))
-    assert plan.ladder[0].experts_gemm == "split"
+    assert plan.ladder[0].experts_gemm == "grouped_mm"  # BF16 off the native GEMM: torch grouped_mm
+    fp8 = make_plan(_h100("13.10.0", te="2.18.0"), PrecisionRequest(recipe="fp8_current"))
+    assert fp8.ladder[0].experts_gemm == "split"
     assert "te-no-native-grouped" in {r.rule for r in plan.reasons}
     assert make_plan(_h100("13.10.0", te="2.19.0"), PrecisionRequest(recipe="bf16")).ladder[0].experts_gemm == "native"
 
@@ -176,7 +182,7 @@ def test_autotune_times_the_experts_recipes_and_keeps_the_dense_choice() -> None
         autotune_plan(env, PrecisionRequest(experts="bf16"), lambda p: 1.0)
 
 
-@pytest.mark.parametrize(("cublaslt", "experts", "gemm"), [("13.1.0", "bf16", "split"),
+@pytest.mark.parametrize(("cublaslt", "experts", "gemm"), [("13.1.0", "bf16", "grouped_mm"),
                                                            ("13.10.0", "fp8_current", "native")])
 def test_cli_assume_cublaslt(capsys: pytest.CaptureFixture[str], cublaslt: str, experts: str, gemm: str) -> None:
     assert main(["plan", "--assume-cc", "9.0", "--assume-te", "2.20.2", "--assume-cublaslt", cublaslt, "--json"]) == 0

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..policy.recipes import GROUPED_MM_MAX_TOKENS
 from ..policy.te_features import te_has
 from .routing import Dispatch
 from .weight_cache import QuantizedWeightCache
@@ -39,19 +40,13 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-#: Up to this many tokens per call, BF16 experts run on torch's ``grouped_mm`` (one launch per GEMM, offsets on the
-#: device: no host sync) where TE would run one GEMM per expert (its native grouped GEMM unavailable). Measured on an
-#: H100, GPT-OSS-20B expert layer, cuBLASLt 13.1 (docs/performance.md, 2026-11-24): grouped_mm 8.9 ms vs TE 10.1 ms at
-#: 4,096 tokens, 28.8 vs 19.9 ms at 16,384; and in the full model at 1,024 tokens TE's per-expert path took 3.6 ms of
-#: host time per projection and layer against 0.1 ms of GPU time (benchmarks/step_profile.py, 2026-11-27).
-GROUPED_MM_MAX_TOKENS = 8192
 
 
 def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dims: Sequence[int]) -> bool:
-    """torch's fused grouped GEMM runs here: CUDA, BF16, every matrix dimension 16-byte aligned (CPU's lacks a
-    robust backward)."""
+    """torch's fused grouped GEMM runs here: CUDA with its kernels (CC 9.x/10.x), BF16, every matrix dimension
+    16-byte aligned (CPU's lacks a robust backward)."""
     return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
-            and all(d % 8 == 0 for d in dims))
+            and all(d % 8 == 0 for d in dims) and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
 def prefer_grouped_mm(tokens: int, recipe: Any, native: bool) -> bool:

@@ -105,6 +105,7 @@ class _Constraints:
     hp_via: dict[str, tuple[str, Reason]] = field(default_factory=dict)
     hp_override: tuple[str, Optional[Reason]] = ("high_precision", None)
     native: dict[str, Reason] = field(default_factory=dict)  # recipe -> the rule putting its experts on the native GEMM
+    bf16_grouped_mm: Optional[Reason] = None  # the rule putting BF16 experts off the native GEMM on torch grouped_mm
     split_when_set: dict[str, Reason] = field(default_factory=dict)  # setting -> the rule keeping them split
     env: dict[str, str] = field(default_factory=dict)
     env_reasons: list[Reason] = field(default_factory=list)
@@ -151,6 +152,8 @@ def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
             c.hp_override = (effect.backward_override, reason)
         for name in effect.native_grouped:
             c.native.setdefault(name, reason)
+        if effect.bf16_grouped_mm and c.bf16_grouped_mm is None:
+            c.bf16_grouped_mm = reason
         for setting in effect.split_when_set:
             c.split_when_set.setdefault(setting, reason)
         if effect.env:
@@ -376,12 +379,13 @@ def _floor(start: str, c: _Constraints) -> Optional[str]:
 
 
 def _gemm_path(spec: RecipeSpec, env: Environment, c: _Constraints) -> str:
-    """How TE runs the experts' GEMMs under ``spec`` here: ``native``, ``split`` or ``torch`` (no TE)."""
+    """How the experts' GEMMs run under ``spec`` here: ``native``, ``split``, ``grouped_mm`` (BF16 where TE would
+    run one GEMM per expert) or ``torch`` (no TE)."""
     if env.device_type != "cuda" or not env.has_te:
         return "torch"
     if spec.name in c.native and not any(spec.settings.get(k) for k in c.split_when_set):
         return "native"
-    return "split"
+    return "grouped_mm" if spec.name == "bf16" and c.bf16_grouped_mm is not None else "split"
 
 
 def _path_reasons(ladder: list[Rung], env: Environment, c: _Constraints) -> list[Reason]:
@@ -390,6 +394,11 @@ def _path_reasons(ladder: list[Rung], env: Environment, c: _Constraints) -> list
     for rung in ladder:
         label, path = rung.experts.label(), rung.experts_gemm or "split"
         if path == "torch":
+            continue
+        if path == "grouped_mm":
+            assert c.bf16_grouped_mm is not None
+            why = c.bf16_grouped_mm
+            out.append(Reason(why.rule, f"experts {label}: {GEMM_PATH_TEXT[path]}. {why.text}", why.ref))
             continue
         if path == "native":
             why = c.native[rung.experts.name]

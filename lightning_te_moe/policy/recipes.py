@@ -31,13 +31,23 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "nvfp4": {"disable_rht": False},
 }
 
-#: How TE runs the experts' grouped GEMM: ``"native"``, one cuBLASLt grouped GEMM for all experts (TE
+#: Up to this many tokens per call, BF16 experts run on torch's ``grouped_mm`` (one launch per GEMM, offsets on the
+#: device: no host sync) where TE would run one GEMM per expert (its native grouped GEMM unavailable). Measured on an
+#: H100, GPT-OSS-20B expert layer, cuBLASLt 13.1 (docs/performance.md, 2026-11-24): grouped_mm 8.9 ms vs TE 10.1 ms at
+#: 4,096 tokens, 28.8 vs 19.9 ms at 16,384; and in the full model at 1,024 tokens TE's per-expert path took 3.6 ms of
+#: host time per projection and layer against 0.1 ms of GPU time (benchmarks/step_profile.py, 2026-11-27).
+GROUPED_MM_MAX_TOKENS = 8192
+
+#: How the experts' grouped GEMM runs: ``"native"``, one cuBLASLt grouped GEMM for all experts (TE
 #: ``GroupedLinear(use_grouped_tensor=True)``, split sizes on the device); ``"split"``, one GEMM per expert (TE's
-#: split-quantize path); ``"torch"``, no TE (torch's ``grouped_mm`` or a loop).
-GemmPath = Literal["native", "split", "torch"]
+#: split-quantize path); ``"grouped_mm"``, BF16 on torch's ``grouped_mm`` up to :data:`GROUPED_MM_MAX_TOKENS` tokens a
+#: call, TE's split path above; ``"torch"``, no TE (torch's ``grouped_mm`` or a loop).
+GemmPath = Literal["native", "split", "grouped_mm", "torch"]
 GEMM_PATHS: tuple[str, ...] = get_args(GemmPath)
-GEMM_PATH_TEXT: dict[str, str] = {"native": "native grouped GEMM", "split": "one GEMM per expert",
-                                  "torch": "torch grouped GEMM (no TE)"}
+GEMM_PATH_TEXT: dict[str, str] = {
+    "native": "native grouped GEMM", "split": "one GEMM per expert",
+    "grouped_mm": f"torch grouped_mm up to {GROUPED_MM_MAX_TOKENS:,} tokens a call, else one GEMM per expert",
+    "torch": "torch grouped GEMM (no TE)"}
 
 #: Per-expert row multiple each GEMM path needs under each quantized recipe (recipes not listed: 1, no padding).
 #: ``split`` (and ``torch``, which pads the same so a step-down never changes the layout): TE
@@ -52,6 +62,7 @@ _SPLIT_ALIGNMENT = {"fp8_delayed": 16, "fp8_current": 16, "fp8_block": 16, "mxfp
 ALIGNMENT: dict[str, dict[str, int]] = {
     "native": {"fp8_current": 16, "fp8_block": 128, "mxfp8": 128, "nvfp4": 128},
     "split": _SPLIT_ALIGNMENT,
+    "grouped_mm": _SPLIT_ALIGNMENT,
     "torch": _SPLIT_ALIGNMENT,
 }
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from .environment import parse_version
-from .recipes import TE_RECIPES
+from .recipes import GROUPED_MM_MAX_TOKENS, TE_RECIPES
 from .te_features import TE_FLOOR, since
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ class Effect:
     auto_nvfp4: bool = False  # auto takes NVFP4 here without the user's auto_nvfp4=True
     native_grouped: tuple[str, ...] = ()  # recipes whose expert GEMMs TE runs as its native grouped GEMM here
     split_when_set: tuple[str, ...] = ()  # recipe settings that keep the experts on TE's split path when set
+    bf16_grouped_mm: bool = False  # BF16 experts off TE's native GEMM run torch's grouped_mm at fine-tuning sizes
     drop_high_precision_backward: bool = False
     high_precision_backward_via: dict[str, str] = field(default_factory=dict)  # recipe -> recipe to use
     backward_override: Optional[str] = None  # the override value the ladder's middle step uses
@@ -140,6 +141,9 @@ class Effect:
             parts.append("experts on TE's native grouped GEMM: " + ", ".join(self.native_grouped))
         if self.split_when_set:
             parts.append("experts on one GEMM per expert with " + " or ".join(self.split_when_set) + " set")
+        if self.bf16_grouped_mm:
+            parts.append("BF16 experts without TE's native grouped GEMM: torch grouped_mm up to"
+                         f" {GROUPED_MM_MAX_TOKENS:,} tokens a call")
         if self.drop_high_precision_backward:
             parts.append("ladder skips the high-precision-backward step")
         for src, dst in self.high_precision_backward_via.items():
@@ -303,6 +307,15 @@ RULES: tuple[Rule, ...] = (
          Effect(split_when_set=("backward_override", "disable_rht")),
          "A backward_override (the ladder's high-precision-backward rung) and NVFP4 without its random Hadamard"
          " transform run TE's split path: one GEMM per expert."),
+    Rule("experts-bf16-grouped-mm",
+         "benchmarks/step_profile.py (H100, cuBLASLt 13.1, 2026-11-27); docs/performance.md expert layer (2026-11-24)",
+         When(device="cuda", cc_min=9.0, cc_below=11.0, te_installed=True),
+         Effect(bf16_grouped_mm=True),
+         "BF16 experts where TE's native grouped GEMM does not run them: torch's grouped_mm (one launch per GEMM,"
+         " offsets on the device, no host sync) up to GROUPED_MM_MAX_TOKENS tokens a call, TE's one GEMM per expert"
+         " above. Full GPT-OSS-20B at 1,024 tokens: TE's per-expert path took 3.6 ms of host time per projection and"
+         " layer for 0.1 ms of GPU work; expert layer alone: grouped_mm 8.9 vs TE 10.1 ms at 4,096 tokens, 28.8 vs"
+         " 19.9 ms at 16,384 (torch grouped_mm kernels: CC 9.x/10.x)."),
     Rule("te-no-native-grouped", _NATIVE_REF,
          When(device="cuda", cc_min=9.0, cc_below=11.1, te_installed=True,
               te_fixed_in=since("native_grouped_predicate")),
