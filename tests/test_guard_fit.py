@@ -8,6 +8,7 @@ other optimizer rolls back a few steps.
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from lightning_te_moe.guard.sinks import JSONL_NAME
 
 
 def fit(tmp_path: Path, model: TinyRegression, config: GuardConfig = GuardConfig(), max_steps: int = 200,
-        callbacks: list = (), loggers: list = None, plugin_cls: type = CpuLadderPrecision, recipe: str = "auto",
+        callbacks: list = (), loggers: Optional[list] = None, plugin_cls: type = CpuLadderPrecision,
+        recipe: str = "auto",
         **kwargs) -> tuple[Trainer, CpuLadderPrecision]:
     plugin = plugin_cls(recipe, print_plan=False, guard_config=config)
     trainer = Trainer(max_steps=max_steps, plugins=[plugin], accelerator="cpu", devices=1,
@@ -54,7 +56,7 @@ def assert_healthy(model: TinyRegression, trainer: Trainer) -> None:
         assert int(state["step"]) > 0
 
 
-def data_loss(model: TinyRegression, state_dict: dict = None) -> float:
+def data_loss(model: TinyRegression, state_dict: Optional[dict] = None) -> float:
     """The model's loss over its whole training set (with ``state_dict`` loaded into a copy, if given)."""
     import copy
 
@@ -208,7 +210,8 @@ def test_divergence_persisting_on_the_last_rung_stops_with_the_reason(tmp_path: 
     assert kinds(plugin) == ["plan", "skip", "step_down", "stop"]
     stop = plugin.decisions.decisions[-1]
     assert stop.step == 121 and stop.to == "stopped"
-    assert "fp32 is the last rung of the ladder and diverged again within repeat_window=100 steps of step 91" in stop.reason
+    assert ("fp32 is the last rung of the ladder and diverged again within repeat_window=100 steps of step 91"
+            in stop.reason)
     assert 115 <= stop.evidence["snapshot_step"] <= 120 and "weights restored to step" in stop.reason
     assert trainer.global_step == 121 and trainer.should_stop
     assert_healthy(model, trainer)  # the final weights are the last verified ones

@@ -165,8 +165,8 @@ class DivergenceGuard(Callback):
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
             values = values / trainer.world_size
         has_loss, has_grad = loss is not None, grad_norm is not None and not self.grads_may_overflow()
-        watched = [i for i, on in enumerate((has_loss, has_grad)) if on]
-        bad = ~torch.isfinite(values[watched]).all()
+        watched = values[0 if has_loss else 1:2 if has_grad else 1]  # a slice: list indexing would copy to the device
+        bad = ~torch.isfinite(watched).all()
         if self.grads_may_overflow():  # the scaler skips exactly the steps whose unscaled gradients are not finite
             skipped = ~torch.isfinite(values[1]) if grad_norm is not None else bad
         elif _skips_on_device(optimizer):
@@ -190,7 +190,7 @@ class DivergenceGuard(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         for optimizer in self._flagged:
-            del optimizer.found_inf
+            vars(optimizer).pop("found_inf", None)
         self._flagged.clear()
         if trainer.global_step == self._seen_step:  # accumulating gradients: no optimizer step yet
             return
@@ -278,7 +278,8 @@ class DivergenceGuard(Callback):
                     "loss_window": len(self.detector.series["loss"].window), "update_skipped": update_skipped,
                     "repeat_of_step": self.last_incident if repeat else None}
         self.last_incident = trigger.step
-        restore = not update_skipped and (cfg.rollback == "always" or (cfg.rollback == "nonfinite" and trigger.nonfinite))
+        restore = not update_skipped and (cfg.rollback == "always"
+                                          or (cfg.rollback == "nonfinite" and trigger.nonfinite))
         in_cooldown = self.last_step_down is not None and now - self.last_step_down < cfg.cooldown
         if restore and self.rollbacks >= cfg.max_rollbacks:
             self._stop(trainer, pl_module, f"max_rollbacks={cfg.max_rollbacks} reached: {trigger.describe()}", now,
@@ -290,7 +291,8 @@ class DivergenceGuard(Callback):
                        f" {trigger.describe()}", now, evidence)
             return
         if restore:
-            if self._rollback(trainer, pl_module, now, trigger.describe(), trigger.rule, evidence, counted=True) is None:
+            restored = self._rollback(trainer, pl_module, now, trigger.describe(), trigger.rule, evidence, counted=True)
+            if restored is None:
                 self._stop(trainer, pl_module, f"{trigger.describe()}; rollback needed but no checkpoint was written"
                            " yet (restore_from='checkpoint')", now, evidence)
                 return

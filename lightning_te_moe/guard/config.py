@@ -77,6 +77,7 @@ class GuardConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GuardConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
         if not 0 < self.snapshot_budget < 1:
-            raise ValueError(f"GuardConfig.snapshot_budget is a share of step time in (0, 1), got {self.snapshot_budget}")
+            raise ValueError("GuardConfig.snapshot_budget is a share of step time in (0, 1),"
+                             f" got {self.snapshot_budget}")
         if min(self.loss_sigma, self.grad_norm_sigma) <= 0 or self.min_rel_spread < 0:
             raise ValueError("GuardConfig sigmas must be > 0 and min_rel_spread >= 0")

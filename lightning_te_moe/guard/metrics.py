@@ -19,8 +19,9 @@ STEP_DOWNS_METRIC = "precision/step_downs"
 ROLLBACKS_METRIC = "precision/rollbacks"
 SKIPS_METRIC = "precision/skipped_steps"
 #: What the guard's snapshots cost (:meth:`lightning_te_moe.guard.cadence.SnapshotCadence.stats`).
-SNAPSHOT_METRICS = {"snapshot_ms": "guard/snapshot_ms", "step_ms": "guard/step_ms", "interval": "guard/snapshot_interval",
-                    "cost_share": "guard/snapshot_cost_share", "snapshot_bytes": "guard/snapshot_bytes"}
+SNAPSHOT_METRICS = {"snapshot_ms": "guard/snapshot_ms", "step_ms": "guard/step_ms",
+                    "interval": "guard/snapshot_interval", "cost_share": "guard/snapshot_cost_share",
+                    "snapshot_bytes": "guard/snapshot_bytes"}
 
 
 def iso_time(decision: Decision) -> str:

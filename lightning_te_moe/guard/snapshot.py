@@ -326,5 +326,6 @@ def restore_checkpoint(path: str, trainer: Any) -> int:
     checkpoint = trainer.strategy.load_checkpoint(path)
     trainer.strategy.load_model_state_dict(checkpoint, strict=True)
     trainer.strategy.load_optimizer_state_dict(checkpoint)
-    rejoin_schedulers([config.scheduler for config in trainer.lr_scheduler_configs], checkpoint.get("lr_schedulers", []))
+    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+    rejoin_schedulers(schedulers, checkpoint.get("lr_schedulers", []))
     return int(checkpoint["global_step"])
