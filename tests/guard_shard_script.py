@@ -39,7 +39,7 @@ def worker(rank: int, out: Path) -> None:
         store.restore(module, [optimizer], [], None)
         restored = module.weight.to_local()
         (out / f"rank{rank}.json").write_text(json.dumps({
-            "local_shape": list(restored.shape), "snapshot_bytes": store.nbytes,
+            "local_shape": list(restored.shape), "snapshot_bytes": store.good.nbytes,
             "local_state_bytes": local.numel() * local.element_size() + local_state_bytes,
             "restored": bool(torch.equal(restored, expected)), "same_storage": restored.data_ptr() == pointer,
             "local_sum": float(restored.sum()),

@@ -58,8 +58,8 @@ def test_only_trainable_parameters_their_optimizer_state_and_buffers_are_copied(
     store = SnapshotStore()
     store.capture(2, model, [optimizer], [], None, verified=True)
     adapters = 2 * 256 * 4 * 4
-    assert store.nbytes == 3 * adapters + 2 * 4 + 8  # adapters, exp_avg, exp_avg_sq, two step counters, the buffer
-    assert store.nbytes < (256 * 256 + 256) * 4 / 5  # the frozen base (257 KiB) is never copied
+    assert store.good.nbytes == 3 * adapters + 2 * 4 + 8  # adapters, exp_avg, exp_avg_sq, 2 step counters, buffer
+    assert store.nbytes < (256 * 256 + 256) * 4 / 5  # host memory: the frozen base (257 KiB) is never copied
     assert {key[0] for key in store.good.tensors} == {"param", "optimizer", "buffer"}
 
 
@@ -252,4 +252,4 @@ def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path) -> None:
     assert last["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # parameters, Adam moments, 5 step counters
     assert last["interval"] == max(1, math.ceil(last["snapshot_ms"] / (0.02 * last["step_ms"])))
     assert last["interval"] > 1 and last["cost_share"] <= 0.02
-    assert plugin.guard.cadence.interval >= 1 and plugin.guard.snapshots.nbytes <= 2 * last["snapshot_bytes"]
+    assert plugin.guard.cadence.interval >= 1 and plugin.guard.snapshots.nbytes <= 2 * last["snapshot_bytes"] + 4096

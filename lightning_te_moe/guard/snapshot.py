@@ -83,10 +83,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Snapshot:
-    """One host copy of the training state after optimizer step ``step``; its tensors are reused by the next fill."""
+    """One host copy of the training state after optimizer step ``step``.
+
+    Its tensors are views into one flat host buffer (pinned when a source is on a GPU: one allocation, and no
+    rounding up of each tensor by the pinned-memory allocator), reused by the next fill of the same layout.
+    """
 
     def __init__(self) -> None:
         self.step = -1
+        self.flat: Optional[torch.Tensor] = None
+        self.layout: tuple = ()
         self.tensors: dict[Key, torch.Tensor] = {}
         self.host: dict[str, Any] = {}
         self.done: Optional[Any] = None  # CUDA event at the end of the side-stream copy
@@ -98,12 +104,19 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def _buffer(self, key: Key, source: torch.Tensor, old: dict[Key, torch.Tensor]) -> torch.Tensor:
-        buf = old.get(key)
-        if buf is None or buf.shape != source.shape or buf.dtype != source.dtype:
-            buf = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
-        self.tensors[key] = buf
-        return buf
+    def place(self, sources: list[tuple[Key, torch.Tensor]]) -> None:
+        """Host tensors for ``sources``: the current ones if the layout is unchanged, else a new flat buffer."""
+        layout = tuple((key, tuple(t.shape), t.dtype) for key, t in sources)
+        if layout == self.layout:
+            return
+        offsets, total = [], 0
+        for _, tensor in sources:
+            offsets.append(total)
+            total += -(-tensor.numel() * tensor.element_size() // 64) * 64  # 64-byte aligned views
+        self.flat = torch.empty(total, dtype=torch.uint8, pin_memory=any(t.is_cuda for _, t in sources))
+        self.tensors = {key: self.flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                        for (key, t), o in zip(sources, offsets)}
+        self.layout = layout
 
     def cost_ms(self) -> Optional[float]:
         """Host time plus the copy's device time, once the copy has finished (None before)."""
@@ -150,7 +163,8 @@ class SnapshotStore:
     @property
     def nbytes(self) -> int:
         """Host memory held by both copies."""
-        return sum(s.nbytes for s in (self.good, self.candidate, *self._spare) if s is not None)
+        copies = (self.good, self.candidate, *self._spare)
+        return sum(s.flat.numel() for s in copies if s is not None and s.flat is not None)
 
     def capture(self, step: int, module: torch.nn.Module, optimizers: list[Any], schedulers: list[Any],
                 scaler: Optional[Any], verified: bool) -> Snapshot:
@@ -205,11 +219,11 @@ class SnapshotStore:
     def _fill(self, slot: Snapshot, step: int, module: torch.nn.Module, optimizers: list[Any],
               schedulers: list[Any], scaler: Optional[Any]) -> None:
         start = time.perf_counter()
-        old, slot.tensors = slot.tensors, {}
+        sources = list(_live_tensors(module, optimizers))
+        slot.place([(key, live) for key, live, _ in sources])
         side_jobs, main_jobs = [], []
-        for key, live, optimizer_written in _live_tensors(module, optimizers):
-            (side_jobs if optimizer_written and live.is_cuda else main_jobs).append(
-                (slot._buffer(key, live, old), live))
+        for key, live, optimizer_written in sources:
+            (side_jobs if optimizer_written and live.is_cuda else main_jobs).append((slot.tensors[key], live))
         slot.host = {
             "params": [(tuple(t.shape), t.dtype) for t in (local_tensor(p) for p in trainable_parameters(module))],
             "optimizer_values": [{i: {k: copy.deepcopy(v) for k, v in optimizer.state.get(p, {}).items()
