@@ -116,16 +116,16 @@ def test_persistent_blowup_on_the_last_rung_stops_with_verified_weights_in_the_m
     rolled back before its checkpoint, the second stops the run; nothing diverged is ever saved."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
     model, boost = TinyRegression(), LrBoost(at=100, persistent=True)
-    trainer, plugin = fit(tmp_path, model, max_steps=300, callbacks=[ckpt, boost], recipe="bf16")
+    trainer, plugin = fit(tmp_path, model, GuardConfig(snapshot_every=1), max_steps=300, callbacks=[ckpt, boost],
+                          recipe="bf16")
     decisions = guard_decisions(plugin)
     assert [d.kind for d in decisions] == ["rollback", "stop"]
     rollback, stop = decisions
     # the loss is far above its threshold at the checkpoint of step 102, before `patience` steps: not saved
-    assert (rollback.step, rollback.rule) == (102, "suspect_at_checkpoint")
-    assert rollback.to == f"step {rollback.evidence['snapshot_step']}" and rollback.evidence["snapshot_step"] <= 100
-    assert rollback.evidence["steps_lost"] == 102 - rollback.evidence["snapshot_step"]
+    assert (rollback.step, rollback.to, rollback.rule, rollback.evidence["steps_lost"]) == (
+        102, "step 100", "suspect_at_checkpoint", 2)
     assert "bf16 is the last rung of the ladder and diverged again within repeat_window=100" in stop.reason
-    assert trainer.should_stop and trainer.global_step == stop.step < 120
+    assert trainer.should_stop and trainer.global_step == stop.step == 105
     assert stop.evidence["snapshot_step"] == rollback.step  # the state restored at the rollback, verified since
     assert_healthy(model, trainer)
     assert data_loss(model) < 0.1
@@ -175,6 +175,18 @@ def test_spike_rolls_back_steps_down_and_the_schedule_follows_global_step(tmp_pa
         (log_dir / "hparams.yaml").read_text())
     assert hparams["precision_plan"] == "bf16 -> fp32"
     assert any("step_down bf16 -> fp32" in line for line in hparams["precision_decisions"])
+
+
+def test_a_spike_on_the_last_rung_rolls_back_and_continues(tmp_path: Path) -> None:
+    model = TinyRegression()
+    trainer, plugin = fit(tmp_path, model, GuardConfig(snapshot_every=1), max_steps=250, callbacks=[LrBoost(at=150)],
+                          recipe="bf16")
+    assert kinds(plugin) == ["plan", "rollback", "hold"] and trainer.global_step == 250
+    rollback, hold = guard_decisions(plugin)
+    assert rollback.to == "step 150" and rollback.evidence["steps_lost"] == 5
+    assert "bf16 is the last rung of the ladder: continuing from the restored state" in hold.reason
+    assert_healthy(model, trainer)
+    assert data_loss(model) < 0.1
 
 
 def test_nan_repeated_within_the_window_is_divergence_and_steps_down(tmp_path: Path) -> None:

@@ -72,7 +72,8 @@ def test_resume_with_changed_precision_arguments_follows_them_and_says_so(tmp_pa
     assert second.plan.summary() == plan and second.state.index == 0
     decision = next(d for d in second.decisions.decisions if d.kind == "resume")
     assert (decision.from_, decision.to, decision.rule) == ("fp32", plan, "request")
-    assert f"precision arguments changed since the checkpoint ({change}): following the new arguments" in decision.reason
+    expected = f"precision arguments changed since the checkpoint ({change}): following the new arguments"
+    assert expected in decision.reason
     assert "the checkpoint's plan bf16 -> fp32 at rung fp32 is not resumed" in decision.reason
     assert list(decision.evidence["changed"]) == list(args)
     assert second.precision == {"bf16": "bf16-mixed", "fp32": "32-true"}[plan]

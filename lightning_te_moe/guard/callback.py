@@ -304,8 +304,9 @@ class DivergenceGuard(Callback):
                            " restoring the weights")
             return  # rolled back: the batch was bad, not the precision
         if not self.state.can_step_down:
+            where = "from the restored state" if restore else "without a rollback"
             self._hold(trigger, now, epoch, evidence, f"{rung.label()} is the last rung of the ladder: continuing"
-                       f" from the restored state; another divergence within {cfg.repeat_window} steps stops the run")
+                       f" {where}; another divergence within {cfg.repeat_window} steps stops the run")
         elif in_cooldown:
             self._hold(trigger, now, epoch, evidence, f"staying on {rung.label()}: within the cooldown of"
                        f" {cfg.cooldown} steps after the step-down at step {self.last_step_down}")

@@ -240,7 +240,7 @@ def test_snapshots_copy_off_the_gpu_without_stalling_it_and_report_their_cost(tm
           f" {every.guard.cadence.stats()}; chosen: {stats}")
     assert all(t.is_pinned() for t in host if t.numel() > 1)
     assert store.good.done is not None  # copied on the side stream, with an event
-    assert syncs == 0 or syncs <= 1  # no host sync added by snapshotting every step
+    assert syncs <= 1  # snapshotting every step adds no host sync (Lightning itself may make one)
     assert stats["cost_share"] is not None and stats["cost_share"] <= 0.02
     assert chosen_ms < never_ms * 1.03 + 0.5
 
