@@ -289,8 +289,10 @@ class TEMoEPrecision(Precision):
         saved_rung = saved.ladder[int(state_dict["rung"])].label()
         history = state_dict.get("decisions", [])
         step = self._resume_step or 0
+        changed = _changed_arguments(saved.request, self.request.to_dict())
         if self.state is None:  # restored before setup (e.g. a strategy that restores early)
-            self._set_up(saved, _default_device())
+            device = _default_device()
+            self._set_up(self.make_plan(device) if changed else saved, device)
         current_env = self.state.plan.environment
         same = (saved.environment.compute_capability, saved.environment.te_version) == (
             current_env.compute_capability, current_env.te_version)
@@ -301,7 +303,6 @@ class TEMoEPrecision(Precision):
         tuned = "" if not self._autotune_pending else (" autotune=True does not run again on resume (it runs once per"
                                                        " run), so it cannot undo a step-down.")
         self._autotune_pending = False
-        changed = _changed_arguments(saved.request, self.request.to_dict())
         if not same:
             self.decisions.record(
                 "resume", f"checkpoint was planned for {saved.environment.summary()}; this machine is"

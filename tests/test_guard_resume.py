@@ -104,3 +104,15 @@ def test_autotune_runs_once_per_run_and_a_resume_does_not_undo_a_step_down(tmp_p
     decision = next(d for d in second.decisions.decisions if d.kind == "resume")
     assert "autotune=True does not run again on resume" in decision.reason and decision.to == "fp32"
     assert second.decisions.count("autotune") == 1
+
+
+def test_a_resume_before_setup_with_changed_arguments_plans_from_the_new_ones() -> None:
+    """Strategies that restore before setup: the plugin plans from its new arguments, not the checkpoint's."""
+    saved = CpuLadderPrecision(print_plan=False).make_plan(torch.device("cpu"))
+    plugin = CpuLadderPrecision("fp32", print_plan=False)
+    plugin.load_state_dict({"plan": saved.to_dict(), "rung": 1, "decisions": []})
+    assert plugin.plan.summary() == "fp32" and plugin.state.index == 0
+    assert plugin.decisions.decisions[-1].rule == "request"
+    same = CpuLadderPrecision(print_plan=False)
+    same.load_state_dict({"plan": saved.to_dict(), "rung": 1, "decisions": []})
+    assert same.plan.summary() == "bf16 -> fp32" and same.state.index == 1
