@@ -147,8 +147,8 @@ def _live_tensors(module: torch.nn.Module, optimizers: list[Any]) -> Iterator[tu
 
 
 class SnapshotStore:
-    """The last verified snapshot (``good``) and, where values are read a step late, one ``candidate``
-    waiting for its step's values; two host copies at most, reused."""
+    """The last verified snapshot (``good``) and at most one ``candidate``: the state after step ``t`` is
+    verified once step ``t + 1``'s values (computed from it) are read healthy. Two host copies at most, reused."""
 
     def __init__(self) -> None:
         self.good: Optional[Snapshot] = None
