@@ -99,7 +99,7 @@ def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path, 
     """NaN losses at steps 21, 31 and 61: the first is an isolated bad batch (skipped on the device by the fused
     optimizer: 1 step; rolled back a few steps otherwise), the next two repeat it: two step-downs."""
     middle, override = MIDDLE[params_dtype]
-    plugin = _fp8_current_plugin(GuardConfig(cooldown=5), params_dtype)
+    plugin = _fp8_current_plugin(GuardConfig(cooldown=5, snapshot_every=1), params_dtype)
     model, history = TEStack(nan_at=(20, 30, 60), fused=fused), LossHistory()
     trainer = _trainer(tmp_path, plugin, 120, [history])
     trainer.fit(model)
@@ -111,7 +111,7 @@ def test_fp8_current_steps_down_to_hp_backward_then_bf16_and_recovers(tmp_path, 
         assert guard[0].evidence["steps_lost"] == 1
     else:
         assert [d.kind for d in guard] == ["rollback", "rollback", "step_down", "rollback", "step_down"]
-        assert all(d.evidence["steps_lost"] <= 5 for d in guard if d.kind == "rollback")
+        assert all(d.evidence["steps_lost"] <= 4 for d in guard if d.kind == "rollback")  # 3-4 on CPU
     first, second = [d for d in guard if d.kind == "step_down"]
     assert (first.from_, first.to) == ("fp8_current", middle)
     assert (second.from_, second.to) == (middle, "bf16")
