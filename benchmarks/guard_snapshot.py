@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import statistics
 import time
@@ -172,6 +173,7 @@ def main() -> None:
     for finetune in args.finetunes:
         rows.append(run(finetune, args, device))
         print(json.dumps(rows[-1], default=str))
+        gc.collect()  # the model and its plugin hold references to each other
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
