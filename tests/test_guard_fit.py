@@ -218,7 +218,7 @@ def test_isolated_nonfinite_steps_are_each_skipped(tmp_path: Path) -> None:
 
 def test_divergence_persisting_on_the_last_rung_stops_with_the_reason(tmp_path: Path) -> None:
     model = TinyRegression(nan_at=(60, 90, 120))
-    trainer, plugin = fit(tmp_path, model, GuardConfig(cooldown=10), max_steps=200)
+    trainer, plugin = fit(tmp_path, model, GuardConfig(cooldown=10, snapshot_every=1), max_steps=200)
     assert kinds(plugin) == ["plan", "skip", "step_down", "stop"]
     stop = plugin.decisions.decisions[-1]
     assert stop.step == 121 and stop.to == "stopped"

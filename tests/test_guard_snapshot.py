@@ -4,7 +4,6 @@ the LR schedule after a rollback, TE's delayed-scaling history, and the interval
 from __future__ import annotations
 
 import json
-import math
 import random
 import subprocess
 import sys
@@ -250,6 +249,7 @@ def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path) -> None:
     assert decisions, "the interval is a recorded decision"
     last = decisions[-1].evidence
     assert last["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # parameters, Adam moments, 5 step counters
-    assert last["interval"] == max(1, math.ceil(last["snapshot_ms"] / (0.02 * last["step_ms"])))
+    ratio = last["snapshot_ms"] / (0.02 * last["step_ms"])  # the interval is its ceiling (from unrounded values)
+    assert last["interval"] - 1 - 1e-3 <= ratio <= last["interval"] + 1e-3
     assert last["interval"] > 1 and last["cost_share"] <= 0.02
     assert plugin.guard.cadence.interval >= 1 and plugin.guard.snapshots.nbytes <= 2 * last["snapshot_bytes"] + 4096
