@@ -226,7 +226,8 @@ class TEMoEPrecision(Precision):
         if not self.guard_enabled:
             return
         if self.guard is None:
-            self.guard = DivergenceGuard(self.state, self.decisions, self.guard_config, self._scaler_active)
+            self.guard = DivergenceGuard(self.state, self.decisions, self.guard_config, self._scaler_active,
+                                         scaler=self._amp.scaler if self._amp is not None else None)
             if self._guard_state is not None:
                 self.guard.load_guard_state(self._guard_state)
         if self.guard not in trainer.callbacks:
@@ -308,14 +309,24 @@ class TEMoEPrecision(Precision):
         self._resume_step = int(checkpoint.get("global_step", 0))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue on the checkpoint's plan and rung when it was made for this same kind of machine."""
+        """Resume the checkpoint's plan and rung, unless this run's precision arguments or machine differ.
+
+        Unchanged arguments on the same kind of machine continue where the checkpoint was (its rung, after any
+        step-down, and its autotuned plan); new explicit arguments (recipe, allow, deny, ...) win: the run
+        follows the plan made from them, from its first rung; on a different machine this machine's plan
+        stands. Either way a ``resume`` decision says which and why. Autotune runs once per run: a resumed run
+        never tunes again, so it cannot undo a step-down.
+        """
         if not state_dict:
             return
         saved = Plan.from_dict(state_dict["plan"])
+        saved_rung = saved.ladder[int(state_dict["rung"])].label()
         history = state_dict.get("decisions", [])
         step = self._resume_step or 0
+        changed = _changed_arguments(saved.request, self.request.to_dict())
         if self.state is None:  # restored before setup (e.g. a strategy that restores early)
-            self._set_up(saved, _default_device())
+            device = _default_device()
+            self._set_up(self.make_plan(device) if changed else saved, device)
         current_env = self.state.plan.environment
         same = (saved.environment.compute_capability, saved.environment.te_version) == (
             current_env.compute_capability, current_env.te_version)
@@ -323,19 +334,44 @@ class TEMoEPrecision(Precision):
         if self.guard is not None and self._guard_state is not None:
             self.guard.load_guard_state(self._guard_state)
         self.decisions.load_state_dict(history)
-        if same:
+        tuned = "" if not self._autotune_pending else (" autotune=True does not run again on resume (it runs once per"
+                                                       " run), so it cannot undo a step-down.")
+        self._autotune_pending = False
+        if not same:
+            self.decisions.record(
+                "resume", f"checkpoint was planned for {saved.environment.summary()}; this machine is"
+                f" {current_env.summary()}: keeping this machine's plan {self.state.plan.summary()}.{tuned}",
+                step=step, from_=saved_rung, to=self.state.rung.label(), rule="checkpoint")
+        elif changed:
+            what = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            self.decisions.record(
+                "resume", f"precision arguments changed since the checkpoint ({what}): following the new arguments,"
+                f" plan {self.state.plan.summary()} from its first rung {self.state.rung.label()}; the checkpoint's"
+                f" plan {saved.summary()} at rung {saved_rung} is not resumed.{tuned}",
+                step=step, from_=saved_rung, to=self.state.rung.label(), rule="request",
+                evidence={"changed": {k: list(v) for k, v in changed.items()}})
+        else:
             self.state.plan = saved
             self.state.set_index(int(state_dict["rung"]))
             if self._amp is not None and state_dict.get("scaler"):
                 self._amp.load_state_dict(state_dict["scaler"])
-            self.decisions.record("resume", f"resumed on rung {self.state.index}: {self.state.rung.label()}",
+            self.decisions.record("resume", f"resumed on rung {self.state.index}: {self.state.rung.label()}"
+                                  f" (precision arguments unchanged).{tuned}",
                                   step=step, to=self.state.rung.label(), rule="checkpoint")
-        else:
-            self.decisions.record(
-                "resume", f"checkpoint was planned for {saved.environment.summary()}; this machine is"
-                f" {current_env.summary()}: keeping this machine's plan {self.state.plan.summary()}",
-                step=step, from_=saved.ladder[int(state_dict['rung'])].label(), to=self.state.rung.label(),
-                rule="checkpoint")
+
+
+#: The arguments that make a plan; a resume with any of them changed follows the new ones.
+_PLAN_ARGUMENTS = ("recipe", "allow", "deny", "auto_nvfp4", "prefer_stability", "strict", "params_dtype")
+
+
+def _changed_arguments(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The plan arguments that differ between a checkpoint's request and this run's (allow/deny as sets)."""
+
+    def norm(key: str, value: Any) -> Any:
+        return sorted(value) if key in ("allow", "deny") else value
+
+    return {k: (saved[k], now[k]) for k in _PLAN_ARGUMENTS
+            if k in saved and norm(k, saved[k]) != norm(k, now[k])}
 
 
 def _default_device() -> torch.device:

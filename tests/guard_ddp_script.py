@@ -1,6 +1,11 @@
-"""Run by tests/test_guard_ddp.py: 2-process CPU DDP (gloo), NaN loss on rank 1 only at step 30.
+"""Run by tests/test_guard_ddp.py (CPU, gloo) and tests/gpu/test_guard_gpu.py (2 GPUs, NCCL): 2-process DDP,
+NaN loss on rank 1 only at step 31.
 
-Each rank writes what it decided and its final parameters to ``<out>/rank<N>.json``.
+    python guard_ddp_script.py OUT_DIR [cpu|gpu] [host|late] [fused|plain]
+
+``late`` reads each step's values a step late and gives the guard no way to look before the update, as on CUDA
+(on a GPU that is what happens anyway); ``fused`` uses AdamW(fused=True), which skips on the device. Each rank
+writes what it decided, the steps it lost and its final parameters to ``OUT_DIR/rank<N>.json``.
 """
 
 import json
@@ -13,21 +18,29 @@ from lightning.pytorch import Trainer
 sys.path.insert(0, str(Path(__file__).parent))
 from guard_support import CpuLadderPrecision, TinyRegression  # noqa: E402
 
+from lightning_te_moe import DivergenceGuard, GuardConfig, TEMoEPrecision  # noqa: E402
 
-def main(out: Path) -> None:
-    plugin = CpuLadderPrecision(print_plan=False)
-    trainer = Trainer(max_steps=60, plugins=[plugin], accelerator="cpu", devices=2, strategy="ddp",
+
+def main(out: Path, accelerator: str, reads: str, optimizer: str) -> None:
+    if reads == "late":
+        DivergenceGuard._reads_late = staticmethod(lambda device: True)
+    config = GuardConfig(snapshot_every=1)
+    plugin = (CpuLadderPrecision(print_plan=False, guard_config=config) if accelerator == "cpu"
+              else TEMoEPrecision("bf16", print_plan=False, guard_config=config))
+    trainer = Trainer(max_steps=60, plugins=[plugin], accelerator=accelerator, devices=2, strategy="ddp",
                       default_root_dir=out, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
-    model = TinyRegression(nan_at=(30,), nan_rank=1)
+    model = TinyRegression(nan_at=(30,), nan_rank=1, fused=optimizer == "fused")
     trainer.fit(model)
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    params = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    decisions = [d for d in plugin.decisions.decisions if d.kind not in ("swap", "snapshot")]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
-        "decisions": [[d.kind, d.step, d.from_, d.to] for d in plugin.decisions.decisions if d.kind != "swap"],
+        "decisions": [[d.kind, d.step, d.from_, d.to] for d in decisions],
+        "steps_lost": [d.evidence.get("steps_lost") for d in decisions if d.kind != "plan"],
         "rung": plugin.state.index, "global_step": trainer.global_step,
         "params": params.tolist(), "finite": bool(torch.isfinite(params).all()),
     }))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *(sys.argv[2:] + ["cpu", "host", "plain"][len(sys.argv) - 2:]))

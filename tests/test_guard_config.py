@@ -24,8 +24,9 @@ def _config(tmp_path: Path, **plugin_args) -> Path:
 
 
 def test_guard_config_from_yaml_reaches_the_guard(tmp_path: Path) -> None:
-    main(["fit", "--config", str(_config(tmp_path, guard_config={"window": 40, "rollback": "always",
-                                                                 "promote_after": 500}))])
+    main(["fit", "--config", str(_config(tmp_path, guard_config={"window": 40, "rollback": "nonfinite",
+                                                                 "promote_after": 500, "repeat_window": 50,
+                                                                 "snapshot_budget": 0.01}))])
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
     guard = ckpt["TEMoEPrecision"]["guard"]
     assert guard["rollbacks"] == 0 and len(guard["detector"]["loss"]["window"]) == 3

@@ -91,9 +91,26 @@ def test_state_dict_round_trip_keeps_the_window_and_streak() -> None:
     assert copy.state_dict() == detector.state_dict() and copy.in_streak
 
 
-def test_config_is_validated() -> None:
-    with pytest.raises(ValueError, match="patience"):
-        GuardConfig(patience=0)
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("patience", 0, "GuardConfig.patience must be >= 1, got 0"),
+    ("snapshot_every", 0, "GuardConfig.snapshot_every must be >= 1 or None, got 0"),
+    ("snapshot_budget", 0.0, r"GuardConfig.snapshot_budget is a share of step time in \(0, 1\), got 0.0"),
+    ("repeat_window", -1, "GuardConfig.repeat_window must be >= 0, got -1"),
+])
+def test_config_is_validated(field: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GuardConfig(**{field: value})
+
+
+def test_an_open_streak_can_be_judged_before_patience() -> None:
+    """Before a checkpoint the guard asks whether a series is above its threshold, for fewer than patience steps."""
+    detector = DivergenceDetector(GuardConfig())
+    run(detector, healthy_run(200, 7))
+    assert detector.open_streak() is None
+    assert detector.update(200, 1e3, 1.0) is None and detector.update(201, 2e3, 1.0) is None
+    trigger = detector.open_streak()
+    assert (trigger.rule, trigger.step, trigger.value, trigger.streak) == ("loss_spike", 201, 2e3, 2)
+    assert trigger.value > trigger.threshold
 
 
 def test_rollback_forgets_later_values_and_warms_up_when_too_few_remain() -> None:

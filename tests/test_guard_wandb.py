@@ -48,7 +48,7 @@ def test_offline_run_holds_plan_table_level_alerts_summary(tmp_path: Path, monke
     logger = WandbLogger(project="guard-test", save_dir=str(tmp_path), offline=True)
     trainer = Trainer(max_steps=100, plugins=[plugin], logger=logger, accelerator="cpu", enable_progress_bar=False,
                       enable_model_summary=False, log_every_n_steps=10, default_root_dir=tmp_path)
-    trainer.fit(TinyRegression(nan_at=(50,)))
+    trainer.fit(TinyRegression(nan_at=(40, 50)))  # a skipped batch, then a repeat: a step-down
     wandb.finish()
 
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
@@ -74,16 +74,18 @@ def test_offline_run_holds_plan_table_level_alerts_summary(tmp_path: Path, monke
     levels = {h["trainer/global_step"]: h["precision/level"] for h in history if "precision/level" in h}
     assert levels[0] == 0 and levels[9] == 0 and levels[50] == 1 and levels[99] == 1
 
-    assert alerts == [("lightning-te-moe: rollback at step 51", "WARN"), ("lightning-te-moe: step_down at step 51", "WARN")]
+    assert alerts == [("lightning-te-moe: step_down at step 51", "WARN")]
     assert summary["precision/final_recipe"] == "fp32" and summary["precision/step_downs"] == 1
-    assert summary["precision/rollbacks"] == 1
+    assert summary["precision/rollbacks"] == 0
+    skipped = {h["trainer/global_step"]: h["precision/skipped_steps"] for h in history if "precision/skipped_steps" in h}
+    assert skipped[9] == 0 and skipped[99] == 1
 
     # the last logged table holds every decision, in order
     assert summary["precision/decisions/_type"] == "table-file"
     table = json.loads((run_dir / "files" / summary["precision/decisions/path"]).read_text())
     assert table["columns"] == TABLE_COLUMNS
     kinds = [row[TABLE_COLUMNS.index("kind")] for row in table["data"]]
-    assert [k for k in kinds if k != "swap"] == ["plan", "rollback", "step_down"]
+    assert [k for k in kinds if k not in ("swap", "snapshot")] == ["plan", "skip", "step_down"]
     step_down = table["data"][kinds.index("step_down")]
     assert step_down[:2] == [51, 0] and step_down[4:7] == ["bf16", "fp32", "nonfinite_loss"]
     assert json.loads(step_down[-1])["value"] == "nan"
@@ -98,5 +100,5 @@ def test_without_wandb_installed_nothing_breaks(tmp_path: Path, monkeypatch: pyt
     plugin = CpuLadderPrecision(print_plan=False)
     trainer = Trainer(max_steps=60, plugins=[plugin], accelerator="cpu", logger=CSVLogger(tmp_path),
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(TinyRegression(nan_at=(40,)))
+    trainer.fit(TinyRegression(nan_at=(30, 40)))
     assert plugin.decisions.count("step_down") == 1 and trainer.global_step == 60

@@ -1,6 +1,7 @@
 """Detect divergence, respond along the plan's ladder, and record every decision where people look.
 
-``DivergenceGuard`` (the Lightning callback) feeds ``DivergenceDetector`` and restores ``snapshot``s;
+``DivergenceGuard`` (the Lightning callback) feeds ``DivergenceDetector``, skips bad updates and restores
+``snapshot``s taken at the interval ``cadence`` measures;
 ``DecisionLog`` fans each decision out to the sinks (console, JSONL audit file, Lightning loggers, W&B).
 """
 

@@ -25,13 +25,20 @@ class GuardConfig:
         grad_norm_sigma: the same for the gradient norm (heavier-tailed than the loss in healthy runs).
         min_rel_spread: floor of the spread as a fraction of the median.
         watch_grad_norm: also watch the (unclipped) gradient norm, not only the loss.
-        rollback: restore the last known-good state before responding: ``"nonfinite"`` (default) only
-            for NaN/Inf, ``"always"`` also for spikes, ``"never"``.
-        restore_from: where a rollback takes the known-good state from: ``"memory"`` (default), a
-            host-memory snapshot taken every ``snapshot_every`` steps; ``"checkpoint"``, the newest
-            checkpoint of a ``ModelCheckpoint(save_last=True)`` (no host copy: for models whose
-            parameters and optimizer state do not fit in host memory twice).
-        snapshot_every: steps between host-memory snapshots of model, optimizers and LR schedulers.
+        rollback: restore the last verified state before responding to a divergence whose updates were
+            applied: ``"always"`` (default), ``"nonfinite"`` only for NaN/Inf (a spike then steps down from
+            where it is), ``"never"``. A non-finite update that was skipped needs no rollback, and a stop
+            always restores the last verified state.
+        restore_from: where a rollback takes the verified state from: ``"memory"`` (default), a host
+            snapshot of what changes (trainable parameters, their optimizer state, buffers, RNG, scaler,
+            TE delayed-scaling history); ``"checkpoint"``, the newest checkpoint of a
+            ``ModelCheckpoint(save_last=True)`` (no host copy).
+        snapshot_every: steps between host snapshots; None (default) chooses the interval from the
+            measured snapshot and step times so that snapshots cost at most ``snapshot_budget``.
+        snapshot_budget: the share of step time snapshots may cost when ``snapshot_every`` is None.
+        repeat_window: a non-finite step is an isolated bad batch (skipped, the run goes on) unless another
+            incident happened within this many steps before it; a repeat is divergence (step down, or stop
+            on the last rung).
         max_rollbacks: rollbacks allowed in a run; the next divergence after that stops the run.
         cooldown: steps after a step-down during which a spike does not cause another step-down
             (a non-finite value still rolls back).
@@ -49,22 +56,28 @@ class GuardConfig:
     grad_norm_sigma: float = 10.0
     min_rel_spread: float = 0.05
     watch_grad_norm: bool = True
-    rollback: Literal["nonfinite", "always", "never"] = "nonfinite"
+    rollback: Literal["nonfinite", "always", "never"] = "always"
     restore_from: Literal["memory", "checkpoint"] = "memory"
-    snapshot_every: int = 100
+    snapshot_every: Optional[int] = None
+    snapshot_budget: float = 0.02
+    repeat_window: int = 100
     max_rollbacks: int = 5
     cooldown: int = 100
     promote_after: Optional[int] = None
     on_stop: Literal["stop", "raise"] = "stop"
 
     def __post_init__(self) -> None:
-        for name in ("window", "patience", "snapshot_every"):
+        for name in ("window", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GuardConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "max_rollbacks", "cooldown"):
+        for name in ("warmup", "max_rollbacks", "cooldown", "repeat_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GuardConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.promote_after is not None and self.promote_after < 1:
-            raise ValueError(f"GuardConfig.promote_after must be >= 1 or None, got {self.promote_after}")
+        for name in ("promote_after", "snapshot_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"GuardConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if not 0 < self.snapshot_budget < 1:
+            raise ValueError("GuardConfig.snapshot_budget is a share of step time in (0, 1),"
+                             f" got {self.snapshot_budget}")
         if min(self.loss_sigma, self.grad_norm_sigma) <= 0 or self.min_rel_spread < 0:
             raise ValueError("GuardConfig sigmas must be > 0 and min_rel_spread >= 0")

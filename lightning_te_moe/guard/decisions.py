@@ -10,7 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-DecisionKind = Literal["plan", "swap", "step_down", "rollback", "hold", "stop", "resume", "promote", "autotune"]
+DecisionKind = Literal["plan", "swap", "skip", "step_down", "rollback", "hold", "stop", "resume", "promote", "autotune",
+                       "snapshot"]
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class SeriesWatch:
         self.window: deque[tuple[int, float]] = deque(maxlen=config.window)
         self.seen = 0
         self.streak = 0
+        self.last: tuple[int, float] = (0, math.nan)
 
     def stats(self) -> tuple[float, float]:
         """Median and robust spread of the window."""
@@ -73,6 +74,7 @@ class SeriesWatch:
         return median, max(MAD_TO_SIGMA * mad, self.config.min_rel_spread * abs(median))
 
     def update(self, step: int, value: float) -> Optional[Trigger]:
+        self.last = (step, value)
         if not math.isfinite(value):
             return Trigger(f"nonfinite_{self.name}", step, value)
         if self.seen < self.config.warmup or not self.window:
@@ -87,7 +89,13 @@ class SeriesWatch:
         self.streak += 1
         if self.streak < self.config.patience:
             return None
-        return Trigger(f"{self.name}_spike", step, value, median, spread, threshold, self.streak)
+        return self.streak_trigger()
+
+    def streak_trigger(self) -> Trigger:
+        """The spike trigger for the current streak (at ``patience``, or judged early, before a checkpoint)."""
+        median, spread = self.stats()
+        step, value = self.last
+        return Trigger(f"{self.name}_spike", step, value, median, spread, median + self.sigma * spread, self.streak)
 
     def _accept(self, step: int, value: float) -> None:
         self.window.append((step, value))
@@ -141,6 +149,10 @@ class DivergenceDetector:
     def in_streak(self) -> bool:
         """Some series is above its threshold but not yet for ``patience`` steps."""
         return any(s.streak for s in self.series.values())
+
+    def open_streak(self) -> Optional[Trigger]:
+        """A series above its threshold for fewer than ``patience`` steps, as the trigger it would make now."""
+        return next((s.streak_trigger() for s in self.series.values() if s.streak), None)
 
     def rollback_to(self, step: int) -> None:
         """After a rollback to ``step``: the window keeps only values the restored weights had seen."""

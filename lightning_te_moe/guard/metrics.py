@@ -17,6 +17,11 @@ ALERT_KINDS = ("step_down", "rollback", "stop")
 LEVEL_METRIC = "precision/level"
 STEP_DOWNS_METRIC = "precision/step_downs"
 ROLLBACKS_METRIC = "precision/rollbacks"
+SKIPS_METRIC = "precision/skipped_steps"
+#: What the guard's snapshots cost (:meth:`lightning_te_moe.guard.cadence.SnapshotCadence.stats`).
+SNAPSHOT_METRICS = {"snapshot_ms": "guard/snapshot_ms", "step_ms": "guard/step_ms",
+                    "interval": "guard/snapshot_interval", "cost_share": "guard/snapshot_cost_share",
+                    "snapshot_bytes": "guard/snapshot_bytes"}
 
 
 def iso_time(decision: Decision) -> str:
@@ -31,4 +36,12 @@ def log_level(logger: Any, state: PrecisionState, log: DecisionLog, step: int) -
     step-down sits on the loss point of the batch that triggered it.
     """
     logger.log_metrics({LEVEL_METRIC: float(state.index), STEP_DOWNS_METRIC: float(log.count("step_down")),
-                        ROLLBACKS_METRIC: float(log.count("rollback"))}, step=max(step - 1, 0))
+                        ROLLBACKS_METRIC: float(log.count("rollback")), SKIPS_METRIC: float(log.count("skip"))},
+                       step=max(step - 1, 0))
+
+
+def log_snapshot_cost(logger: Any, stats: dict[str, Any], step: int) -> None:
+    """The snapshot's measured cost, its interval and its share of step time, at the same x as the level."""
+    metrics = {name: float(stats[key]) for key, name in SNAPSHOT_METRICS.items() if stats[key] is not None}
+    if metrics:
+        logger.log_metrics(metrics, step=max(step - 1, 0))

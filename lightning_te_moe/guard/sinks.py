@@ -22,10 +22,10 @@ _console = logging.getLogger("lightning.pytorch.lightning_te_moe")
 
 
 class ConsoleSink:
-    """One readable line per decision; trouble (step-down, rollback, hold, stop) at warning level."""
+    """One readable line per decision; trouble (skip, step-down, rollback, hold, stop) at warning level."""
 
     def __call__(self, decision: Decision) -> None:
-        level = logging.WARNING if decision.kind in (*ALERT_KINDS, "hold") else logging.INFO
+        level = logging.WARNING if decision.kind in (*ALERT_KINDS, "hold", "skip") else logging.INFO
         _console.log(level, decision.line())
 
 

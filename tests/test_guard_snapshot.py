@@ -1,0 +1,255 @@
+"""The guard's host snapshot: what it copies (only what changes), putting it back in place, reusing host memory,
+the LR schedule after a rollback, TE's delayed-scaling history, and the interval chosen from measured costs."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+import torch
+
+from lightning_te_moe.guard.cadence import SnapshotCadence
+from lightning_te_moe.guard.snapshot import SnapshotStore
+
+
+class LoraLike(torch.nn.Module):
+    """A frozen 256 x 256 base with trainable rank-4 adapters and a buffer that forward changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = torch.nn.Linear(256, 256).requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(256, 4) * 0.1)
+        self.b = torch.nn.Parameter(torch.randn(4, 256) * 0.1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.base(x) + x @ self.a @ self.b
+
+
+def train(model: LoraLike, optimizer: Any, steps: int, scheduler: Any = None) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 256)).square().mean().backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def state_of(model: LoraLike, optimizer: Any) -> dict[str, torch.Tensor]:
+    out = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        out.update({f"opt{i}.{k}": v.clone() for k, v in optimizer.state[p].items()})
+    return out
+
+
+def test_only_trainable_parameters_their_optimizer_state_and_buffers_are_copied() -> None:
+    model = LoraLike()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, optimizer, 2)
+    store = SnapshotStore()
+    store.capture(2, model, [optimizer], [], None, verified=True)
+    adapters = 2 * 256 * 4 * 4
+    assert store.good.nbytes == 3 * adapters + 2 * 4 + 8  # adapters, exp_avg, exp_avg_sq, 2 step counters, buffer
+    assert store.nbytes < (256 * 256 + 256) * 4 / 5  # host memory: the frozen base (257 KiB) is never copied
+    assert {key[0] for key in store.good.tensors} == {"param", "optimizer", "buffer"}
+
+
+def test_restore_puts_everything_back_in_place_and_reuses_host_memory() -> None:
+    model = LoraLike()
+    optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
+    train(model, optimizer, 3)
+    store = SnapshotStore()
+    first = store.capture(3, model, [optimizer], [], None, verified=True)
+    before = state_of(model, optimizer)
+    live = [model.a, model.b, *optimizer.state[model.a].values()]
+    train(model, optimizer, 4)
+    model.a.data.mul_(float("nan"))
+    assert store.restore(model, [optimizer], [], None)["step"] == 3
+    assert all(torch.equal(before[k], v) for k, v in state_of(model, optimizer).items())
+    assert [model.a, model.b, *optimizer.state[model.a].values()] == live  # the same tensors, written in place
+    # candidates: the next copy goes to a second host copy, then the first one's memory is reused
+    train(model, optimizer, 1)
+    second = store.capture(4, model, [optimizer], [], None, verified=False)
+    assert second is not first and store.good is first and store.candidate is second
+    assert store.verify(4) and store.good is second and store.candidate is None
+    pointers = {k: t.data_ptr() for k, t in first.tensors.items()}
+    third = store.capture(5, model, [optimizer], [], None, verified=False)
+    assert third is first and {k: t.data_ptr() for k, t in third.tensors.items()} == pointers
+
+
+def test_rng_states_come_back() -> None:
+    model = LoraLike()
+    optimizer = torch.optim.SGD([model.a, model.b], lr=1e-2)
+    store = SnapshotStore()
+    store.capture(0, model, [optimizer], [], None, verified=True)
+    torch_draw, python_draw, numpy_draw = torch.rand(3), random.random(), numpy.random.rand()
+    torch.rand(100), random.random(), numpy.random.rand(7)
+    store.restore(model, [optimizer], [], None)
+    assert torch.equal(torch.rand(3), torch_draw) and random.random() == python_draw
+    assert numpy.random.rand() == numpy_draw
+
+
+def test_optimizer_state_younger_than_the_snapshot_is_dropped() -> None:
+    model, fresh = LoraLike(), LoraLike()
+    optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
+    store = SnapshotStore()
+    store.capture(0, model, [optimizer], [], None, verified=True)
+    train(model, optimizer, 2)
+    store.restore(model, [optimizer], [], None)
+    assert not optimizer.state and torch.equal(model.a, fresh.a)
+
+
+def test_the_lr_schedule_rejoins_the_current_step_after_a_restore() -> None:
+    """Rolled back from step 8 to step 3: the optimizer state is step 3's, the LR is the schedule's at step 8."""
+    model = LoraLike()
+    optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    train(model, optimizer, 3, scheduler)
+    store = SnapshotStore()
+    store.capture(3, model, [optimizer], [scheduler], None, verified=True)
+    for group in optimizer.param_groups:
+        group["lr"] *= 1e4  # blown up by hand
+    train(model, optimizer, 5, scheduler)
+    store.restore(model, [optimizer], [scheduler], None)
+    assert scheduler.last_epoch == 8 and optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 9)
+    assert int(optimizer.state[model.a]["step"]) == 3
+
+
+def test_the_loss_scaler_comes_back() -> None:
+    model = LoraLike()
+    optimizer = torch.optim.SGD([model.a, model.b], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # creates the scale tensor
+    store = SnapshotStore()
+    store.capture(0, model, [optimizer], [], scaler, verified=True)
+    scaler.update(new_scale=8.0)
+    store.restore(model, [optimizer], [], scaler)
+    assert scaler.get_scale() == 1024.0
+
+
+class FakeRecipe:
+    def __init__(self, delayed: bool) -> None:
+        self._delayed = delayed
+
+    def delayed(self) -> bool:
+        return self._delayed
+
+
+class FakeMeta:
+    def __init__(self) -> None:
+        self.scale = torch.ones(2)
+        self.amax_history = torch.zeros(4, 2)
+
+
+class FakeTEModule(torch.nn.Module):
+    """The two methods and the ``fp8_meta`` layout of a TE module, as transformer_engine/pytorch/module/base.py
+    has them (``get_fp8_meta_tensors`` clones, ``reset_fp8_meta_tensors`` copies in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.fp8_meta: dict[str, Any] = {"recipe": FakeRecipe(True), "scaling_fwd": FakeMeta(), "scaling_bwd": FakeMeta()}
+
+    def get_fp8_meta_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {k: [self.fp8_meta[k].scale.clone(), self.fp8_meta[k].amax_history.clone()]
+                for k in ("scaling_fwd", "scaling_bwd")}
+
+    def reset_fp8_meta_tensors(self, tensors: dict[str, list[torch.Tensor]]) -> None:
+        for key, (scale, history) in tensors.items():
+            self.fp8_meta[key].scale.copy_(scale)
+            self.fp8_meta[key].amax_history.copy_(history)
+
+
+def test_te_delayed_scaling_history_comes_back_while_the_recipe_is_still_delayed_scaling() -> None:
+    outer = torch.nn.Sequential(FakeTEModule())
+    te_module = outer[0]
+    optimizer = torch.optim.SGD(outer.parameters(), lr=1e-2)
+    store = SnapshotStore()
+    te_module.fp8_meta["scaling_fwd"].amax_history[0] = 3.0
+    store.capture(1, outer, [optimizer], [], None, verified=True)
+    history = te_module.fp8_meta["scaling_fwd"].amax_history
+    history.fill_(float("nan"))
+    details = store.restore(outer, [optimizer], [], None)
+    assert details["te_modules_restored"] == 1 and history[0].tolist() == [3.0, 3.0] and history[1:].eq(0).all()
+    te_module.fp8_meta["recipe"] = FakeRecipe(False)  # stepped down to a recipe without history
+    details = store.restore(outer, [optimizer], [], None)
+    assert details["te_modules_not_restored"] == ["0"]
+
+
+def test_a_changed_set_of_trainable_parameters_is_a_clear_error() -> None:
+    model = LoraLike()
+    optimizer = torch.optim.SGD([model.a, model.b], lr=1e-2)
+    store = SnapshotStore()
+    store.capture(0, model, [optimizer], [], None, verified=True)
+    model.b.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="trainable parameters changed since the guard's snapshot"):
+        store.restore(model, [optimizer], [], None)
+
+
+@pytest.mark.slow
+def test_sharded_parameters_are_copied_and_restored_as_each_rank_s_local_shard(tmp_path: Path) -> None:
+    """2 processes on gloo, a DTensor parameter sharded in two (as FSDP2 leaves it): each rank copies its half."""
+    script = Path(__file__).with_name("guard_shard_script.py")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["local_shape"] == [8, 16] and rank["snapshot_bytes"] == rank["local_state_bytes"]
+        assert rank["restored"] and rank["same_storage"]
+    assert ranks[0]["local_sum"] != ranks[1]["local_sum"]  # different halves
+
+
+def test_the_interval_keeps_snapshots_under_the_budget() -> None:
+    cadence = SnapshotCadence(None, 0.02)
+    assert cadence.proposal() == 1 and cadence.stats()["cost_share"] is None  # nothing measured yet
+    for ms in (100.0, 98.0, 103.0):
+        cadence.add_step(ms)
+    cadence.add_snapshot(10.0, 1 << 20)
+    assert cadence.proposal() == 5  # 10 ms every 5 steps of 100 ms is 2%
+    cadence.interval = cadence.proposal()
+    assert cadence.cost_share() == pytest.approx(0.02) and cadence.stats()["snapshot_bytes"] == 1 << 20
+    cadence.add_snapshot(0.1, 1 << 20)
+    cadence.add_snapshot(0.1, 1 << 20)
+    assert cadence.proposal() == 1  # the median of the measured costs
+    assert [s for s in range(5_000) if cadence.check_due(s)] == [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2024,
+                                                                 3024, 4024]  # then every 1000 steps
+    fixed = SnapshotCadence(7, 0.02)
+    fixed.add_step(1.0)
+    fixed.add_snapshot(100.0, 1)
+    assert fixed.proposal() == 7 and not any(fixed.check_due(s) for s in range(100))
+
+
+def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path) -> None:
+    """A model whose trainable state (25 MB) costs a large share of its step: the interval grows to keep it
+    under 2%, and the decision and metrics say so."""
+    from guard_support import CpuLadderPrecision, TinyRegression
+    from lightning.pytorch import Trainer
+
+    class Heavy(TinyRegression):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = torch.nn.Parameter(torch.zeros(2_000_000))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + 0.0 * self.extra[:1].sum()
+
+    plugin = CpuLadderPrecision("bf16", print_plan=False)
+    trainer = Trainer(max_steps=70, plugins=[plugin], accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Heavy())
+    decisions = [d for d in plugin.decisions.decisions if d.kind == "snapshot"]
+    assert decisions, "the interval is a recorded decision"
+    last = decisions[-1].evidence
+    assert last["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # parameters, Adam moments, 5 step counters
+    ratio = last["snapshot_ms"] / (0.02 * last["step_ms"])  # the interval is its ceiling (from unrounded values)
+    assert last["interval"] - 1 - 1e-3 <= ratio <= last["interval"] + 1e-3
+    assert last["interval"] > 1 and last["cost_share"] <= 0.02
+    assert plugin.guard.cadence.interval >= 1 and plugin.guard.snapshots.nbytes <= 2 * last["snapshot_bytes"] + 4096
