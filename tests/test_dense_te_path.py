@@ -134,11 +134,13 @@ def test_swapped_model_computes_the_original_with_te_linear_on_exactly_the_swapp
 
 
 def _hopper_plugin(monkeypatch: pytest.MonkeyPatch, **kwargs) -> TEMoEPrecision:
-    """A plugin that plans for an H100 with TE 2.20 (its forward context enters the stand-in's autocast)."""
+    """A plugin that plans for an H100 with TE 2.20 and cuBLASLt 13.10 (its forward context enters the stand-in's
+    autocast)."""
     import lightning_te_moe.dense.swap as swap_mod
     import lightning_te_moe.plugin as plugin_mod
 
-    monkeypatch.setattr(plugin_mod, "probe_environment", lambda device=None: Environment.assume(cc="9.0", te="2.20.2"))
+    h100 = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0")  # experts and dense both on fp8_current
+    monkeypatch.setattr(plugin_mod, "probe_environment", lambda device=None: h100)
     monkeypatch.setattr(swap_mod, "te_available", lambda: True)
     return TEMoEPrecision(print_plan=False, swap_attention=False, guard=False, **kwargs)
 
