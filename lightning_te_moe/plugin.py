@@ -328,8 +328,7 @@ class TEMoEPrecision(Precision):
             device = _default_device()
             self._set_up(self.make_plan(device) if changed else saved, device)
         current_env = self.state.plan.environment
-        same = (saved.environment.compute_capability, saved.environment.te_version) == (
-            current_env.compute_capability, current_env.te_version)
+        same = _stack(saved.environment) == _stack(current_env)
         self._guard_state = state_dict.get("guard")
         if self.guard is not None and self._guard_state is not None:
             self.guard.load_guard_state(self._guard_state)
@@ -358,6 +357,12 @@ class TEMoEPrecision(Precision):
             self.decisions.record("resume", f"resumed on rung {self.state.index}: {self.state.rung.label()}"
                                   f" (precision arguments unchanged).{tuned}",
                                   step=step, to=self.state.rung.label(), rule="checkpoint")
+
+
+def _stack(env: Environment) -> tuple[Any, ...]:
+    """What makes two machines the same kind for a plan: the GPU generation, TE, and cuBLASLt (which decides the
+    experts' GEMM path and so their measured recipe)."""
+    return env.compute_capability, env.te_version, env.cublaslt_version
 
 
 #: The arguments that make a plan; a resume with any of them changed follows the new ones.
