@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cpu_kinds import cpu_kind, this_machines_cpu_plan  # noqa: F401 - cpu_kind is a fixture
 
 from lightning_te_moe.cli import main
 
@@ -17,7 +18,16 @@ def test_plan_table_on_this_machine(capsys):
     assert main(["plan"]) == 0
     out = capsys.readouterr().out
     assert "lightning-te-moe precision plan" in out and "why" in out
-    assert "cpu" in out and "fp32" in out  # CI and this machine have no GPU
+    dense = next(line for line in out.splitlines() if "dense layers" in line)
+    assert "cpu" in out and this_machines_cpu_plan() in dense  # CI and this machine have no GPU
+
+
+def test_plan_on_each_kind_of_cpu(cpu_kind, capsys):
+    native_bf16, recipe, rule = cpu_kind
+    assert main(["plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dense"]["name"] == plan["experts"]["name"] == recipe and len(plan["ladder"]) == 1
+    assert plan["environment"]["cpu_bf16"] is native_bf16 and plan["reasons"][0]["rule"] == rule
 
 
 def test_plan_json_for_assumed_dgx_spark(capsys):

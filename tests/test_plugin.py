@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from cpu_kinds import cpu_kind, this_machines_cpu_plan  # noqa: F401 - cpu_kind is a fixture
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_te_moe import Environment, PlanError, TEMoEPrecision, make_plan
@@ -29,13 +30,15 @@ def _trainer(tmp_path, plugin, **kwargs) -> L.Trainer:
     return L.Trainer(plugins=[plugin], **defaults)
 
 
-def test_auto_on_cpu_plans_fp32_and_runs_without_autocast(tmp_path):
+def test_auto_on_cpu_plans_by_cpu_kind_and_autocasts_accordingly(tmp_path, cpu_kind):
+    native_bf16, recipe, _ = cpu_kind
     plugin, model = TEMoEPrecision(print_plan=False), AutocastProbe()
     trainer = _trainer(tmp_path, plugin)
     trainer.fit(model)
-    assert plugin.plan.summary() == "fp32"
-    assert trainer.precision == "32-true"
-    assert model.seen == [(False, torch.get_autocast_dtype("cpu"))] * 3
+    assert plugin.plan.summary() == recipe
+    assert trainer.precision == ("bf16-mixed" if native_bf16 else "32-true")
+    seen = (True, torch.bfloat16) if native_bf16 else (False, torch.get_autocast_dtype("cpu"))
+    assert model.seen == [seen] * 3
     assert [d.kind for d in plugin.decisions.decisions if d.kind != "swap"] == ["plan"]
     assert plugin.decisions.decisions[0].environment.startswith("cpu")
     swaps = [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]
@@ -57,8 +60,9 @@ def test_params_dtype_bfloat16_casts_parameters(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-def test_quantized_recipe_on_cpu_is_a_clear_error_at_setup(tmp_path):
-    with pytest.raises(PlanError, match=r"recipe 'fp8_current' cannot run on cpu.*cpu-fp32.*Recipes allowed here:"
+def test_quantized_recipe_on_cpu_is_a_clear_error_at_setup(tmp_path, cpu_kind):
+    rule = cpu_kind[2]
+    with pytest.raises(PlanError, match=rf"recipe 'fp8_current' cannot run on cpu.*{rule}.*Recipes allowed here:"
                                         r" bf16, fp32"):
         _trainer(tmp_path, TEMoEPrecision("fp8_current", print_plan=False)).fit(BoringModel())
 
@@ -75,10 +79,10 @@ def test_unsupported_recipe_object_fails_at_construction():
         TEMoEPrecision({"fp8_format": "E4M3"})
 
 
-def test_plan_is_printed_at_setup(tmp_path, capsys):
+def test_plan_is_printed_at_setup(tmp_path, capsys, cpu_kind):
     _trainer(tmp_path, TEMoEPrecision()).fit(BoringModel())
     out = capsys.readouterr().out
-    assert "lightning-te-moe precision plan" in out and "cpu-fp32" in out
+    assert "lightning-te-moe precision plan" in out and cpu_kind[2] in out
 
 
 def test_checkpoint_carries_plan_and_resume_keeps_it(tmp_path):
@@ -100,14 +104,15 @@ def test_checkpoint_carries_plan_and_resume_keeps_it(tmp_path):
     assert "resumed on rung 0: bf16" in again.decisions.decisions[-1].reason
 
 
-def test_resume_on_another_kind_of_machine_keeps_this_machines_plan(tmp_path):
+def test_resume_on_another_kind_of_machine_keeps_this_machines_plan(tmp_path, cpu_kind):
+    recipe = cpu_kind[1]
     plugin = TEMoEPrecision(print_plan=False)
     _trainer(tmp_path, plugin, max_steps=1).fit(BoringModel())
     foreign = make_plan(Environment.assume(cc="9.0", te="2.20.2"))
     plugin.load_state_dict({"plan": foreign.to_dict(), "rung": 1, "decisions": []})
-    assert plugin.plan.summary() == "fp32" and plugin.state.index == 0
+    assert plugin.plan.summary() == recipe and plugin.state.index == 0
     last = plugin.decisions.decisions[-1]
-    assert last.kind == "resume" and "keeping this machine's plan fp32" in last.reason
+    assert last.kind == "resume" and f"keeping this machine's plan {recipe}" in last.reason
     assert last.from_ == "fp8_current+dq_bwd"
 
 
@@ -117,7 +122,7 @@ def test_autotune_without_gpu_keeps_the_rule_based_plan_and_says_why(tmp_path):
     tuned = [d for d in plugin.decisions.decisions if d.kind == "autotune"]
     assert len(tuned) == 1 and tuned[0].step == 0
     assert tuned[0].reason.startswith("autotune skipped: autotune needs a CUDA device with Transformer Engine")
-    assert plugin.plan.summary() == "fp32"
+    assert plugin.plan.summary() == this_machines_cpu_plan()
 
 
 def test_autotune_tokens_must_be_positive():
