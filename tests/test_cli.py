@@ -64,6 +64,9 @@ def test_plan_forbidden_recipe_fails_with_allowed_list(capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["plan", "--assume-cc", "9.x"], "compute capability must look like"),
+    (["plan", "--assume-cc", "99.9"], "compute capability 99.9 is not one of an NVIDIA GPU; known: 5.0, 5.2,"),
+    (["plan", "--assume-cc", "9.1"], "known: 5.0, 5.2, 5.3, 6.0, 6.1, 6.2, 7.0, 7.2, 7.5, 8.0, 8.6, 8.7, 8.9, 9.0,"
+                                     " 10.0, 10.1, 10.3, 11.0, 12.0, 12.1 (or 'cpu')"),
     (["plan", "--assume-cc", "9.0", "--assume-te", "latest"], "not a version number"),
     (["plan", "--recipe", "fp9"], "invalid choice: 'fp9'"),
     (["plan", "--deny", "int8"], "invalid choice: 'int8'"),

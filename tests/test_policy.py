@@ -229,6 +229,9 @@ def test_bad_names_are_clear_errors():
         PrecisionRequest(deny=("int8",))
     with pytest.raises(ValueError, match="compute capability must look like"):
         Environment.assume(cc="nine")
+    for unknown in ("99.9", (9, 1), 13.0):
+        with pytest.raises(ValueError, match=r"is not one of an NVIDIA GPU; known: 5\.0, .*, 12\.1 \(or 'cpu'\)"):
+            Environment.assume(cc=unknown)
     with pytest.raises(ValueError, match="not a version number"):
         Environment.assume(cc="9.0", te="two")
 
