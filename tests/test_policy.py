@@ -236,6 +236,23 @@ def test_bad_names_are_clear_errors():
         Environment.assume(cc="9.0", te="two")
 
 
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_nothing_left_lists_what_this_machine_runs_not_every_name(cpu_bf16):
+    cpu = Environment.assume(cpu_bf16=cpu_bf16)
+    with pytest.raises(PlanError) as err:
+        make_plan(cpu, PrecisionRequest(allow=("fp8_current",)))
+    assert str(err.value) == ("no recipe is allowed here: this machine runs bf16, fp32, and allow=['fp8_current']"
+                              " leaves none of them")
+    with pytest.raises(PlanError, match=r"recipe 'fp8_block' cannot run here \[cpu-(bf16|fp32)\] and none of its"
+                                        r" fallbacks \(fp8_current, bf16, fp32\) is allowed: this machine runs bf16,"
+                                        r" fp32, and deny=\['bf16', 'fp32'\] leaves none of them"):
+        make_plan(cpu, PrecisionRequest(recipe="fp8_block", deny=("bf16", "fp32"), strict=False))
+    hopper = Environment.assume(cc="9.0", te="2.20.2")
+    with pytest.raises(PlanError, match=r"this machine runs bf16, fp16, fp32, fp8_delayed, fp8_current, fp8_block,"
+                                        r" and allow=\['mxfp8', 'nvfp4'\] leaves none of them"):
+        make_plan(hopper, PrecisionRequest(allow=("mxfp8", "nvfp4")))
+
+
 def test_cpu_with_native_bf16_uses_bf16():
     plan = make_plan(Environment.assume(cpu_bf16=True))
     assert plan.summary() == "bf16" and "cpu-bf16" in {r.rule for r in plan.reasons}

@@ -84,6 +84,20 @@ class _Constraints:
     def why_forbidden(self, name: str, experts: bool = False) -> Optional[Reason]:
         return self.forbidden.get(name) or (self.experts_forbidden.get(name) if experts else None)
 
+    def runs_here(self, experts: bool = False) -> list[str]:
+        """The recipes this machine runs, whatever ``allow=``/``deny=`` say (request reasons are set last, so a
+        recipe both the machine and the request rule out keeps the machine's reason)."""
+        return [n for n in RECIPE_NAMES
+                if (why := self.why_forbidden(n, experts)) is None or why.rule.startswith("request.")]
+
+
+def _none_left(c: _Constraints, request: PrecisionRequest, experts: bool = False) -> str:
+    """Why nothing is left to choose: what this machine runs, and which of the request's lists ruled that out."""
+    runs = c.runs_here(experts)
+    limits = [f"{label}={list(names)}" for label, names in (("allow", request.allow), ("deny", request.deny)) if names]
+    return (f"this machine runs {', '.join(runs) or 'no recipe'}"
+            + (f", and {' with '.join(limits)} leaves none of them" if limits and runs else ""))
+
 
 def _reason(rule: Rule, env: Environment) -> Reason:
     text = rule.why
@@ -135,7 +149,7 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
 
     dense = _choose_dense(env, request, c, reasons)
     dense = _apply_settings(dense, c, reasons, user_given=not isinstance(request.recipe, str), strict=request.strict)
-    experts = _choose_experts(dense, c, reasons)
+    experts = _choose_experts(dense, c, reasons, request)
 
     ladder = _ladder(Rung(dense, experts), c, reasons)
     if request.prefer_stability and len(ladder) > 1 and ladder[1].dense.backward_override is not None:
@@ -180,7 +194,8 @@ def _choose_dense(env: Environment, request: PrecisionRequest, c: _Constraints, 
             reasons.append(Reason(why.rule, f"{spec.name} was requested but {why.text} Stepped down to {name}"
                                   " (strict=False).", why.ref))
             return RecipeSpec.of(name)
-    raise PlanError(f"recipe {spec.name!r} cannot run and no fallback is allowed: {why.text}")
+    raise PlanError(f"recipe {spec.name!r} cannot run here [{why.rule}] and none of its fallbacks"
+                    f" ({', '.join(STEP_DOWN[spec.name]) or 'none'}) is allowed: {_none_left(c, request)}")
 
 
 def _choose_auto(request: PrecisionRequest, c: _Constraints, reasons: list[Reason]) -> RecipeSpec:
@@ -203,7 +218,7 @@ def _choose_auto(request: PrecisionRequest, c: _Constraints, reasons: list[Reaso
         reasons.append(Reason("auto", f"auto chose {name}: the first recipe in this device's order that is allowed",
                               c.prefer_reason.ref if c.prefer_reason else ""))
         return RecipeSpec.of(name)
-    raise PlanError("no recipe is allowed here; check allow=/deny= (valid names: " + ", ".join(RECIPE_NAMES) + ")")
+    raise PlanError(f"no recipe is allowed here: {_none_left(c, request)}")
 
 
 def _apply_settings(spec: RecipeSpec, c: _Constraints, reasons: list[Reason], user_given: bool,
@@ -222,7 +237,8 @@ def _apply_settings(spec: RecipeSpec, c: _Constraints, reasons: list[Reason], us
     return RecipeSpec(spec.name, {**spec.settings, **forced})
 
 
-def _choose_experts(dense: RecipeSpec, c: _Constraints, reasons: list[Reason]) -> RecipeSpec:
+def _choose_experts(dense: RecipeSpec, c: _Constraints, reasons: list[Reason],
+                    request: PrecisionRequest) -> RecipeSpec:
     why = c.why_forbidden(dense.name, experts=True)
     if why is None:
         return dense
@@ -233,7 +249,8 @@ def _choose_experts(dense: RecipeSpec, c: _Constraints, reasons: list[Reason]) -
             reasons.append(Reason(why.rule, f"experts run {name} while dense layers run {dense.name}: {why.text}",
                                   why.ref))
             return spec
-    raise PlanError(f"no recipe is allowed for the experts: {why.text}")
+    raise PlanError(f"no recipe is allowed for the experts: {why.text} For the experts,"
+                    f" {_none_left(c, request, experts=True)}")
 
 
 def _with_hp_backward(spec: RecipeSpec, c: _Constraints, reasons: list[Reason]) -> Optional[RecipeSpec]:
