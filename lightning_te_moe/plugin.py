@@ -23,7 +23,8 @@ from .policy import (
     make_plan,
     probe_environment,
 )
-from .policy.recipes import RecipeName, spec_from_te_recipe
+from .policy.recipes import RECIPE_NAMES, RecipeName, spec_from_te_recipe
+from .validation import check_bool, check_choice, check_positive_int, check_recipe_names, dataclass_from
 
 RecipeChoice = Literal["auto", "bf16", "fp16", "fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
 
@@ -62,7 +63,8 @@ class TEMoEPrecision(Precision):
             with the reason printed (rank 0) and recorded as a decision.
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
-        guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard.config.GuardConfig`).
+        guard_config: the guard's thresholds and limits: a :class:`~lightning_te_moe.guard.config.GuardConfig`, or a
+            dict of its fields (converted, so Python and YAML take the same form; an unknown field is an error).
         autotune: with ``recipe="auto"`` on a GPU with TE, time the recipes the plan allows on the model's
             largest swapped experts module at the first training step and start on the fastest (the timings
             are a recorded decision); otherwise the rule-based plan stands.
@@ -90,20 +92,20 @@ class TEMoEPrecision(Precision):
         autotune: bool = False,
         autotune_tokens: int = 16384,
     ) -> None:
-        if not isinstance(recipe, str):
-            spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
-        self.request = PrecisionRequest(recipe=recipe, allow=tuple(allow or ()), deny=tuple(deny or ()),
-                                        auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability, strict=strict,
-                                        params_dtype=params_dtype)
+        _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
+                         strict=strict, print_plan=print_plan, swap_experts=swap_experts,
+                         cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention, guard=guard,
+                         autotune=autotune)
+        self.request = PrecisionRequest(recipe=recipe, allow=check_recipe_names(_OWNER, "allow", allow),
+                                        deny=check_recipe_names(_OWNER, "deny", deny), auto_nvfp4=auto_nvfp4,
+                                        prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
-        if autotune_tokens < 1:
-            raise ValueError(f"autotune_tokens must be a positive number of tokens, got {autotune_tokens}")
-        self.autotune_tokens = autotune_tokens
+        self.autotune_tokens = check_positive_int(_OWNER, "autotune_tokens", autotune_tokens, "tokens")
         self._autotune_pending = autotune
         self._model: Optional[torch.nn.Module] = None
         self.guard_enabled = guard
-        self.guard_config = guard_config or GuardConfig()
+        self.guard_config = dataclass_from(_OWNER, "guard_config", guard_config, GuardConfig) or GuardConfig()
         self.guard: Optional[DivergenceGuard] = None
         self._guard_state: Optional[dict[str, Any]] = None
         self._sinks_trainer: Any = None
@@ -302,6 +304,25 @@ class TEMoEPrecision(Precision):
                 f" {current_env.summary()}: keeping this machine's plan {self.state.plan.summary()}",
                 step=step, from_=saved.ladder[int(state_dict['rung'])].label(), to=self.state.rung.label(),
                 rule="checkpoint")
+
+
+_OWNER = "TEMoEPrecision"
+_PARAMS_DTYPES = ("float32", "bfloat16")
+
+
+def _check_arguments(recipe: Any, params_dtype: Any, **flags: Any) -> None:
+    """The constructor's checks that need no state: one clear error per bad argument, before anything is built."""
+    if isinstance(recipe, str):
+        check_choice(_OWNER, "recipe", recipe, ("auto", *RECIPE_NAMES), " (or a TE recipe object)")
+    else:
+        try:
+            spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
+        except ValueError as err:
+            raise ValueError(f"{_OWNER}(recipe={type(recipe).__name__}(...)): {err}") from None
+    check_choice(_OWNER, "params_dtype", params_dtype, _PARAMS_DTYPES,
+                 " (the dtype of the parameters and the optimizer state: every recipe computes from FP32 or BF16)")
+    for name, value in flags.items():
+        check_bool(_OWNER, name, value)
 
 
 def _default_device() -> torch.device:

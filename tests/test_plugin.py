@@ -75,7 +75,8 @@ def test_quantized_recipe_on_cpu_steps_down_when_not_strict(tmp_path):
 
 
 def test_unsupported_recipe_object_fails_at_construction():
-    with pytest.raises(ValueError, match="unsupported TE recipe type dict; supported are"):
+    with pytest.raises(ValueError, match=r"TEMoEPrecision\(recipe=dict\(...\)\): unsupported TE recipe type dict;"
+                                         " supported are"):
         TEMoEPrecision({"fp8_format": "E4M3"})
 
 
@@ -126,5 +127,37 @@ def test_autotune_without_gpu_keeps_the_rule_based_plan_and_says_why(tmp_path):
 
 
 def test_autotune_tokens_must_be_positive():
-    with pytest.raises(ValueError, match="autotune_tokens must be a positive number of tokens, got 0"):
+    with pytest.raises(ValueError, match=r"TEMoEPrecision\(autotune_tokens=0\): autotune_tokens must be a positive"
+                                         " whole number of tokens"):
         TEMoEPrecision(autotune=True, autotune_tokens=0)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"params_dtype": "int8"}, ValueError, "TEMoEPrecision(params_dtype='int8'): params_dtype must be one of"
+                                           " 'float32', 'bfloat16'"),
+    ({"params_dtype": "float64"}, ValueError, "params_dtype must be one of 'float32', 'bfloat16'"),
+    ({"recipe": "fp9"}, ValueError, "TEMoEPrecision(recipe='fp9'): recipe must be one of 'auto', 'bf16', 'fp16',"),
+    ({"deny": "fp8_delayed"}, TypeError, "TEMoEPrecision(deny='fp8_delayed'): deny must be a list of recipe names,"
+                                         " e.g. deny=['fp8_delayed']"),
+    ({"allow": ["int8"]}, ValueError, "TEMoEPrecision(allow=['int8']): unknown recipe name(s) 'int8'; recipe names"
+                                      " are: bf16, fp16, fp32,"),
+    ({"allow": {"bf16": 1}}, TypeError, "allow must be a list of recipe names"),
+    ({"strict": "false"}, TypeError, "TEMoEPrecision(strict='false'): strict must be True or False, got str"),
+    ({"guard": 1}, TypeError, "TEMoEPrecision(guard=1): guard must be True or False, got int"),
+    ({"guard_config": {"windw": 3}}, ValueError, "TEMoEPrecision(guard_config=...): unknown GuardConfig field(s)"
+                                                 " 'windw'; its fields are: window, warmup,"),
+    ({"guard_config": {"window": "100"}}, TypeError, "GuardConfig.window must be an int, got '100'"),
+    ({"guard_config": {"window": 0}}, ValueError, "GuardConfig.window must be >= 1, got 0"),
+    ({"guard_config": 5}, TypeError, "guard_config must be a GuardConfig or a dict of its fields (window,"),
+])
+def test_bad_arguments_fail_at_construction_naming_the_argument(kwargs, error, message):
+    with pytest.raises(error) as err:
+        TEMoEPrecision(**kwargs)
+    assert message in str(err.value)
+
+
+def test_guard_config_may_be_a_dict_of_its_fields():
+    from lightning_te_moe import GuardConfig
+
+    plugin = TEMoEPrecision(guard_config={"window": 20, "rollback": "always"})
+    assert plugin.guard_config == GuardConfig(window=20, rollback="always")
