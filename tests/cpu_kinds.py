@@ -1,5 +1,6 @@
 """The two kinds of x86-64 CPU the plan tells apart: with native BF16 (AVX512-BF16/AMX: plans BF16) and without
-(BF16 emulated, slower than FP32: plans FP32). Tests about one kind pin the probe; tests about this machine ask it."""
+(BF16 emulated, slower than FP32: plans FP32). Tests about one kind pin the probe (the ``cpu_kind`` fixture in
+conftest.py runs them on both); tests about this machine ask it."""
 
 from __future__ import annotations
 
@@ -19,11 +20,3 @@ def pin_cpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
 def this_machines_cpu_plan() -> str:
     """What ``auto`` plans on this CPU, by what the probe reports."""
     return "bf16" if environment.probe_environment().cpu_bf16 else "fp32"
-
-
-@pytest.fixture(params=sorted(CPU_KINDS))
-def cpu_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, str, str]:
-    """Runs the test once per CPU kind, with the probe pinned to it; yields (native BF16, auto's plan, rule)."""
-    kind = CPU_KINDS[request.param]
-    pin_cpu(monkeypatch, kind[0])
-    return kind
