@@ -167,6 +167,8 @@ class TEMoEPrecision(Precision):
         self._trainer = trainer
         self._model = module
         if self.state is None:
+            if trainer is not None and trainer.ckpt_path:  # resuming: the checkpoint's history may replace the
+                self.decisions.hold()                      # setup records (on_load_checkpoint decides)
             device = trainer.strategy.root_device if trainer is not None else _default_device()
             compiled = getattr(module, "_compiler_ctx", None) is not None
             plan = self.make_plan(device, torch_compile=compiled)
@@ -274,6 +276,8 @@ class TEMoEPrecision(Precision):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_step = int(checkpoint.get("global_step", 0))
+        if type(self).__qualname__ not in checkpoint:  # Lightning's key: no history will replace the setup's
+            self.decisions.release()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue on the checkpoint's plan and rung when it was made for this same kind of machine."""
