@@ -9,6 +9,7 @@ from .experts import (
                      unswap_experts,
 )
 from .guard import DivergenceError, DivergenceGuard, GuardConfig
+from .interrupt import InterruptCheckpoint
 from .plugin import TEMoEPrecision
 from .policy import (
                      RECIPE_NAMES,
@@ -22,6 +23,7 @@ from .policy import (
                      make_plan,
                      probe_environment,
 )
+from .progress import TextProgressBar
 
 __all__ = [
     "RECIPE_NAMES",
@@ -31,6 +33,7 @@ __all__ = [
     "ExpertSwapConfig",
     "GroupedExperts",
     "GuardConfig",
+    "InterruptCheckpoint",
     "Plan",
     "PlanError",
     "PrecisionRequest",
@@ -38,6 +41,7 @@ __all__ = [
     "RecipeSpec",
     "Rung",
     "TEMoEPrecision",
+    "TextProgressBar",
     "make_plan",
     "probe_environment",
     "register_adapter",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from cpu_kinds import cpu_kind, this_machines_cpu_plan  # noqa: F401 - cpu_kind is a fixture
+from cpu_kinds import this_machines_cpu_plan
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_te_moe import Environment, PlanError, TEMoEPrecision, make_plan
