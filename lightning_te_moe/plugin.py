@@ -101,6 +101,7 @@ class TEMoEPrecision(Precision):
                                         prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
+        self._plan_printed = False
         self.autotune_tokens = check_positive_int(_OWNER, "autotune_tokens", autotune_tokens, "tokens")
         self._autotune_pending = autotune
         self._model: Optional[torch.nn.Module] = None
@@ -151,9 +152,6 @@ class TEMoEPrecision(Precision):
         self.decisions.record("plan", f"start on {plan.ladder[0].label()}; ladder {plan.summary()}",
                               to=plan.ladder[0].label(), rule="policy",
                               evidence={"reasons": [r.to_dict() for r in plan.reasons]})
-        if self.print_plan:
-            print_rank_zero(plan.render())
-            rank_zero_info(f"[lightning-te-moe] plan: {plan.summary()}")
 
     def _sync_precision_label(self) -> None:
         assert self.state is not None
@@ -183,8 +181,19 @@ class TEMoEPrecision(Precision):
                 self.decisions.record("swap", summary, rule="swap", evidence=details)
         if trainer is not None:
             self._attach_to(trainer)
+        if self.print_plan and not self._plan_printed:
+            self._print_plan(module)
         module.to(dtype=self.params_dtype)
         return module
+
+    def _print_plan(self, module: torch.nn.Module) -> None:
+        """The plan table (rank 0), after the swaps: the experts row only where the model has swapped experts."""
+        from .experts import GroupedExperts
+
+        assert self.state is not None
+        self._plan_printed = True
+        print_rank_zero(self.state.plan.render(experts=any(isinstance(m, GroupedExperts) for m in module.modules())))
+        rank_zero_info(f"[lightning-te-moe] plan: {self.state.plan.summary()}")
 
     def _attach_to(self, trainer: Any) -> None:
         """Decision sinks for this Trainer, and the guard callback (before checkpointing callbacks, so a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_fit_from_yaml_with_the_plugin(tmp_path, capsys, monkeypatch):
         assert main() == 0  # as the console script calls it
     assert not [w for w in caught if "LightningCLI's args parameter" in str(w.message)]
     out = capsys.readouterr().out
-    assert "lightning-te-moe precision plan" in out
+    assert "lightning-te-moe precision plan" in out and re.search(r"│ experts +│", out)  # GPT-OSS: MoE experts
     # stdout is not a terminal here: plain progress lines instead of rich's bar (which would print nothing)
     assert "[progress] step 2/4  train_loss " in out and "[progress] validation at step 2: val_loss " in out
     assert "[progress] training done at step 4" in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -84,6 +86,7 @@ def test_plan_is_printed_at_setup(tmp_path, capsys, cpu_kind):
     _trainer(tmp_path, TEMoEPrecision()).fit(BoringModel())
     out = capsys.readouterr().out
     assert "lightning-te-moe precision plan" in out and cpu_kind[2] in out
+    assert re.search(r"│ dense layers +│", out) and not re.search(r"│ experts +│", out)  # BoringModel: no MoE
 
 
 def test_checkpoint_carries_plan_and_resume_keeps_it(tmp_path):

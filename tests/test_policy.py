@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lightning_te_moe import Environment, PlanError, PrecisionRequest, RecipeSpec, make_plan
@@ -260,8 +262,9 @@ def test_cpu_with_native_bf16_uses_bf16():
 
 def test_plan_json_round_trip():
     plan = make_plan(Environment.assume(cc="12.1", te="2.20.2"), PrecisionRequest(auto_nvfp4=True))
-    from lightning_te_moe import Plan
     import json
+
+    from lightning_te_moe import Plan
 
     again = Plan.from_dict(json.loads(plan.to_json()))
     assert again == plan
@@ -274,6 +277,15 @@ def test_rendered_table_names_every_rule():
     for reason in plan.reasons:
         assert reason.rule in text
     assert "NVTE_FUSED_ATTN=0" in text and "TE #2372" in text
+
+
+def test_rendered_table_shows_bracketed_text_and_the_experts_row_on_request():
+    plan = make_plan(Environment.assume(cc="9.0"))  # a GPU without TE: the no-te rule says how to install it
+    text = plan.render_text(width=200)
+    assert "pip install 'lightning-te-moe[te]'" in text  # rich markup would have eaten "[te]"
+    without = plan.render_text(width=200, experts=False)
+    assert re.search(r"│ experts +│", text) and not re.search(r"│ experts +│", without)
+    assert re.search(r"│ dense layers +│", without)
 
 
 def test_policy_doc_is_current():
