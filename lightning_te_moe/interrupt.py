@@ -1,9 +1,9 @@
 """Ctrl-C loses nothing: save a checkpoint when the run is interrupted, and say where it is and how to resume.
 
 Lightning catches ``KeyboardInterrupt`` in ``Trainer.fit``, calls every callback's ``on_exception`` and exits
-with status 1 without a word. ``InterruptCheckpoint`` saves the full training state there (weights,
-optimizer, data position, and the precision plugin's rung and decisions) and prints the path and the resume
-call. It is not Lightning's ``OnExceptionCheckpoint``: with that callback in the Trainer, every ``fit``
+with status 1 without a word. ``InterruptCheckpoint`` saves the training state there (weights, optimizer and
+LR-scheduler state, the step, and the precision plugin's rung and decisions) and prints the path and the
+resume call. It is not Lightning's ``OnExceptionCheckpoint``: with that callback in the Trainer, every ``fit``
 without ``ckpt_path`` silently resumes from the newest checkpoint, so a fresh run of the main job's command
 would continue (or, after a finished run, skip) the old one.
 """
@@ -49,6 +49,6 @@ class InterruptCheckpoint(Checkpoint):
         trainer.save_checkpoint(path)
         self.saved_path = path
         if trainer.is_global_zero:
-            print(f"[lightning-te-moe] interrupted at step {trainer.global_step}: saved {path} (weights, optimizer,"
-                  f" data position, precision rung and decisions)\n  resume with: {self.resume_hint(path)}",
+            print(f"[lightning-te-moe] interrupted at step {trainer.global_step}: saved {path} (weights, optimizer and"
+                  f" LR-scheduler state, step, precision rung and decisions)\n  resume with: {self.resume_hint(path)}",
                   file=sys.stderr, flush=True)

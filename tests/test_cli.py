@@ -114,8 +114,9 @@ def test_fit_from_yaml_with_the_plugin(tmp_path, capsys, monkeypatch):
     assert "[progress] step 2/4  train_loss " in out and "[progress] validation at step 2: val_loss " in out
     assert "[progress] training done at step 4" in out
     # the example's logger is CSV, chosen explicitly: tensorboard is installed here and would otherwise win
-    logs = tmp_path / "logs" / "version_0"
-    assert (logs / "metrics.csv").exists() and (logs / "precision_decisions.jsonl").exists()
+    logs = tmp_path / "lightning_logs" / "version_0"
+    assert all((logs / name).exists() for name in ("metrics.csv", "hparams.yaml", "precision_decisions.jsonl",
+                                                   "config.yaml"))  # the README's "Where files go"
     assert not list(tmp_path.rglob("events.out.tfevents*"))
     import torch
 

@@ -62,7 +62,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_resume_continues(tmp_path, caps
     assert final["global_step"] == 8 and final["TEMoEPrecision"]["rung"] == 0
 
     # the resumed run's audit file: the first run's history once, in time order, then the resume
-    logs = sorted((tmp_path / "logs").glob("version_*"))
+    logs = sorted((tmp_path / "lightning_logs").glob("version_*"))
     assert len(logs) == 2
     first_records, resumed = _records(logs[0] / JSONL_NAME), _records(logs[1] / JSONL_NAME)
     kinds = [r["kind"] for r in resumed]
