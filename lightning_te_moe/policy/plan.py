@@ -103,7 +103,8 @@ class Plan:
         head.add_column()
         rows = [("environment", self.environment.summary()), ("dense layers", self.dense.label())]
         if experts:
-            pad = f"tokens per expert padded to {self.experts.alignment}" if self.experts.alignment > 1 else "no padding"
+            align = self.experts.alignment
+            pad = f"tokens per expert padded to {align}" if align > 1 else "no padding"
             rows.append(("experts", f"{self.experts.label()} ({pad})"))
         rows += [("ladder", " -> ".join(r.label() for r in self.ladder)),
                  ("attention", "TE fused" if self.fused_attention else "model's own")]
