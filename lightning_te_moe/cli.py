@@ -235,28 +235,28 @@ def plugin_options_help(width: int = 100) -> str:
     takes a class): name, allowed values, default, and the docstring's description."""
     from docstring_parser import parse
 
-    from .plugin import TEMoEPrecision
+    from .plugin import TEMoEPrecision, TERecipe
 
     docs = {p.arg_name: " ".join(p.description.split()) for p in parse(TEMoEPrecision.__doc__ or "").params}
     hints = typing.get_type_hints(TEMoEPrecision.__init__)
     lines = ["lightning-te-moe precision plugin options (under trainer.plugins, as in the example config:",
              "  plugins: [{class_path: lightning_te_moe.TEMoEPrecision, init_args: {recipe: auto, ...}}]):"]
     for name, param in inspect.signature(TEMoEPrecision).parameters.items():
-        lines += textwrap.wrap(f"{name}: {_values(hints[name])} (default: {param.default})", width,
+        lines += textwrap.wrap(f"{name}: {_values(hints[name], TERecipe)} (default: {param.default})", width,
                                initial_indent="  ", subsequent_indent=" " * 6)
         lines += textwrap.wrap(docs.get(name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines) + "\n"
 
 
-def _values(hint: Any) -> str:
-    """Allowed values of a plugin argument, briefly."""
+def _values(hint: Any, python_only: type) -> str:
+    """Allowed values of a plugin argument, briefly (leaving out ``python_only``, a type YAML cannot give)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return " | ".join(str(a) for a in args)
     if origin is typing.Union:
-        return " | ".join(_values(a) for a in args if a is not type(None) and a.__name__ != "TERecipe")
+        return " | ".join(_values(a, python_only) for a in args if a not in (type(None), python_only))
     if origin is list:
-        return f"list of [{_values(args[0])}]"
+        return f"list of [{_values(args[0], python_only)}]"
     if dataclasses.is_dataclass(hint):
         return f"{hint.__name__} fields: " + ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(hint))
     return "true | false" if hint is bool else hint.__name__

@@ -73,6 +73,23 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_resume_continues(tmp_path, caps
     assert resumed[-1]["step"] == 5 and resumed[-1]["reason"].startswith("resumed on rung 0")
 
 
+def test_ctrl_c_without_an_interrupt_checkpoint_points_to_last_ckpt(tmp_path, capsys, sigint_handler):
+    config = main_job_config(tmp_path, max_steps=8, limit_val_batches=0, enable_progress_bar=False)
+    config["trainer"]["callbacks"] = [  # ModelCheckpoint only, every 2 steps; Ctrl-C at step 5
+        {**config["trainer"]["callbacks"][0], "init_args": {**config["trainer"]["callbacks"][0]["init_args"],
+                                                            "every_n_train_steps": 2}},
+        {"class_path": "cli_support.CtrlCAt", "init_args": {"step": 5}}]
+    path = _write(tmp_path, config)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(path)])
+    assert exc.value.code == 130
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    err = capsys.readouterr().err
+    assert f"[lightning-te-moe] interrupted at step 5; the newest checkpoint is {last}" in err
+    assert f"resume with: lightning-te-moe fit --config {path} --ckpt_path {last}" in err
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+
+
 def test_resume_command_replaces_an_earlier_ckpt_path():
     argv = ["fit", "--config", "a b.yaml", "--ckpt_path", "old.ckpt", "--trainer.max_steps=9"]
     assert resume_command(argv, "runs/x/interrupted.ckpt") == (
