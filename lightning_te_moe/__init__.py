@@ -10,6 +10,7 @@ from .experts import (
                      unswap_experts,
 )
 from .guard import DivergenceError, DivergenceGuard, GuardConfig
+from .interrupt import InterruptCheckpoint
 from .plugin import TEMoEPrecision
 from .policy import (
                      RECIPE_NAMES,
@@ -23,6 +24,7 @@ from .policy import (
                      make_plan,
                      probe_environment,
 )
+from .progress import TextProgressBar
 
 __all__ = [
     "RECIPE_NAMES",
@@ -33,6 +35,7 @@ __all__ = [
     "ExpertSwapConfig",
     "GroupedExperts",
     "GuardConfig",
+    "InterruptCheckpoint",
     "Plan",
     "PlanError",
     "PrecisionRequest",
@@ -40,6 +43,7 @@ __all__ = [
     "RecipeSpec",
     "Rung",
     "TEMoEPrecision",
+    "TextProgressBar",
     "make_plan",
     "probe_environment",
     "register_adapter",

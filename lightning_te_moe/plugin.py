@@ -24,7 +24,8 @@ from .policy import (
     make_plan,
     probe_environment,
 )
-from .policy.recipes import RecipeName, spec_from_te_recipe
+from .policy.recipes import RECIPE_NAMES, RecipeName, spec_from_te_recipe
+from .validation import check_bool, check_choice, check_positive_int, check_recipe_names, dataclass_from
 
 RecipeChoice = Literal["auto", "bf16", "fp16", "fp32", "fp8_delayed", "fp8_current", "fp8_block", "mxfp8", "nvfp4"]
 
@@ -67,7 +68,8 @@ class TEMoEPrecision(Precision):
             embeddings and layers TE cannot run stay as they are, with the reason (docs/dense.md).
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
-        guard_config: the guard's thresholds and limits (defaults: :class:`~lightning_te_moe.guard.config.GuardConfig`).
+        guard_config: the guard's thresholds and limits: a :class:`~lightning_te_moe.guard.config.GuardConfig`, or a
+            dict of its fields (converted, so Python and YAML take the same form; an unknown field is an error).
         autotune: with ``recipe="auto"`` on a GPU with TE, time the recipes the plan allows on the model's
             largest swapped experts module at the first training step and start on the fastest (the timings
             are a recorded decision); otherwise the rule-based plan stands.
@@ -96,20 +98,21 @@ class TEMoEPrecision(Precision):
         autotune: bool = False,
         autotune_tokens: int = 16384,
     ) -> None:
-        if not isinstance(recipe, str):
-            spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
-        self.request = PrecisionRequest(recipe=recipe, allow=tuple(allow or ()), deny=tuple(deny or ()),
-                                        auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability, strict=strict,
-                                        params_dtype=params_dtype)
+        _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
+                         strict=strict, print_plan=print_plan, swap_experts=swap_experts,
+                         cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention, guard=guard,
+                         autotune=autotune)
+        self.request = PrecisionRequest(recipe=recipe, allow=check_recipe_names(_OWNER, "allow", allow),
+                                        deny=check_recipe_names(_OWNER, "deny", deny), auto_nvfp4=auto_nvfp4,
+                                        prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
-        if autotune_tokens < 1:
-            raise ValueError(f"autotune_tokens must be a positive number of tokens, got {autotune_tokens}")
-        self.autotune_tokens = autotune_tokens
+        self._plan_printed = False
+        self.autotune_tokens = check_positive_int(_OWNER, "autotune_tokens", autotune_tokens, "tokens")
         self._autotune_pending = autotune
         self._model: Optional[torch.nn.Module] = None
         self.guard_enabled = guard
-        self.guard_config = guard_config or GuardConfig()
+        self.guard_config = dataclass_from(_OWNER, "guard_config", guard_config, GuardConfig) or GuardConfig()
         self.guard: Optional[DivergenceGuard] = None
         self._guard_state: Optional[dict[str, Any]] = None
         self._sinks_trainer: Any = None
@@ -163,9 +166,6 @@ class TEMoEPrecision(Precision):
         self.decisions.record("plan", f"start on {plan.ladder[0].label()}; ladder {plan.summary()}",
                               to=plan.ladder[0].label(), rule="policy",
                               evidence={"reasons": [r.to_dict() for r in plan.reasons]})
-        if self.print_plan:
-            print_rank_zero(plan.render())
-            rank_zero_info(f"[lightning-te-moe] plan: {plan.summary()}")
 
     def _sync_precision_label(self) -> None:
         assert self.state is not None
@@ -179,6 +179,8 @@ class TEMoEPrecision(Precision):
         self._trainer = trainer
         self._model = module
         if self.state is None:
+            if trainer is not None and trainer.ckpt_path:  # resuming: the checkpoint's history may replace the
+                self.decisions.hold()                      # setup records (on_load_checkpoint decides)
             device = trainer.strategy.root_device if trainer is not None else _default_device()
             compiled = bool(compiled_modules(module))
             plan = self.make_plan(device, torch_compile=compiled)
@@ -193,6 +195,8 @@ class TEMoEPrecision(Precision):
                 self.decisions.record("swap", summary, rule="swap", evidence=details)
         if trainer is not None:
             self._attach_to(trainer)
+        if self.print_plan and not self._plan_printed:
+            self._print_plan(module)
         self._cast_parameters(module)
         return module
 
@@ -215,6 +219,15 @@ class TEMoEPrecision(Precision):
             for name, buffer in buffer_owner.named_buffers(recurse=False):
                 if buffer.is_floating_point() and buffer.dtype != self.params_dtype:
                     setattr(buffer_owner, name, buffer.to(self.params_dtype))
+
+    def _print_plan(self, module: torch.nn.Module) -> None:
+        """The plan table (rank 0), after the swaps: the experts row only where the model has swapped experts."""
+        from .experts import GroupedExperts
+
+        assert self.state is not None
+        self._plan_printed = True
+        print_rank_zero(self.state.plan.render(experts=any(isinstance(m, GroupedExperts) for m in module.modules())))
+        rank_zero_info(f"[lightning-te-moe] plan: {self.state.plan.summary()}")
 
     def _attach_to(self, trainer: Any) -> None:
         """Decision sinks for this Trainer, and the guard callback (before checkpointing callbacks, so a
@@ -307,6 +320,8 @@ class TEMoEPrecision(Precision):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_step = int(checkpoint.get("global_step", 0))
+        if type(self).__qualname__ not in checkpoint:  # Lightning's key: no history will replace the setup's
+            self.decisions.release()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the checkpoint's plan and rung, unless this run's precision arguments or machine differ.
@@ -377,6 +392,25 @@ def _changed_arguments(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, 
 
     return {k: (saved[k], now[k]) for k in _PLAN_ARGUMENTS
             if k in saved and norm(k, saved[k]) != norm(k, now[k])}
+
+
+_OWNER = "TEMoEPrecision"
+_PARAMS_DTYPES = ("float32", "bfloat16")
+
+
+def _check_arguments(recipe: Any, params_dtype: Any, **flags: Any) -> None:
+    """The constructor's checks that need no state: one clear error per bad argument, before anything is built."""
+    if isinstance(recipe, str):
+        check_choice(_OWNER, "recipe", recipe, ("auto", *RECIPE_NAMES), " (or a TE recipe object)")
+    else:
+        try:
+            spec_from_te_recipe(recipe)  # fail now, with the supported types, not at setup
+        except ValueError as err:
+            raise ValueError(f"{_OWNER}(recipe={type(recipe).__name__}(...)): {err}") from None
+    check_choice(_OWNER, "params_dtype", params_dtype, _PARAMS_DTYPES,
+                 " (the dtype of the parameters and the optimizer state: every recipe computes from FP32 or BF16)")
+    for name, value in flags.items():
+        check_bool(_OWNER, name, value)
 
 
 def _default_device() -> torch.device:

@@ -217,3 +217,134 @@ def test_unknown_5x_experts_keep_their_own_activation(flags: dict, activation: s
     assert len(report.swapped) == 1 and report.swapped[0].activation.startswith(activation)
     x, idx, w = torch.randn(11, 16) * 3, torch.randint(0, 4, (11, 2)), torch.rand(11, 2)
     assert rel_err(swapped["experts"](x, idx, w), ref["experts"](x, idx, w)) <= 1e-5
+
+
+def _sparsemixer(scores: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers 4.x PhiMoE's routing (inference path): top-1 by masked softmax, then top-1 of the rest."""
+    weights, chosen, masked = [], [], scores
+    for _ in range(2):
+        with torch.no_grad():
+            top, index = masked.max(dim=-1, keepdim=True)
+            factor = scores.abs().clamp(min=top)
+            far = ((top - scores) / factor) > (2 * jitter_eps)
+        gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+        weights.append(gates.gather(dim=-1, index=index))
+        chosen.append(index)
+        masked = torch.scatter(masked, -1, index, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(chosen, dim=-1)
+
+
+class PhimoeSparseMoeBlock4x(SparseMoeBlock4x):
+    """A PhiMoE-shaped 4.x block: Mixtral's attributes (gate, experts of w1/w2/w3, top_k), sparsemixer routing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router_jitter_noise = 0.01
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, hidden = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden)
+        router_logits = self.gate(hidden_states)
+        routing_weights, selected = _sparsemixer(router_logits, self.router_jitter_noise)
+        final = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            token, slot = torch.where(selected == e)
+            final.index_add_(0, token, self.experts[e](hidden_states[token]) * routing_weights[token, slot, None])
+        return final.reshape(batch, seq, hidden), router_logits
+
+
+class HiddenOnlyBlock4x(SparseMoeBlock4x):
+    """Mixtral's routing, but returns the hidden states alone (no router logits)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(hidden_states)[0]
+
+
+def _wrapped(block: nn.Module) -> nn.Module:
+    return nn.ModuleDict({"moe": block})
+
+
+def test_4x_block_with_other_routing_stays_with_a_reason() -> None:
+    torch.manual_seed(0)
+    model = _wrapped(PhimoeSparseMoeBlock4x())
+    x = torch.randn(2, 7, 32)
+    before = model["moe"](x)[0]
+    report = swap_experts(model)
+    assert not report.swapped and type(model["moe"]) is PhimoeSparseMoeBlock4x
+    (entry,) = report.entries
+    assert entry.status == "not swappable" and entry.adapter == "transformers-4-modulelist"
+    assert entry.reason.startswith("PhimoeSparseMoeBlock4x routes differently from softmax -> top-2 -> renormalise:"
+                                   " on probe tokens its output differs from ours by")
+    assert torch.equal(model["moe"](x)[0], before)  # left whole, weights and all
+    # what a swap would have done: Mixtral's routing on this block moves the output far beyond rounding
+    ours = ModuleListMoEBlock(model["moe"], _LoopExperts(model["moe"].experts))
+    assert rel_err(ours(x)[0], before) > 0.05
+
+
+class _LoopExperts(nn.Module):
+    def __init__(self, experts: nn.ModuleList) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out.index_add_(0, token, expert(x[token]) * w[token, slot, None])
+        return out
+
+
+def test_mixtral_4x_block_is_verified_then_swapped_and_other_shapes_stay() -> None:
+    torch.manual_seed(0)
+    report = swap_experts(nn.ModuleDict({"mixtral": SparseMoeBlock4x(), "qwen2": SparseMoeBlock4x(qwen=True),
+                                         "hidden_only": HiddenOnlyBlock4x()}))
+    assert sorted(e.path for e in report.swapped) == ["mixtral", "qwen2"]
+    (kept,) = report.by_status("not swappable")
+    assert kept.path == "hidden_only" and kept.reason == (
+        "HiddenOnlyBlock4x.forward does not return (hidden_states, router_logits) shaped like the 4.x Mixtral block's")
+
+
+def test_4x_block_on_the_meta_device_stays_until_its_weights_are_loaded() -> None:
+    with torch.device("meta"):
+        model = _wrapped(SparseMoeBlock4x())
+    (entry,) = swap_experts(model).entries
+    assert entry.status == "not swappable" and "on the meta device: its routing cannot be checked" in entry.reason
+
+
+def test_one_frozen_expert_keeps_the_module_as_it_is() -> None:
+    model = Model4x(qwen=False)
+    model.layers[0].experts[2].requires_grad_(False)
+    report = swap_experts(model)
+    assert [e.path for e in report.swapped] == ["layers.1"]
+    (kept,) = report.by_status("not swappable")
+    assert kept.path == "layers.0" and kept.reason.startswith("2.w1.weight, 2.w3.weight frozen while")
+    assert "grouped fc1.weight train; a grouped weight has one requires_grad" in kept.reason
+    assert type(model.layers[0]) is SparseMoeBlock4x
+    trainable = [p.requires_grad for e in model.layers[0].experts for p in e.parameters()]
+    assert trainable.count(False) == 3 and trainable.count(True) == 3 * 5  # nothing else was frozen
+
+
+def test_frozen_gate_up_with_trainable_down_keeps_each_flag_and_gradient() -> None:
+    from experts_helpers import original_layout_grads, tiny_model
+
+    ref = tiny_model("gpt_oss")
+    for module in ref.modules():
+        if type(module).__name__ == "GptOssExperts":
+            module.gate_up_proj.requires_grad_(False)
+    model = copy.deepcopy(ref)
+    assert len(swap_experts(model).swapped) == 2
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    assert all(not m.fc1.weight.requires_grad and m.fc2.weight.requires_grad for m in experts)
+    assert all(m.fc1.bias.requires_grad and m.fc2.bias.requires_grad for m in experts)
+    ids = torch.randint(0, 64, (2, 9))
+    for m in (ref, model):
+        m(input_ids=ids).logits.square().mean().backward()
+    theirs = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None and "experts" in n}
+    ours = original_layout_grads(model)
+    assert sorted(k.rsplit(".", 1)[-1] for k in theirs) == sorted(["down_proj", "down_proj_bias",
+                                                                   "gate_up_proj_bias"] * 2)
+    for name, grad in theirs.items():
+        assert rel_err(ours[name], grad) <= 1e-5, name
+    assert unswap_experts(model) == 2
+    restored = [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
+    assert all(not m.gate_up_proj.requires_grad and m.down_proj.requires_grad for m in restored)

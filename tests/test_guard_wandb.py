@@ -1,8 +1,10 @@
 """W&B in offline mode: the run file holds the plan in the config, the decisions table, the level metric,
-the alerts and the summary fields. The ``.wandb`` file is read back with a small log-format reader."""
+the alerts and the summary fields. The ``.wandb`` file is read back with a small log-format reader, once wandb's
+service process has written the run's exit record (``wandb.finish()`` can return before the file is complete)."""
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +29,8 @@ def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             pos += BLOCK - pos % BLOCK
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 or pos + 7 + length > len(data):  # zero padding, or a record still being written
+            return
         buf += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
@@ -34,6 +38,19 @@ def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             record.ParseFromString(buf)
             buf = b""
             yield record
+
+
+def finished_run(root: Path, timeout: float = 60.0) -> tuple[Path, list[wandb_internal_pb2.Record]]:
+    """The offline run directory and its records, once the run's exit record (written last) is on disk."""
+    deadline, seen = time.monotonic() + timeout, "no offline run directory"
+    while time.monotonic() < deadline:
+        for run_file in root.glob("wandb/offline-run-*/run-*.wandb"):
+            records = list(read_records(run_file))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return run_file.parent, records
+            seen = f"{len(records)} records, no exit record yet"
+        time.sleep(0.2)
+    raise AssertionError(f"wandb did not finish writing its run file under {root} in {timeout:.0f} s ({seen})")
 
 
 def items(update) -> dict:
@@ -51,9 +68,9 @@ def test_offline_run_holds_plan_table_level_alerts_summary(tmp_path: Path, monke
     trainer.fit(TinyRegression(nan_at=(40, 50)))  # a skipped batch, then a repeat: a step-down
     wandb.finish()
 
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    run_dir, records = finished_run(tmp_path)
     config, history, summary, alerts = {}, [], {}, []
-    for record in read_records(next(run_dir.glob("run-*.wandb"))):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "config":
             config.update(items(record.config.update))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lightning_te_moe import Environment, PlanError, PrecisionRequest, make_plan
@@ -222,8 +224,28 @@ def test_bad_names_are_clear_errors():
         PrecisionRequest(deny=("int8",))
     with pytest.raises(ValueError, match="compute capability must look like"):
         Environment.assume(cc="nine")
+    for unknown in ("99.9", (9, 1), 13.0):
+        with pytest.raises(ValueError, match=r"is not one of an NVIDIA GPU; known: 5\.0, .*, 12\.1 \(or 'cpu'\)"):
+            Environment.assume(cc=unknown)
     with pytest.raises(ValueError, match="not a version number"):
         Environment.assume(cc="9.0", te="two")
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_nothing_left_lists_what_this_machine_runs_not_every_name(cpu_bf16):
+    cpu = Environment.assume(cpu_bf16=cpu_bf16)
+    with pytest.raises(PlanError) as err:
+        make_plan(cpu, PrecisionRequest(allow=("fp8_current",)))
+    assert str(err.value) == ("no recipe is allowed here: this machine runs bf16, fp32, and allow=['fp8_current']"
+                              " leaves none of them")
+    with pytest.raises(PlanError, match=r"recipe 'fp8_block' cannot run here \[cpu-(bf16|fp32)\] and none of its"
+                                        r" fallbacks \(fp8_current, bf16, fp32\) is allowed: this machine runs bf16,"
+                                        r" fp32, and deny=\['bf16', 'fp32'\] leaves none of them"):
+        make_plan(cpu, PrecisionRequest(recipe="fp8_block", deny=("bf16", "fp32"), strict=False))
+    hopper = Environment.assume(cc="9.0", te="2.20.2")
+    with pytest.raises(PlanError, match=r"this machine runs bf16, fp16, fp32, fp8_delayed, fp8_current, fp8_block,"
+                                        r" and allow=\['mxfp8', 'nvfp4'\] leaves none of them"):
+        make_plan(hopper, PrecisionRequest(allow=("mxfp8", "nvfp4")))
 
 
 def test_cpu_with_native_bf16_uses_bf16():
@@ -233,8 +255,9 @@ def test_cpu_with_native_bf16_uses_bf16():
 
 def test_plan_json_round_trip():
     plan = make_plan(Environment.assume(cc="12.1", te="2.20.2"), PrecisionRequest(auto_nvfp4=True))
-    from lightning_te_moe import Plan
     import json
+
+    from lightning_te_moe import Plan
 
     again = Plan.from_dict(json.loads(plan.to_json()))
     assert again == plan
@@ -247,6 +270,15 @@ def test_rendered_table_names_every_rule():
     for reason in plan.reasons:
         assert reason.rule in text
     assert "NVTE_FUSED_ATTN=0" in text and "TE #2372" in text
+
+
+def test_rendered_table_shows_bracketed_text_and_the_experts_row_on_request():
+    plan = make_plan(Environment.assume(cc="9.0"))  # a GPU without TE: the no-te rule says how to install it
+    text = plan.render_text(width=200)
+    assert "pip install 'lightning-te-moe[te]'" in text  # rich markup would have eaten "[te]"
+    without = plan.render_text(width=200, experts=False)
+    assert re.search(r"│ experts +│", text) and not re.search(r"│ experts +│", without)
+    assert re.search(r"│ dense layers +│", without)
 
 
 def test_policy_doc_is_current():

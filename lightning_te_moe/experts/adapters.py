@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import GLU, ClampedSwiGLU, HFGate, Ungated
-from .block import ModuleListMoEBlock
+from .block import ModuleListMoEBlock, routing_mismatch
 from .layouts import FusedCodec, ModuleListCodec, WeightCodec, _interleave
 from .lora import is_tuner_layer
 from .module import GroupedExperts
@@ -103,7 +103,12 @@ _MLP_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
 class ModuleListAdapter(ExpertsAdapter):
-    """transformers 4.x sparse-MoE blocks: ``experts`` is an ``nn.ModuleList`` of gated MLPs, ``gate`` the router."""
+    """transformers 4.x sparse-MoE blocks: ``experts`` is an ``nn.ModuleList`` of gated MLPs, ``gate`` the router.
+
+    The whole block is replaced (:class:`ModuleListMoEBlock`), so it is swapped only when its routing equals
+    ours on probe tokens (:func:`~lightning_te_moe.experts.block.routing_mismatch`); otherwise it stays, with
+    the reason in the swap report.
+    """
 
     name = "transformers-4-modulelist"
 
@@ -130,6 +135,9 @@ class ModuleListAdapter(ExpertsAdapter):
 
         if not _agrees(ours, first, gate.in_features, like=gate.weight):
             raise NotSwappable(f"{type(first).__name__}.forward is not down(act_fn(gate(x)) * up(x))")
+        mismatch = routing_mismatch(module)
+        if mismatch is not None:
+            raise NotSwappable(mismatch)
         return ExpertsMatch(codec, activation, experts)
 
     def replace(self, module: nn.Module, experts: GroupedExperts) -> nn.Module:

@@ -41,6 +41,10 @@ class WeightCodec(Protocol):
 
     def keys(self) -> tuple[str, ...]: ...
 
+    def target(self, key: str) -> str:
+        """The grouped parameter (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``) ``key`` goes into."""
+        ...
+
     def decode(self, state: Mapping[str, Tensor]) -> ExpertWeights: ...
 
     def encode(self, weights: ExpertWeights) -> dict[str, Tensor]: ...
@@ -78,6 +82,10 @@ class FusedCodec:
     def keys(self) -> tuple[str, ...]:
         names = (self.up_name, "down_proj")
         return names + tuple(f"{n}_bias" for n in names) if self.bias else names
+
+    def target(self, key: str) -> str:
+        fc = "fc2" if key.startswith("down_proj") else "fc1"
+        return f"{fc}.bias" if key.endswith("_bias") else f"{fc}.weight"
 
     def decode(self, state: Mapping[str, Tensor]) -> ExpertWeights:
         w1, w2 = state[self.up_name], state["down_proj"]
@@ -119,6 +127,10 @@ class ModuleListCodec:
         params = ("weight", "bias") if self.bias else ("weight",)
         return tuple(f"{i}.{n}.{p}" for i in range(self.num_experts) for n in (self.gate, self.up, self.down)
                      for p in params)
+
+    def target(self, key: str) -> str:
+        _, name, param = key.split(".")
+        return f"{'fc2' if name == self.down else 'fc1'}.{param}"
 
     def _stack(self, state: Mapping[str, Tensor], name: str, param: str) -> Tensor:
         return torch.stack([state[f"{i}.{name}.{param}"] for i in range(self.num_experts)])

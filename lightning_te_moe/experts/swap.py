@@ -115,6 +115,9 @@ def _try_swap(model: nn.Module, path: str, module: nn.Module, adapters: Sequence
             return SwapEntry(path, name, "filtered out", "module_filter returned False", adapter.name)
         if not path:
             return SwapEntry(path, name, "not swappable", "the root module cannot be replaced in place", adapter.name)
+        mixed = _mixed_trainability(match)
+        if mixed is not None:
+            return SwapEntry(path, name, "not swappable", mixed, adapter.name)
         experts = _build(match, config, state)
         replacement = adapter.replace(module, experts)
         lora = ""
@@ -144,23 +147,39 @@ def _attach_lora(experts: GroupedExperts, chain: PeftChain, match: ExpertsMatch,
     return lora.label()
 
 
+def _trainability(match: ExpertsMatch) -> dict[str, dict[bool, list[str]]]:
+    """For each grouped parameter, the original parameters going into it, by their ``requires_grad``."""
+    params = dict(match.holder.named_parameters())
+    found: dict[str, dict[bool, list[str]]] = {}
+    for key in match.codec.keys():
+        if key in params:
+            found.setdefault(match.codec.target(key), {}).setdefault(params[key].requires_grad, []).append(key)
+    return found
+
+
+def _mixed_trainability(match: ExpertsMatch) -> Optional[str]:
+    """Why the module must stay as it is when some of the weights one grouped parameter gathers are frozen and
+    others are not (one expert frozen, say): a grouped parameter has one ``requires_grad``."""
+    for target, by_grad in _trainability(match).items():
+        if len(by_grad) > 1:
+            frozen = by_grad[False]
+            shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+            return (f"{shown} frozen while {len(by_grad[True])} other parameter(s) going into the grouped {target}"
+                    " train; a grouped weight has one requires_grad: freeze all experts of this layer or none")
+    return None
+
+
 def _build(match: ExpertsMatch, config: ExpertSwapConfig, state: Optional[PrecisionState]) -> GroupedExperts:
     """The grouped module, with weights converted once from the holder's own state dict."""
-    params = dict(match.holder.named_parameters())
-    grads = {k: params[k].requires_grad for k in match.codec.keys() if k in params}
+    trainable = {target: next(iter(by_grad)) for target, by_grad in _trainability(match).items()}
     source = match.codec.decode(match.holder.state_dict())
     weights = ExpertWeights(*(t.detach().clone().contiguous() if t is not None else None for t in
                               (source.fc1_weight, source.fc1_bias, source.fc2_weight, source.fc2_bias)))
     experts = GroupedExperts(weights, match.activation, match.codec, backend=config.backend,
                              fp8_reason=fp8_incompatibility(weights.hidden_size, weights.intermediate_size),
                              state=state, cache_quantized_weights=config.cache_quantized_weights)
-    weight_grad = all(v for k, v in grads.items() if not k.endswith("bias"))
-    bias_grad = all(v for k, v in grads.items() if k.endswith("bias"))
-    experts.fc1.weight.requires_grad_(weight_grad)
-    experts.fc2.weight.requires_grad_(weight_grad)
-    for bias in (experts.fc1.bias, experts.fc2.bias):
-        if bias is not None:
-            bias.requires_grad_(bias_grad)
+    for target, requires_grad in trainable.items():
+        experts.get_parameter(target).requires_grad_(requires_grad)
     return experts
 
 
@@ -179,9 +198,10 @@ def unswap_experts(model: nn.Module) -> int:
         origin.holder.to_empty(device=weight.device)
         origin.holder.to(dtype=weight.dtype)
         origin.holder.load_state_dict(experts.original_state_dict(), strict=True)
+        keys = set(experts.codec.keys())
         for key, param in origin.holder.named_parameters():
-            source = experts.fc1.bias if key.endswith("bias") else weight
-            param.requires_grad_(bool(source is not None and source.requires_grad))
+            if key in keys:
+                param.requires_grad_(experts.get_parameter(experts.codec.target(key)).requires_grad)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, origin.original)
         restored += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from ..validation import check_dataclass_fields
+
 
 @dataclass(frozen=True)
 class GuardConfig:
@@ -67,6 +69,7 @@ class GuardConfig:
     on_stop: Literal["stop", "raise"] = "stop"
 
     def __post_init__(self) -> None:
+        check_dataclass_fields(self)
         for name in ("window", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GuardConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -55,6 +55,7 @@ class DecisionLog:
         self.environment = environment
         self.decisions: list[Decision] = []
         self._sinks: list[Sink] = []
+        self._held: Optional[list[Decision]] = None
 
     def add_sink(self, sink: Sink, replay: bool = True) -> None:
         """Attach a sink; with ``replay`` it first receives the decisions made so far.
@@ -64,7 +65,22 @@ class DecisionLog:
         """
         self._sinks.append(sink)
         if replay:
+            held = self._held or []
             for decision in self.decisions:
+                if not any(decision is h for h in held):
+                    sink(decision)
+
+    def hold(self) -> None:
+        """Keep decisions recorded from now on from the sinks until :meth:`release`, or until a checkpoint's
+        history replaces them (:meth:`load_state_dict`): when a run resumes, its setup records (plan, swap) are
+        superseded by the checkpoint's own, and an append-only audit file must not get them first."""
+        self._held = []
+
+    def release(self) -> None:
+        """Hand the held decisions to the sinks, in order, and stop holding."""
+        held, self._held = self._held or [], None
+        for decision in held:
+            for sink in self._sinks:
                 sink(decision)
 
     def clear_sinks(self) -> None:
@@ -76,6 +92,9 @@ class DecisionLog:
         decision = Decision(kind=kind, reason=reason, rule=rule, from_=from_, to=to, step=step, epoch=epoch,
                             evidence=dict(evidence or {}), environment=self.environment)
         self.decisions.append(decision)
+        if self._held is not None:
+            self._held.append(decision)
+            return decision
         for sink in self._sinks:
             sink(decision)
         return decision
@@ -87,8 +106,10 @@ class DecisionLog:
         return [d.to_dict() for d in self.decisions]
 
     def load_state_dict(self, records: list[dict[str, Any]]) -> None:
-        """Replace the history with a checkpoint's; sinks with a ``restore`` method get the whole history."""
+        """Replace the history with a checkpoint's (held decisions included: they never reach the sinks);
+        sinks with a ``restore`` method get the whole history."""
         self.decisions = [Decision.from_dict(r) for r in records]
+        self._held = None
         for sink in self._sinks:
             restore = getattr(sink, "restore", None)
             if restore is not None:

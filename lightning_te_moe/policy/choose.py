@@ -115,6 +115,20 @@ class _Constraints:
     def why_forbidden(self, name: str, experts: bool = False) -> Optional[Reason]:
         return self.forbidden.get(name) or (self.experts_forbidden.get(name) if experts else None)
 
+    def runs_here(self, experts: bool = False) -> list[str]:
+        """The recipes this machine runs, whatever ``allow=``/``deny=`` say (request reasons are set last, so a
+        recipe both the machine and the request rule out keeps the machine's reason)."""
+        return [n for n in RECIPE_NAMES
+                if (why := self.why_forbidden(n, experts)) is None or why.rule.startswith("request.")]
+
+
+def _none_left(c: _Constraints, request: PrecisionRequest, experts: bool = False) -> str:
+    """Why nothing is left to choose: what this machine runs, and which of the request's lists ruled that out."""
+    runs = c.runs_here(experts)
+    limits = [f"{label}={list(names)}" for label, names in (("allow", request.allow), ("deny", request.deny)) if names]
+    return (f"this machine runs {', '.join(runs) or 'no recipe'}"
+            + (f", and {' with '.join(limits)} leaves none of them" if limits and runs else ""))
+
 
 def _reason(rule: Rule, env: Environment) -> Reason:
     text = rule.why
@@ -243,7 +257,8 @@ def _named(spec: RecipeSpec, env: Environment, request: PrecisionRequest, c: _Co
             reasons.append(Reason(why.rule, f"{spec.name} was requested but {why.text} Stepped down to {name}"
                                   " (strict=False).", why.ref))
             return RecipeSpec.of(name)
-    raise PlanError(f"{what} {spec.name!r} cannot run and no fallback is allowed: {why.text}")
+    raise PlanError(f"{what} {spec.name!r} cannot run here [{why.rule}] and none of its fallbacks"
+                    f" ({', '.join(STEP_DOWN[spec.name]) or 'none'}) is allowed: {_none_left(c, request, experts)}")
 
 
 def _auto_skips(name: str, request: PrecisionRequest, c: _Constraints) -> Optional[Reason]:
@@ -273,7 +288,7 @@ def _choose_auto(request: PrecisionRequest, c: _Constraints, reasons: list[Reaso
         reasons.append(Reason("auto", f"auto chose {name}: the first recipe in this device's order that is allowed",
                               c.prefer_reason.ref if c.prefer_reason else ""))
         return RecipeSpec.of(name)
-    raise PlanError("no recipe is allowed here; check allow=/deny= (valid names: " + ", ".join(RECIPE_NAMES) + ")")
+    raise PlanError(f"no recipe is allowed here: {_none_left(c, request)}")
 
 
 def _apply_settings(spec: RecipeSpec, c: _Constraints, reasons: list[Reason], user_given: bool,
@@ -313,7 +328,8 @@ def _choose_experts(env: Environment, request: PrecisionRequest, dense: RecipeSp
             reasons.append(Reason(why.rule, f"experts run {name} while dense layers run {dense.name}: {why.text}",
                                   why.ref))
             return spec
-    raise PlanError(f"no recipe is allowed for the experts: {why.text}")
+    raise PlanError(f"no recipe is allowed for the experts: {why.text} For the experts,"
+                    f" {_none_left(c, request, experts=True)}")
 
 
 def _fastest_measured(measured: ExpertLayerMeasurement, request: PrecisionRequest, c: _Constraints,

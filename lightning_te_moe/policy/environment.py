@@ -25,6 +25,15 @@ TE_CHECKS = {
 }
 
 
+#: Compute capabilities of NVIDIA GPUs (developer.nvidia.com/cuda-gpus; CUDA 13 renamed Thor's 10.1 to 11.0, both
+#: are listed). An assumed GPU must have one of these: a typo like 99.9 would otherwise plan for a GPU that
+#: does not exist. (A real device's capability is read from it and never checked against this list.)
+KNOWN_COMPUTE_CAPABILITIES: tuple[tuple[int, int], ...] = (
+    (5, 0), (5, 2), (5, 3), (6, 0), (6, 1), (6, 2), (7, 0), (7, 2), (7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (9, 0),
+    (10, 0), (10, 1), (10, 3), (11, 0), (12, 0), (12, 1),
+)
+
+
 def parse_version(text: Optional[str]) -> Optional[Version]:
     """A comparable version, or None for a missing one. Local tags (``+cu130``) are dropped."""
     if text is None:
@@ -149,12 +158,17 @@ def _parse_cc(cc: Optional[str | float | tuple[int, int]]) -> Optional[tuple[int
     if cc is None or (isinstance(cc, str) and cc.lower() == "cpu"):
         return None
     if isinstance(cc, tuple):
-        return int(cc[0]), int(cc[1])
-    text = str(cc)
-    major, _, minor = text.partition(".")
-    if not (major.isdigit() and (minor.isdigit() or minor == "")) or len(minor) > 1:
-        raise ValueError(f"compute capability must look like '9.0' or '12.1' (or 'cpu'), got {cc!r}")
-    return int(major), int(minor or 0)
+        capability = int(cc[0]), int(cc[1])
+    else:
+        major, _, minor = str(cc).partition(".")
+        if not (major.isdigit() and (minor.isdigit() or minor == "")) or len(minor) > 1:
+            raise ValueError(f"compute capability must look like '9.0' or '12.1' (or 'cpu'), got {cc!r}")
+        capability = int(major), int(minor or 0)
+    if capability not in KNOWN_COMPUTE_CAPABILITIES:
+        known = ", ".join(f"{a}.{b}" for a, b in KNOWN_COMPUTE_CAPABILITIES)
+        raise ValueError(f"compute capability {capability[0]}.{capability[1]} is not one of an NVIDIA GPU;"
+                         f" known: {known} (or 'cpu')")
+    return capability
 
 
 def te_installed_version() -> Optional[str]:

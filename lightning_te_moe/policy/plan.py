@@ -113,40 +113,46 @@ class Plan:
         """One line: start recipe and ladder."""
         return " -> ".join(r.label() for r in self.ladder)
 
-    def render(self) -> Any:
-        """A rich renderable: the chosen recipes, the ladder, and every reason."""
+    def render(self, experts: bool = True) -> Any:
+        """A rich renderable: the chosen recipes, the ladder, and every reason. ``experts=False`` (a model without
+        swapped MoE experts) leaves out the experts row. Every cell is plain text: rich markup would eat
+        ``[te]`` in ``pip install 'lightning-te-moe[te]'``."""
         from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         head = Table(title="lightning-te-moe precision plan", show_header=False, title_justify="left")
         head.add_column(style="bold")
         head.add_column()
-        head.add_row("environment", self.environment.summary())
-        head.add_row("dense layers", self.dense.label())
+        rows = [("environment", self.environment.summary()), ("dense layers", self.dense.label())]
         start = self.ladder[0]
-        pad = f"tokens per expert padded to {start.experts_alignment}" if start.experts_alignment > 1 else "no padding"
-        path = f"{GEMM_PATH_TEXT[start.experts_gemm]}, " if start.experts_gemm else ""
-        head.add_row("experts", f"{self.experts.label()} ({path}{pad})")
-        head.add_row("ladder", " -> ".join(r.label() for r in self.ladder))
-        if any(r.experts_gemm for r in self.ladder):
-            head.add_row("experts GEMM", "; ".join(dict.fromkeys(r.gemm_text() for r in self.ladder)))
-        head.add_row("attention", "TE fused" if self.fused_attention else "model's own")
+        if experts:
+            align = start.experts_alignment
+            pad = f"tokens per expert padded to {align}" if align > 1 else "no padding"
+            path = f"{GEMM_PATH_TEXT[start.experts_gemm]}, " if start.experts_gemm else ""
+            rows.append(("experts", f"{self.experts.label()} ({path}{pad})"))
+        rows.append(("ladder", " -> ".join(r.label() for r in self.ladder)))
+        if experts and any(r.experts_gemm for r in self.ladder):
+            rows.append(("experts GEMM", "; ".join(dict.fromkeys(r.gemm_text() for r in self.ladder))))
+        rows.append(("attention", "TE fused" if self.fused_attention else "model's own"))
         if self.env_vars:
-            head.add_row("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items()))
+            rows.append(("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items())))
+        for name, value in rows:
+            head.add_row(Text(name), Text(value))
         why = Table(title="why", title_justify="left")
         why.add_column("rule", style="cyan", no_wrap=True)
         why.add_column("reason")
         why.add_column("reference", style="dim")
         for reason in self.reasons:
-            why.add_row(reason.rule, reason.text, reason.ref)
+            why.add_row(Text(reason.rule), Text(reason.text), Text(reason.ref))
         return Group(head, why)
 
-    def render_text(self, width: int = 120) -> str:
+    def render_text(self, width: int = 120, experts: bool = True) -> str:
         """The rendered table as plain text (logs, tests)."""
         import io
 
         from rich.console import Console
 
         console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
-        console.print(self.render())
+        console.print(self.render(experts))
         return console.export_text()
