@@ -112,7 +112,7 @@ def test_resume_on_another_kind_of_machine_keeps_this_machines_plan(tmp_path, cp
     recipe = cpu_kind[1]
     plugin = TEMoEPrecision(print_plan=False)
     _trainer(tmp_path, plugin, max_steps=1).fit(BoringModel())
-    foreign = make_plan(Environment.assume(cc="9.0", te="2.20.2"))
+    foreign = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"))
     plugin.load_state_dict({"plan": foreign.to_dict(), "rung": 1, "decisions": []})
     assert plugin.plan.summary() == recipe and plugin.state.index == 0
     last = plugin.decisions.decisions[-1]
