@@ -55,6 +55,21 @@ def prefer_grouped_mm(tokens: int, recipe: Any, native: bool) -> bool:
     return recipe is None and not native and tokens <= GROUPED_MM_MAX_TOKENS
 
 
+def grouped_mm_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """``x @ weight[e].T`` per expert block with torch's ``grouped_mm``; ``offsets``: cumulative rows per expert (int32,
+    on the device). An inner or output dimension that is not a multiple of 8 (a LoRA rank of 4) is zero-padded up to
+    one: the same products, and the padding gets zero gradients."""
+    pad = -weight.size(1) % 8
+    if pad:
+        weight = F.pad(weight, (0, 0, 0, pad))
+    inner = -weight.size(2) % 8
+    if inner:
+        weight = F.pad(weight, (0, inner))
+        x = F.pad(x, (0, inner))
+    out = F.grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=offsets)
+    return out[:, :out.size(1) - pad] if pad else out
+
+
 def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
     return grouped_mm_runs(x.device, x.dtype, weight.shape[1:])
 

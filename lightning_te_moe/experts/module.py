@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from ..policy.recipes import te_recipe_alignment
 from ..policy.state import PrecisionState
 from .activations import activation_label
-from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, grouped_mm_runs, native_grouped_gemm, prefer_grouped_mm,
-                   te_applies_bias, te_available, torch_grouped_linear)
+from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, grouped_mm_linear, grouped_mm_runs, native_grouped_gemm,
+                   prefer_grouped_mm, te_applies_bias, te_available, torch_grouped_linear)
 from .layouts import ExpertWeights, WeightCodec
 from .resident import ResidentWeights
 from .routing import Dispatch, add_expert_bias, combine, make_dispatch, permute, routed_bias
@@ -236,10 +236,12 @@ class GroupedExperts(nn.Module):
         """``h + scaling * (x_e @ A_e^T) @ B_e^T`` per expert block for each active adapter: two grouped GEMMs on the
         rows the base GEMM read (padding rows are zero and stay zero), never a ``[E, out, in]`` delta.
 
-        On the TE path they run on TE engines in the compute dtype, outside any FP8 autocast: the rank is rarely a
-        multiple of the FP8 GEMM dimension (16), and the factors train, so quantizing them every step would cost more
-        than their GEMMs (``r / in`` of the base GEMM's work) and put FP8 error into the update. The split sizes are
-        the base GEMM's: on the device where the routing kept no host copy (TE's native path)."""
+        They run in the compute dtype, outside any FP8 autocast: the rank is rarely a multiple of the FP8 GEMM
+        dimension (16), and the factors train, so quantizing them every step would cost more than their GEMMs (``r /
+        in`` of the base GEMM's work) and put FP8 error into the update. On CUDA in BF16 that is torch's grouped_mm
+        on the routing's device offsets (one launch per factor on every GEMM path, the rank zero-padded to a multiple
+        of 8; TE's native grouped GEMM fails on a rank of 16 with a misaligned address, H100, cuBLASLt 13.10);
+        elsewhere the base GEMM's own path (TE engines, or the torch loop on the CPU)."""
         if self.lora is None:
             return h
         native = use_te and (route.splits is None or native_grouped_gemm(None, x.dtype))
@@ -248,11 +250,15 @@ class GroupedExperts(nn.Module):
             import transformer_engine.pytorch as te
 
             high_precision = te.autocast(enabled=False)
+        on_grouped_mm = grouped_mm_runs(x.device, x.dtype, [x.size(1), h.size(1)])
         for factors in self.lora.adapters(name, x.dtype):
-            key = f"{name}.lora.{factors.adapter}.r{factors.A.size(1)}"
-            with high_precision:
-                low = self._gemm(f"{key}.A", LoraFactor(factors.A), x, route, use_te, native=native)
-                up = self._gemm(f"{key}.B", LoraFactor(factors.B), low, route, use_te, native=native)
+            if on_grouped_mm:
+                up = grouped_mm_linear(grouped_mm_linear(x, factors.A, route.offsets), factors.B, route.offsets)
+            else:
+                key = f"{name}.lora.{factors.adapter}.r{factors.A.size(1)}"
+                with high_precision:
+                    low = self._gemm(f"{key}.A", LoraFactor(factors.A), x, route, use_te, native=native)
+                    up = self._gemm(f"{key}.B", LoraFactor(factors.B), low, route, use_te, native=native)
             h = torch.add(h, up.to(h.dtype), alpha=factors.scaling)
         return h
 

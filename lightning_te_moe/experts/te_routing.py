@@ -87,6 +87,11 @@ class FusedRouting:
         self.pad_offsets = offsets
         self._row_id_map: Optional[Tensor] = None
 
+    @property
+    def offsets(self) -> Tensor:
+        """Cumulative rows per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants them."""
+        return torch.cumsum(self.device_splits, 0).to(torch.int32)
+
     def permute(self, hidden: Tensor) -> Tensor:
         """``hidden [T, H]`` -> ``[rows, H]`` in padded expert order."""
         rows, self._row_id_map = te_permute(hidden, self.routing_map, self.rows, self.pad_offsets)

@@ -163,10 +163,10 @@ def _blocks(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     seen: list[list[int]] = []
     original = experts_module.TEGroupedGemm.__call__
 
-    def call(engine: Any, x: torch.Tensor, weight: torch.Tensor, splits: Optional[list[int]], *args: Any) -> Any:
+    def call(engine: Any, x: torch.Tensor, weight: Any, splits: Optional[list[int]], *args: Any, **kwargs: Any) -> Any:
         device_splits = args[1] if len(args) > 1 else None
         seen.append(device_splits.tolist() if engine.native else list(splits or []))
-        return original(engine, x, weight, splits, *args)
+        return original(engine, x, weight, splits, *args, **kwargs)
 
     monkeypatch.setattr(experts_module.TEGroupedGemm, "__call__", call)
     return seen

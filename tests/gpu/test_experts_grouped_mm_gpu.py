@@ -38,6 +38,7 @@ def _batch(tokens: int) -> tuple[torch.Tensor, ...]:
     return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
 
+@pytest.mark.grouped_mm
 @pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
 def test_grouped_mm_path_matches_te_and_never_syncs(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if native_grouped_gemm(None, torch.bfloat16):

@@ -61,18 +61,37 @@ def _step(model: torch.nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, t
     return out
 
 
+def _grouped_mm_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, int, bool]]:
+    """Record every adapter GEMM on torch's grouped_mm: its dtype, its weight's rows, and whether TE's FP8 was on."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    seen: list[tuple[torch.dtype, int, bool]] = []
+    original = experts_module.grouped_mm_linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        seen.append((x.dtype, weight.size(1), FP8GlobalStateManager.is_fp8_enabled()))
+        return original(x, weight, offsets)
+
+    monkeypatch.setattr(experts_module, "grouped_mm_linear", spy)
+    return seen
+
+
 @pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
 @pytest.mark.parametrize(("recipe", "rank"), [("bf16", 16), ("bf16", 4), *((r, 16) for r in fp8_recipes_here())])
-def test_lora_on_te_engines_matches_peft(arch: str, recipe: str, rank: int) -> None:
-    """Swapped (TE engines, the adapters as grouped GEMMs; rank 4 is below any GEMM alignment) vs PEFT's
-    parametrized delta on the unswapped layer: output, input and routing-weight gradients, every adapter gradient."""
+def test_lora_on_swapped_experts_matches_peft(arch: str, recipe: str, rank: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swapped (base on TE engines, the adapters as grouped GEMMs on torch's grouped_mm; rank 4, below the GEMM
+    alignment, zero-padded) vs PEFT's parametrized delta on the unswapped layer: output, input and routing-weight
+    gradients, every adapter gradient."""
     ref = _peft_layer(arch, rank)
     ours = copy.deepcopy(ref)
     assert len(swap_experts(ours, state=precision_state(recipe)).swapped) == 1
     data = _routing(999)
+    calls = _grouped_mm_calls(monkeypatch)
     want, got = _step(ref, data), _step(ours, data)
     engines = _grouped(ours)._engines
-    assert any(".lora." in key[0] for key in engines), "the adapters did not run on TE engines"
+    assert engines and not any(".lora." in key[0] for key in engines)  # the base on TE, the adapters not
+    assert len(calls) == 4 and {rows for _, rows, _ in calls} >= {rank}  # A and B of fc1 and fc2
     assert set(got) == set(want) and any("lora_B" in k for k in got)
     errors = {k: rel_err(got[k], want[k]) for k in want}
     print(arch, recipe, rank, {k: f"{v:.1e}" for k, v in errors.items()})
@@ -82,41 +101,42 @@ def test_lora_on_te_engines_matches_peft(arch: str, recipe: str, rank: int) -> N
 
 @pytest.mark.parametrize("recipe", fp8_recipes_here())
 def test_adapters_run_outside_fp8_beside_fp8_base_gemms(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under an FP8 experts recipe the base GEMMs run in FP8 and the adapter GEMMs (in or out features = rank) in
-    BF16, each engine call seeing the TE autocast state it should."""
+    """Under an FP8 experts recipe the base GEMMs run in FP8 on TE's engines and the adapter GEMMs in BF16 on
+    torch's grouped_mm (never quantized)."""
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
-    seen: list[tuple[int, int, bool]] = []
+    base: list[bool] = []
     original = experts_gemm.TEGroupedGemm.__call__
 
     def spy(engine: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        module = engine.module
-        seen.append((module.in_features, module.out_features, FP8GlobalStateManager.is_fp8_enabled()))
+        base.append(FP8GlobalStateManager.is_fp8_enabled())
         return original(engine, *args, **kwargs)
 
     monkeypatch.setattr(experts_gemm.TEGroupedGemm, "__call__", spy)
+    lora = _grouped_mm_calls(monkeypatch)
     ours = _peft_layer("gpt_oss", 16)
     swap_experts(ours, state=precision_state(recipe))
     _step(ours, _routing(512))
-    lora = {fp8 for i, o, fp8 in seen if 16 in (i, o)}
-    base = {fp8 for i, o, fp8 in seen if 16 not in (i, o)}
-    assert lora == {False} and base == {True}, seen
+    assert set(base) == {True} and len(base) == 2, base
+    assert lora and {dtype for dtype, _, _ in lora} == {torch.bfloat16}, lora
 
 
 @pytest.mark.parametrize("recipe", ["bf16", *fp8_recipes_here()])
 def test_lora_on_device_split_sizes_computes_the_same(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where TE's native grouped GEMM runs, the routing keeps no host split sizes and the adapter engines get the
-    device ones too (this image's cuBLASLt makes TE fall back to its split path on them): same outputs and grads."""
+    """Where TE's native grouped GEMM runs, the routing keeps no host split sizes and the adapters' grouped_mm reads
+    the device offsets (on a cuBLASLt below 13.4 TE falls back to its split path for the base): same outputs and
+    grads."""
     exact = _peft_layer("gpt_oss", 16)
     swap_experts(exact, state=precision_state(recipe))
     free = copy.deepcopy(exact)
     data = _routing(777, seed=2)
     a = _step(exact, data)
     monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: True)
+    calls = _grouped_mm_calls(monkeypatch)
     b = _step(free, data)
     engines = _grouped(free)._engines
     assert engines and all(engine.native for engine in engines.values())
-    assert any(".lora." in key[0] for key in engines)
+    assert len(calls) == 4  # the adapters on grouped_mm, with the routing's device offsets
     errors = {k: rel_err(b[k], a[k]) for k in a}
     print(recipe, {k: f"{v:.1e}" for k, v in errors.items()})
     assert max(errors.values()) <= (1e-3 if recipe == "bf16" else 2e-2), errors

@@ -27,7 +27,7 @@ RECIPES = [r for r in fp8_recipes_here() if r != "fp8_delayed"]  # delayed scali
 
 def _layer() -> torch.nn.Module:
     """A GPT-OSS experts layer big enough for the memory to show: 8 experts, H=I=512 (BF16: 12 MiB)."""
-    model = tiny_model("gpt_oss", hidden=512, intermediate=512, experts=8, layers=1)
+    model = tiny_model("gpt_oss", hidden=512, intermediate=512, experts=8, layers=2)
     return model.model.layers[0].mlp.experts.cuda().to(torch.bfloat16)
 
 
@@ -63,12 +63,15 @@ def test_frozen_weights_live_on_the_gpu_only_quantized(recipe: str) -> None:
         return torch.cuda.memory_allocated() - base
 
     base = torch.cuda.memory_allocated()
+    def steps(module: GroupedExperts) -> list[dict[str, torch.Tensor]]:  # results off the GPU: not counted
+        return [{k: v.cpu() for k, v in layer_step(module, *batch).items()} for _ in range(2)]
+
     _, cached, _ = _swapped(ref, recipe, resident=False)  # TE's cache beside the BF16 weights
-    want = [layer_step(cached, *batch) for _ in range(2)]
+    want = steps(cached)
     with_cache = resident_bytes(cached)
     del cached, _
     holder, held, state = _swapped(ref, recipe, resident=True)
-    got = [layer_step(held, *batch) for _ in range(2)]
+    got = steps(held)
     held_only = resident_bytes(held)
     bf16_bytes = sum(w.numel() * 2 for w in (held.fc1.weight, held.fc2.weight))
     print(recipe, "GPU bytes kept: TE cache + BF16", with_cache, "quantized only", held_only, "BF16", bf16_bytes)
