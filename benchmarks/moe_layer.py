@@ -136,6 +136,8 @@ def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
         ("HF grouped_mm", lambda base: _with_impl(base, "grouped_mm")),
         ("ours BF16 (TE GroupedLinear)", lambda base: ours(base, "bf16", "te")),
         ("ours BF16 (torch grouped_mm)", lambda base: ours(base, "bf16", "torch")),
+        ("ours BF16 (default backend: grouped_mm up to 8,192 tokens off TE's native path)",
+         lambda base: ours(base, "bf16", "auto")),
     ]
     recipes = (["fp8_delayed", "fp8_current"] if te.is_fp8_available() else []) + (
         ["fp8_block"] if te.is_fp8_block_scaling_available() else [])

@@ -117,7 +117,8 @@ class GroupedExperts(nn.Module):
             native = te_kernels and native_grouped_gemm(recipe, dtype)
             # torch's grouped_mm reads its offsets on the device too: the torch dispatch then skips the sync.
             grouped_mm = x.is_cuda and grouped_mm_runs(x.device, dtype, self._gemm_dims())
-            use_te = te_kernels and not (grouped_mm and prefer_grouped_mm(x.size(0), recipe, native))
+            auto = self.backend == "auto"  # backend="te" keeps TE's GEMMs at every size
+            use_te = te_kernels and not (auto and grouped_mm and prefer_grouped_mm(x.size(0), recipe, native))
             fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
             fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
             biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)

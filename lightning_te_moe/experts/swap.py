@@ -32,7 +32,9 @@ class ExpertSwapConfig:
     """How to swap (the torchao ``convert_to_float8_training`` style: a config plus a module filter).
 
     Args:
-        backend: ``"auto"`` (TE on CUDA when it imports, torch otherwise), ``"te"`` or ``"torch"``.
+        backend: ``"auto"`` (TE on CUDA when it imports, torch otherwise; BF16 experts off TE's native grouped GEMM
+            run torch's grouped_mm up to ``GROUPED_MM_MAX_TOKENS`` tokens a call), ``"te"`` (TE's GEMMs at every
+            size) or ``"torch"``.
         module_filter: ``(module, fully_qualified_name) -> bool``; False leaves that experts module alone.
         adapters: adapters to try, in order (default: the registered ones).
         cache_quantized_weights: under FP8, let TE keep the quantized expert weights between forwards while
