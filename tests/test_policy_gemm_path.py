@@ -120,11 +120,14 @@ def test_auto_gives_the_experts_the_fastest_measured_recipe(cublaslt: str, exper
 
 
 def test_auto_never_gives_the_experts_a_recipe_measured_slower_than_an_allowed_one() -> None:
-    """On the split path FP8 delayed (23.0 ms) beats current (30.3) and block (24.6) but not BF16 (20.0): without BF16
-    it is delayed; with prefer_stability (no delayed) block; the dense layers are unaffected."""
+    """On the split path (H100, cuBLASLt 13.1, 2026-11-27) FP8 block (22.2 ms) beats delayed (23.7) and current
+    (27.4) but not BF16 (19.6): without BF16 it is block, without block too delayed, and with prefer_stability (no
+    delayed) without BF16 and block it is current; the dense layers are unaffected."""
     env = _h100("13.1.0")
-    assert make_plan(env, PrecisionRequest(deny=("bf16",))).experts.name == "fp8_delayed"
-    assert make_plan(env, PrecisionRequest(deny=("bf16",), prefer_stability=True)).experts.name == "fp8_block"
+    assert make_plan(env, PrecisionRequest(deny=("bf16",))).experts.name == "fp8_block"
+    assert make_plan(env, PrecisionRequest(deny=("bf16", "fp8_block"))).experts.name == "fp8_delayed"
+    stable = PrecisionRequest(deny=("bf16", "fp8_block"), prefer_stability=True)
+    assert make_plan(env, stable).experts.name == "fp8_current"
     plan = make_plan(env, PrecisionRequest(deny=("bf16",)))
     assert plan.dense.name == "fp8_current" and "not allowed here: bf16" in " ".join(r.text for r in plan.reasons)
 

@@ -57,22 +57,23 @@ MEASUREMENTS: tuple[ExpertLayerMeasurement, ...] = (
         id="measured-h100-split", where=When(**_HOPPER, te_min=since("fused_permute"), cublaslt_below="13.5"),
         source="docs/performance.md (benchmarks/moe_layer.py)", date="2026-11-27", device="H100 80GB HBM3",
         te="2.20.2", cublaslt="13.1.0", tokens=16384,
-        trainable_ms={"bf16": 20.0, "fp8_delayed": 23.0, "fp8_current": 30.3, "fp8_block": 24.6},
-        frozen_ms={"bf16": 14.4, "fp8_delayed": 17.0},
-        note="TE's split path (one GEMM per expert), which every FP8 recipe takes on Hopper below cuBLASLt 13.5"
-             " (BF16 runs natively from 13.4 and measured 20.2 ms there: no faster). Same stack on 2026-11-24:"
-             " FP8 delayed 18% faster than BF16 at 65,536 tokens, at par at 16,384, every FP8 slower at 4,096."),
+        trainable_ms={"bf16": 19.6, "fp8_delayed": 23.7, "fp8_current": 27.4, "fp8_block": 22.2},
+        frozen_ms={"bf16": 14.2, "fp8_delayed": 14.1, "fp8_current": 17.2, "fp8_block": 16.1},
+        cached_ms={"fp8_delayed": 19.5, "fp8_current": 21.1, "fp8_block": 20.8},
+        note="TE's split path (one GEMM per expert), which every FP8 recipe takes on Hopper below cuBLASLt 13.5;"
+             " measured 15:51 UTC. At 65,536 tokens FP8 delayed was 18% faster than BF16 (55.3 vs 67.1 ms); at 1,024"
+             " and 4,096 tokens every FP8 recipe was 2-4x slower than BF16."),
     ExpertLayerMeasurement(
         id="measured-h100-native",
         where=When(**_HOPPER, te_min=since("native_grouped_predicate"), cublaslt_min="13.5"),
-        source="issue 11 (benchmarks/moe_layer.py)", date="2026-11-27", device="H100 80GB HBM3",
+        source="docs/performance.md (benchmarks/moe_layer.py)", date="2026-11-27", device="H100 80GB HBM3",
         te="2.20.2", cublaslt="13.10.0", tokens=16384,
-        trainable_ms={"bf16": 20.2, "fp8_current": 19.3},
-        cached_ms={"fp8_current": 16.9},
-        frozen_ms={"fp8_current": 12.8},
-        note="TE's native grouped GEMM for BF16 and FP8 current scaling. FP8 block scaling failed there (device"
-             " assertion, NaN gradients) before its experts were padded to 128 rows; FP8 delayed runs the split"
-             " path. Neither was measured on this stack."),
+        trainable_ms={"bf16": 19.1, "fp8_delayed": 21.2, "fp8_current": 18.8, "fp8_block": 19.2},
+        cached_ms={"fp8_delayed": 18.8, "fp8_current": 16.2, "fp8_block": 18.6},
+        frozen_ms={"bf16": 14.2, "fp8_delayed": 15.6, "fp8_current": 12.2, "fp8_block": 13.2},
+        note="TE's native grouped GEMM for BF16, FP8 current and FP8 block scaling (block with 128 rows per expert);"
+             " FP8 delayed runs the split path; measured 15:55 UTC. At 65,536 tokens FP8 delayed was 22% faster than"
+             " BF16 (55.0 vs 70.9 ms), FP8 current 12%."),
 )
 
 

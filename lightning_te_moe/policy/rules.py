@@ -274,12 +274,15 @@ RULES: tuple[Rule, ...] = (
     Rule("delayed-rejects-backward-override", "TE recipe.DelayedScaling (backward_override must be None)", When(),
          Effect(high_precision_backward_via={"fp8_delayed": "fp8_current"}),
          "DelayedScaling rejects backward_override: the high-precision-backward step uses current scaling."),
-    Rule("hp-backward-fp32-params", "benchmarks/hp_backward_probe.py (H100, TE 2.20.2, cuBLASLt 13.1, 2026-11-24)",
+    Rule("hp-backward-fp32-params",
+         "benchmarks/hp_backward_probe.py (H100, TE 2.20.2: cuBLASLt 13.1, 2026-11-24 and 2026-11-27; cuBLASLt"
+         " 13.10, 2026-11-27)",
          When(device="cuda", te_min="2.15", params_dtype="float32"),
          Effect(backward_override="dequantized"),
          "backward_override='high_precision' with FP32 master weights under BF16 autocast fails in te.Linear's"
-         " backward ('Unable to find suitable cuBLAS GEMM algorithm'); 'dequantized' (BF16 GEMMs on the"
-         " dequantized saved operands, no FP8 gradients) runs. Measured with cuBLASLt 13.1 only."),
+         " backward ('Unable to find suitable cuBLAS GEMM algorithm') with cuBLASLt 13.1 and with 13.10 alike (so"
+         " the rule is not gated on cuBLASLt); 'dequantized' (BF16 GEMMs on the dequantized saved operands, no FP8"
+         " gradients) runs."),
     Rule("compile-no-delayed", "TE check_recipe_support", When(torch_compile=True),
          Effect(forbid=("fp8_delayed",)),
          "DelayedScaling is rejected under torch.compile."),
