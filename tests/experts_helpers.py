@@ -116,3 +116,16 @@ def layer_step(module: nn.Module, x: Tensor, index: Tensor, weights: Tensor, gra
     out = module(x, index, weights)
     out.backward(grad)
     return {"out": out.detach().float(), "x.grad": x.grad.float(), "weights.grad": weights.grad.float()}
+
+
+def cuda_topk_routing(tokens: int, seed: int = 0, empty_from: int = 5) -> tuple[Tensor, ...]:
+    """For a layer from :func:`cuda_experts_layer` (H=64, E=8): inputs, distinct top-2 experts per token (a real
+    router's top-k) with experts ``empty_from``.. getting no token, their routing weights, and an output gradient."""
+    gen = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(tokens, 8, device="cuda", generator=gen)
+    logits[:, empty_from:] = -torch.inf
+    top, index = torch.topk(logits, 2, dim=-1)
+    grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
+

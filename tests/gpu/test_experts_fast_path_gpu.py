@@ -15,8 +15,8 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import (cuda_experts_layer, fp8_recipes_here, layer_step, original_layout_grads,  # noqa: E402
-                             precision_state, rel_err)
+from experts_helpers import (cuda_experts_layer, cuda_topk_routing, fp8_recipes_here, layer_step,  # noqa: E402
+                             original_layout_grads, precision_state, rel_err)
 
 from lightning_te_moe.experts import ExpertSwapConfig, GroupedExperts, swap_experts  # noqa: E402
 from lightning_te_moe.experts import module as experts_module  # noqa: E402
@@ -32,15 +32,6 @@ def _swap(ref: torch.nn.Module, recipe: str, **config: Any) -> tuple[torch.nn.Mo
     return holder, holder.experts
 
 
-def _topk_routing(tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Distinct experts per token (a real router's top-k); experts 5..7 get no token."""
-    gen = torch.Generator("cuda").manual_seed(seed)
-    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    logits = torch.randn(tokens, 8, device="cuda", generator=gen)
-    logits[:, 5:] = -torch.inf
-    top, index = torch.topk(logits, 2, dim=-1)
-    grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
 
 
@@ -65,7 +56,7 @@ def test_fused_path_matches_original(arch: str, recipe: str, monkeypatch: pytest
     spy = _Spy(monkeypatch)
     ref = cuda_experts_layer(arch)
     holder, swapped = _swap(ref, recipe)
-    data = _topk_routing(999)
+    data = cuda_topk_routing(999)
     want, got = layer_step(ref, *data), layer_step(swapped, *data)
     assert spy.calls == 1, "fused routing not taken"
     theirs = {**want, **{k: p.grad.float() for k, p in ref.named_parameters()}}
@@ -81,7 +72,7 @@ def test_fused_and_torch_routing_agree(recipe: str, monkeypatch: pytest.MonkeyPa
     """The same swapped layer with TE's kernels and with the torch gathers: the same function."""
     _, fused = _swap(cuda_experts_layer("gpt_oss"), recipe)
     gathers = copy.deepcopy(fused)
-    data = _topk_routing(513, seed=1)
+    data = cuda_topk_routing(513, seed=1)
     a = layer_step(fused, *data)
     monkeypatch.setattr(experts_module, "fused_permutation_available", lambda: False)
     b = layer_step(gathers, *data)
@@ -97,7 +88,7 @@ def test_repeated_expert_in_one_token_takes_one_row(monkeypatch: pytest.MonkeyPa
     spy = _Spy(monkeypatch)
     ref = cuda_experts_layer("mixtral")
     holder, swapped = _swap(ref, "bf16")
-    x, index, weights, grad = _topk_routing(64)
+    x, index, weights, grad = cuda_topk_routing(64)
     index[0, 1] = index[0, 0]
     want, got = layer_step(ref, x, index, weights, grad), layer_step(swapped, x, index, weights, grad)
     assert spy.calls == 1
@@ -110,7 +101,7 @@ def test_repeated_expert_in_one_token_takes_one_row(monkeypatch: pytest.MonkeyPa
 def test_routing_without_host_splits_never_syncs() -> None:
     """``host_splits=False`` (TE's native grouped GEMM): routing map, upper-bound permute, weighted unpermute and
     their backwards run with CUDA's sync debug mode set to error, so none of them waits on the device."""
-    x, index, weights, grad = _topk_routing(1000)
+    x, index, weights, grad = cuda_topk_routing(1000)
     x.requires_grad_(True)
     weights.requires_grad_(True)
     torch.cuda.synchronize()
@@ -138,7 +129,7 @@ def test_native_path_routing_computes_the_same_function(recipe: str, monkeypatch
     layer must compute what the host-split layer computes, outputs and every gradient."""
     _, exact = _swap(cuda_experts_layer("gpt_oss"), recipe)
     free = copy.deepcopy(exact)
-    data = _topk_routing(777, seed=2)
+    data = cuda_topk_routing(777, seed=2)
     a = layer_step(exact, *data)
     monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: True)
     b = layer_step(free, *data)
@@ -192,7 +183,7 @@ def test_native_grouped_gemm_where_te_takes_it(recipe: str, frozen: bool, monkey
     split = copy.deepcopy(native)
     for module in (ref, native, split):
         module.requires_grad_(not frozen)
-    data = _topk_routing(999, seed=4)
+    data = cuda_topk_routing(999, seed=4)
     blocks = _blocks(monkeypatch)
     want, got = layer_step(ref, *data), layer_step(native, *data)
     assert native._engines and all(engine.native for engine in native._engines.values())
@@ -242,7 +233,7 @@ def test_cached_fp8_weight_follows_the_weight_across_optimizer_steps(recipe: str
     """
     _, cached = _swap(cuda_experts_layer("gpt_oss"), recipe)
     _, fresh = _swap(cuda_experts_layer("gpt_oss"), recipe, cache_quantized_weights=False)
-    batches = [_topk_routing(256, seed=s) for s in range(2)]
+    batches = [cuda_topk_routing(256, seed=s) for s in range(2)]
     layer_step(cached, *batches[0])  # build the engines
     layer_step(fresh, *batches[0])
     cached.invalidate_quantized_weights()
@@ -299,7 +290,7 @@ def test_frozen_experts_quantized_once_and_grads_match_bf16() -> None:
     ref = cuda_experts_layer("gpt_oss")
     torch.manual_seed(0)
     base = _Block(_swap(ref, "bf16")[1])
-    x, index, _, grad = _topk_routing(777, seed=3)
+    x, index, _, grad = cuda_topk_routing(777, seed=3)
 
     def block(recipe: str, frozen: bool) -> _Block:
         b = _Block(_swap(ref, recipe)[1])
@@ -347,6 +338,6 @@ def test_native_grouped_gemm_follows_te_and_cublaslt() -> None:
     if hopper:
         assert native_grouped_gemm(None, torch.bfloat16) is (tex.get_cublasLt_version() >= 130400)
     _, swapped = _swap(cuda_experts_layer("mixtral"), "bf16")
-    layer_step(swapped, *_topk_routing(128))
+    layer_step(swapped, *cuda_topk_routing(128))
     assert swapped._engines
     assert all(engine.native == native_grouped_gemm(None, torch.bfloat16) for engine in swapped._engines.values())

@@ -14,7 +14,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import cuda_experts_layer, layer_step, precision_state, rel_err  # noqa: E402
+from experts_helpers import cuda_experts_layer, cuda_topk_routing, layer_step, precision_state, rel_err  # noqa: E402
 
 from lightning_te_moe.experts import ExpertSwapConfig, swap_experts  # noqa: E402
 from lightning_te_moe.experts import module as experts_module  # noqa: E402
@@ -28,14 +28,6 @@ def _swapped(arch: str) -> torch.nn.Module:
     return holder.experts
 
 
-def _batch(tokens: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator("cuda").manual_seed(2)
-    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    logits = torch.randn(tokens, 8, device="cuda", generator=gen)
-    logits[:, 6:] = -torch.inf  # two experts get nothing
-    top, index = torch.topk(logits, 2, dim=-1)
-    grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
 
 @pytest.mark.grouped_mm
@@ -44,7 +36,7 @@ def test_grouped_mm_path_matches_te_and_never_syncs(arch: str, monkeypatch: pyte
     if native_grouped_gemm(None, torch.bfloat16):
         pytest.skip("TE's native grouped GEMM runs BF16 on this stack: it is taken instead")
     ours = _swapped(arch)
-    batch = _batch(1000)
+    batch = cuda_topk_routing(1000, seed=2, empty_from=6)
     layer_step(ours, *batch)  # warm-up (TE's activation kernel, the allocator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -18,7 +18,8 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
 peft = pytest.importorskip("peft")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import cuda_experts_layer, fp8_recipes_here, layer_step, precision_state, rel_err  # noqa: E402
+from experts_helpers import (cuda_experts_layer, cuda_topk_routing, fp8_recipes_here, layer_step,  # noqa: E402
+                             precision_state, rel_err)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
@@ -43,15 +44,6 @@ def _grouped(model: torch.nn.Module) -> GroupedExperts:
     return next(m for m in model.modules() if isinstance(m, GroupedExperts))
 
 
-def _routing(tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Distinct experts per token; experts 5..7 get no token (empty blocks)."""
-    gen = torch.Generator("cuda").manual_seed(seed)
-    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    logits = torch.randn(tokens, 8, device="cuda", generator=gen)
-    logits[:, 5:] = -torch.inf
-    top, index = torch.topk(logits, 2, dim=-1)
-    grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
 
 def _step(model: torch.nn.Module, data: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -86,7 +78,7 @@ def test_lora_on_swapped_experts_matches_peft(arch: str, recipe: str, rank: int,
     ref = _peft_layer(arch, rank)
     ours = copy.deepcopy(ref)
     assert len(swap_experts(ours, state=precision_state(recipe)).swapped) == 1
-    data = _routing(999)
+    data = cuda_topk_routing(999)
     calls = _grouped_mm_calls(monkeypatch)
     want, got = _step(ref, data), _step(ours, data)
     engines = _grouped(ours)._engines
@@ -116,7 +108,7 @@ def test_adapters_run_outside_fp8_beside_fp8_base_gemms(recipe: str, monkeypatch
     lora = _grouped_mm_calls(monkeypatch)
     ours = _peft_layer("gpt_oss", 16)
     swap_experts(ours, state=precision_state(recipe))
-    _step(ours, _routing(512))
+    _step(ours, cuda_topk_routing(512))
     assert set(base) == {True} and len(base) == 2, base
     assert lora and {dtype for dtype, _, _ in lora} == {torch.bfloat16}, lora
 
@@ -129,7 +121,7 @@ def test_lora_on_device_split_sizes_computes_the_same(recipe: str, monkeypatch: 
     exact = _peft_layer("gpt_oss", 16)
     swap_experts(exact, state=precision_state(recipe))
     free = copy.deepcopy(exact)
-    data = _routing(777, seed=2)
+    data = cuda_topk_routing(777, seed=2)
     a = _step(exact, data)
     monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: True)
     calls = _grouped_mm_calls(monkeypatch)
