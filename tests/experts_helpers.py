@@ -129,3 +129,33 @@ def cuda_topk_routing(tokens: int, seed: int = 0, empty_from: int = 5) -> tuple[
     grad = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
+
+def gpu_fit(model: nn.Module, root: Any, seq_len: int = 64, steps: int = 30) -> tuple[Any, Any]:
+    """A next-token fit of ``model`` under the plugin's default plan on one GPU (AdamW, lr 3e-3, 8 random sequences):
+    ``(plugin, module)``, the module's ``losses`` holding each step's loss."""
+    import lightning as L
+
+    from lightning_te_moe import TEMoEPrecision
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.losses: list[float] = []
+
+        def training_step(self, batch: Tensor, _: int) -> Tensor:
+            logits = self.model(input_ids=batch[:, :-1]).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    data = torch.randint(0, 64, (8, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    plugin, module = TEMoEPrecision(), Tiny()
+    trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=root)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return plugin, module
+

@@ -16,7 +16,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import rel_err, tiny_config, tiny_model  # noqa: E402
+from experts_helpers import gpu_fit, rel_err, tiny_config, tiny_model  # noqa: E402
 
 from lightning_te_moe.attention import swap_attention  # noqa: E402
 from lightning_te_moe.attention.dispatch import SWAP_ATTR  # noqa: E402
@@ -131,33 +131,10 @@ def test_te_attention_model_no_worse_than_its_own_bf16(padded: bool) -> None:
 
 
 def test_fit_with_everything_swapped_loss_falls(tmp_path: Path) -> None:
-    import lightning as L
-
-    from lightning_te_moe import TEMoEPrecision
     from lightning_te_moe.experts import GroupedExperts
 
-    class Tiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = tiny_model("gpt_oss", hidden=256, intermediate=256, experts=8, top_k=2, layers=2)
-            self.losses: list[float] = []
-
-        def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
-            logits = self.model(input_ids=batch[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            self.losses.append(loss.item())
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=3e-3)
-
-    data = torch.randint(0, 64, (8, 129), generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
-    plugin = TEMoEPrecision()
-    module = Tiny()
-    trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=30, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    trainer.fit(module, loader)
+    plugin, module = gpu_fit(tiny_model("gpt_oss", hidden=256, intermediate=256, experts=8, top_k=2, layers=2),
+                             tmp_path, seq_len=128)
     calls = [m.__dict__[SWAP_ATTR].calls for m in module.modules() if SWAP_ATTR in m.__dict__]
     print("plan:", plugin.plan.summary(), "attention calls:", calls, "losses:", [round(v, 3) for v in module.losses[::5]])
     assert sum(isinstance(m, GroupedExperts) for m in module.modules()) == 2

@@ -18,7 +18,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import fp8_recipes_here, rel_err, tiny_config  # noqa: E402
+from experts_helpers import fp8_recipes_here, gpu_fit, rel_err, tiny_config  # noqa: E402
 
 from lightning_te_moe import TEMoEPrecision  # noqa: E402
 from lightning_te_moe.dense import TEDenseLinear, TELinearEngine, swap_dense  # noqa: E402
@@ -197,29 +197,9 @@ def test_checkpointing_recomputes_under_the_forward_recipe(recipe: str) -> None:
 
 
 def test_fit_with_gradient_checkpointing_and_dense_on_te(tmp_path: Path) -> None:
-    import lightning as L
-
-    class Tiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = _model("gpt_oss").cpu()
-            self.model.gradient_checkpointing_enable()
-            self.losses: list[float] = []
-
-        def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
-            logits = self.model(input_ids=batch[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            self.losses.append(loss.item())
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=3e-3)
-
-    data = torch.randint(0, 64, (8, 65), generator=torch.Generator().manual_seed(0))
-    plugin, module = TEMoEPrecision(), Tiny()
-    trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=30, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    model = _model("gpt_oss").cpu()
+    model.gradient_checkpointing_enable()
+    plugin, module = gpu_fit(model, tmp_path)
     swaps = [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]
     print("plan:", plugin.plan.summary(), "swaps:", swaps, "losses:", [round(v, 3) for v in module.losses[::5]])
     assert any(r.startswith("swapped 8 dense linear layer(s)") for r in swaps)

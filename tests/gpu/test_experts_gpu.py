@@ -15,7 +15,7 @@ if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine
     pytest.skip("needs CUDA and Transformer Engine", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experts_helpers import (cuda_experts_layer, fp8_recipes_here, layer_step, original_layout_grads,  # noqa: E402
+from experts_helpers import (cuda_experts_layer, fp8_recipes_here, gpu_fit, layer_step, original_layout_grads,  # noqa: E402
                              precision_state, rel_err, tiny_model)
 
 from lightning_te_moe.experts import GroupedExperts, swap_experts  # noqa: E402
@@ -85,32 +85,7 @@ def test_frozen_experts_keep_bias_grads_on_te() -> None:
 
 
 def test_short_fit_with_plugin_loss_falls(tmp_path: Path) -> None:
-    import lightning as L
-
-    from lightning_te_moe import TEMoEPrecision
-
-    class Tiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = tiny_model("gpt_oss", hidden=64, intermediate=128)
-            self.losses: list[float] = []
-
-        def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
-            logits = self.model(input_ids=batch[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            self.losses.append(loss.item())
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=3e-3)
-
-    data = torch.randint(0, 64, (8, 65), generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
-    plugin = TEMoEPrecision()
-    module = Tiny()
-    trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=30, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    trainer.fit(module, loader)
+    plugin, module = gpu_fit(tiny_model("gpt_oss", hidden=64, intermediate=128), tmp_path)
     print("plan:", plugin.plan.summary(), "losses:", [round(v, 3) for v in module.losses[::5]])
     assert sum(isinstance(m, GroupedExperts) for m in module.modules()) == 2
     assert all(math.isfinite(v) for v in module.losses)
