@@ -62,7 +62,8 @@ class GroupedExperts(nn.Module):
     multiplies the expert output after the down-projection bias, as every transformers experts class does.
     On the TE path the biases go through TE's GEMM epilogue (and its bias gradients) when the weights are
     trainable; a frozen weight with a trainable bias gets the bias added outside TE (see :mod:`.routing`),
-    since TE 2.20 drops that bias gradient. The torch backend always adds the biases outside the GEMMs.
+    since TE 2.20 drops that bias gradient. On TE's native grouped GEMM the down-projection bias is always added
+    after the combine (cheaper than TE's bias pass there). The torch backend adds the biases outside the GEMMs.
 
     ``state_dict`` is written in the original module's layout (``codec``) and either layout loads.
 
@@ -120,12 +121,14 @@ class GroupedExperts(nn.Module):
             auto = self.backend == "auto"  # backend="te" keeps TE's GEMMs at every size
             use_te = te_kernels and not (auto and grouped_mm and prefer_grouped_mm(x.size(0), recipe, native))
             fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
-            fc2_bias_in_te = use_te and te_applies_bias(self.fc2.weight, self.fc2.bias)
-            biases_outside = ((self.fc1.bias is not None and not fc1_bias_in_te)
-                              or (self.fc2.bias is not None and not fc2_bias_in_te))
+            # On TE's native path the bias is a separate pass over every row plus a bias-gradient reduction; the
+            # down-projection's is cheaper added after the combine (:func:`routed_bias`, a [T, E] @ [E, H] product).
+            fc2_bias_in_te = use_te and not native and te_applies_bias(self.fc2.weight, self.fc2.bias)
+            rows_bias_outside = self.fc1.bias is not None and not fc1_bias_in_te
+            fc2_bias_outside = self.fc2.bias is not None and not fc2_bias_in_te
             align = self._alignment(recipe, native)
             fused = None
-            if use_te and not biases_outside and x.size(0) and fused_permutation_available():
+            if use_te and not rows_bias_outside and x.size(0) and fused_permutation_available():
                 fused = fused_routing(index, weights, self.num_experts, align, host_splits=not native)
             route: Dispatch | FusedRouting
             if fused is not None:
@@ -143,12 +146,9 @@ class GroupedExperts(nn.Module):
             h = self._gemm("fc2", self.fc2, act, route, use_te, fc2_bias_in_te, recipe, native)
             h = self._lora("fc2", act, h, route, use_te)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).
-        if fused is not None:
-            out = fused.combine(h)
-        else:
-            out = combine(h, weights, route)
-            if self.fc2.bias is not None and not fc2_bias_in_te:
-                out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
+        out = fused.combine(h) if fused is not None else combine(h, weights, route)
+        if fc2_bias_outside:
+            out = out + routed_bias(self.fc2.bias, index, weights, out.dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def _gemm_dims(self) -> list[int]:
