@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import re
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -110,8 +111,9 @@ def measure(module: nn.Module, tokens: int, steps: int, warmup: int = 3) -> dict
             "step_extra_gib": (peak - before) / 2**30, "output": final, "steps": steps}
 
 
-def profile(module: nn.Module, tokens: int, path: Path) -> None:
-    """Kernel time table of a few fwd+bwd steps (where the time goes around the GEMMs)."""
+def profile(module: nn.Module, tokens: int, path: Path, steps: int = 3) -> None:
+    """Where a fwd+bwd step's time goes: wall time against summed kernel time and launches per step (a step whose
+    kernels fill less than its wall time is host-bound), then the kernels and the host ops by their time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -122,10 +124,35 @@ def profile(module: nn.Module, tokens: int, path: Path) -> None:
         module(x, index, weights).backward(grad)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
             module(x, index, weights).backward(grad)
         torch.cuda.synchronize()
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    kernel_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+    averages = prof.key_averages()
+    path.write_text(
+        f"per step: wall {wall_ms:.2f} ms (profiler on), kernels {kernel_ms:.2f} ms, {len(kernels) / steps:.0f} kernel"
+        f" launches, GPU busy {kernel_ms / wall_ms:.0%}\n\n" + idle_gaps(kernels, steps) + "\n\n"
+        + averages.table(sort_by="cuda_time_total", row_limit=40) + "\n\n"
+        + averages.table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def idle_gaps(kernels: list[Any], steps: int, top: int = 15) -> str:
+    """Where the GPU waits for the host: the idle gaps between consecutive kernels (per step, summed over the
+    kernel pair that brackets them), largest first."""
+    gaps: dict[tuple[str, str], list[float]] = {}
+    for before, after in zip(kernels, kernels[1:]):
+        gap = after.time_range.start - before.time_range.end
+        if gap > 5:
+            gaps.setdefault((before.name[:50], after.name[:50]), []).append(gap)
+    total = sum(sum(v) for v in gaps.values()) / steps / 1e3
+    lines = [f"GPU idle between kernels: {total:.2f} ms per step (gaps > 5 us)", "ms/step  count/step  before -> after"]
+    for (before, after), values in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"{sum(values) / steps / 1e3:7.3f}  {len(values) / steps:10.1f}  {before} -> {after}")
+    return "\n".join(lines)
 
 
 def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
