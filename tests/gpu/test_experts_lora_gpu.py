@@ -148,7 +148,9 @@ def test_lora_fit_with_the_plugin_default_plan(tmp_path: Path) -> None:
             self.losses.append(loss.item())
             return loss
 
-    module = Recording(hidden_size=64, intermediate_size=128, num_experts=8, lora_rank=16, lora_alpha=32, lr=1e-2,
+    # lr 3e-3 (the example's): at 1e-2 this tiny fit bounces in BF16 too (H100, cuBLASLt 13.10, 2026-11-27: last four
+    # losses 0.95x the first four in BF16, 1.02x under FP8 current; at 3e-3 0.86x under FP8 current).
+    module = Recording(hidden_size=64, intermediate_size=128, num_experts=8, lora_rank=16, lora_alpha=32, lr=3e-3,
                        warmup_steps=1)
     module.losses = []
     start = {k: v.clone() for k, v in module.state_dict().items()}
