@@ -62,6 +62,7 @@ class Implementation(NamedTuple):
     name: str
     attention: str  # transformers' attention implementation the model is built with
     recipe: Optional[str]  # the plugin's recipe; None: plain transformers
+    swap_dense: bool = True  # the plugin's swap_dense: False leaves the dense layers in BF16 (issue 15's comparison)
 
 
 IMPLEMENTATIONS = (
@@ -69,6 +70,8 @@ IMPLEMENTATIONS = (
     Implementation("eager", "transformers grouped_mm + eager attention", "eager", None),
     Implementation("plugin-default", "plugin default plan", "eager", "auto"),
     Implementation("plugin-bf16", "plugin bf16", "eager", "bf16"),
+    Implementation("plugin-default-dense-bf16", "plugin default plan, dense layers left in BF16", "eager", "auto",
+                   swap_dense=False),
 )
 BY_KEY = {impl.key: impl for impl in IMPLEMENTATIONS}
 ATTENTION_LORA = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -135,7 +138,7 @@ def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], Abstra
         return nullcontext, {}
     from lightning_te_moe import TEMoEPrecision
 
-    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False)
+    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense)
     plugin.convert_module(model)
     assert plugin.plan is not None
     return plugin.forward_context, {"plan": plugin.plan.summary(),
