@@ -86,11 +86,12 @@ def test_restore_puts_everything_back_in_place_and_reuses_host_memory() -> None:
     assert third is first and {k: t.data_ptr() for k, t in third.tensors.items()} == pointers
 
 
-def test_allocating_a_host_buffer_is_timed_apart_from_the_snapshot_and_happens_once_per_layout(
+def test_host_buffers_are_allocated_once_per_layout_for_both_copies_and_timed_apart_from_the_snapshot(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pinned allocation is slow (and, on CUDA, an implicit synchronization): it is not the snapshot's recurring cost,
-    which sets the interval. A slow allocator here: its time is ``alloc_ms``, not ``host_ms``, and a refill of the
-    same layout allocates nothing."""
+    """Pinned allocation is slow (and, on CUDA, an implicit synchronization): not the snapshot's recurring cost, which
+    sets the interval, and not in the middle of the run. A slow allocator here: its time is ``alloc_ms``, not
+    ``host_ms``; the first snapshot of a layout allocates both copies; later ones allocate nothing; buffers of an
+    older layout (before AdamW created its state) are released."""
     import time
 
     from lightning_te_moe.guard import snapshot as snapshot_module
@@ -100,19 +101,26 @@ def test_allocating_a_host_buffer_is_timed_apart_from_the_snapshot_and_happens_o
 
     def slow(nbytes: int, pinned: bool) -> torch.Tensor:
         allocations.append(nbytes)
-        time.sleep(0.3)
+        time.sleep(0.2)
         return allocate(nbytes, pinned)
 
     monkeypatch.setattr(snapshot_module, "_host_buffer", slow)
     model = LoraLike()
     optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
-    train(model, optimizer, 1)
     store = SnapshotStore()
-    first = store.capture(1, model, [optimizer], [], None, verified=True)
-    assert first.alloc_ms >= 300 and first.host_ms < 150 and first.cost_ms() == first.host_ms
+    start = store.capture(0, model, [optimizer], [], None, verified=True)  # parameters only: no AdamW state yet
+    assert len(allocations) == 2 and start.alloc_ms >= 400 and start.host_ms < 100
     train(model, optimizer, 1)
-    again = store.capture(2, model, [optimizer], [], None, verified=True)
-    assert again is first and again.alloc_ms == 0 and len(allocations) == 1
+    probe = store.capture(1, model, [optimizer], [], None, verified=False)  # AdamW's state exists: a new layout
+    assert len(allocations) == 4 and probe.alloc_ms >= 400 and probe.cost_ms() == probe.host_ms < 100
+    assert store.verify(1) and store.good is probe
+    full = probe.flat.numel()
+    assert store.nbytes == 2 * full  # the parameters-only copy is released
+    for step in (2, 3, 4):
+        train(model, optimizer, 1)
+        slot = store.capture(step, model, [optimizer], [], None, verified=False)
+        assert slot.alloc_ms == 0 and store.verify(step)
+    assert len(allocations) == 4 and store.nbytes == 2 * full
 
 
 def test_rng_states_come_back() -> None:

@@ -17,8 +17,10 @@ Everything goes back *in place*, so optimizers, DDP and FSDP keep their tensors.
 
 A snapshot's cost (:meth:`Snapshot.cost_ms`) is the host time spent issuing it plus the side stream's copy
 time, timed by events recorded on that stream after its wait for the training stream (so the step in flight
-is not counted). Allocating a layout's host buffer (pinned allocation is slow and happens once per layout) is
-timed apart, as ``alloc_ms``.
+is not counted). Allocating host buffers is timed apart, as ``alloc_ms``: pinned allocation is slow (and on CUDA
+an implicit synchronization), so it happens once per layout, for both copies at the first snapshot of that
+layout (on a fresh run: the probe after the first step, when the optimizer has created its state), and a buffer
+of an older layout is released when its snapshot is retired.
 """
 
 from __future__ import annotations
@@ -150,12 +152,13 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def place(self, sources: list[tuple[Key, torch.Tensor]]) -> float:
-        """Host tensors for ``sources``: the current ones if the layout is unchanged, else a new flat buffer.
-        Returns the milliseconds spent allocating (0 when reused)."""
+    def place(self, sources: list[tuple[Key, torch.Tensor]]) -> bool:
+        """Host tensors for ``sources``: the current ones if the layout is unchanged, else a new flat buffer
+        (returns True, the time spent allocating in ``alloc_ms``)."""
+        self.alloc_ms = 0.0
         layout = tuple((key, tuple(t.shape), t.dtype) for key, t in sources)
         if layout == self.layout:
-            return 0.0
+            return False
         offsets, total = [], 0
         for _, tensor in sources:
             offsets.append(total)
@@ -163,11 +166,11 @@ class Snapshot:
         start = time.perf_counter()
         self.flat, self.tensors = None, {}  # the old buffer goes back to the allocator first
         self.flat = _host_buffer(total, pinned=any(t.is_cuda for _, t in sources))
-        allocated = (time.perf_counter() - start) * 1e3
+        self.alloc_ms = (time.perf_counter() - start) * 1e3
         self.tensors = {key: self.flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                         for (key, t), o in zip(sources, offsets)}
         self.layout = layout
-        return allocated
+        return True
 
     def cost_ms(self) -> Optional[float]:
         """Host time issuing the snapshot (allocation excluded) plus the side-stream copy's own device time, once
@@ -268,14 +271,22 @@ class SnapshotStore:
         return out
 
     def _retire(self, slot: Optional[Snapshot], keep: Snapshot) -> None:
-        if slot is not None and slot is not keep and slot not in self._spare:
+        """``slot`` is no longer needed: a spare for the next copy, or released if of an older layout than ``keep``."""
+        if slot is not None and slot is not keep and slot not in self._spare and slot.layout == keep.layout:
             self._spare.append(slot)
 
     def _fill(self, slot: Snapshot, step: int, module: torch.nn.Module, optimizers: list[Any],
               schedulers: list[Any], scaler: Optional[Any]) -> None:
         start = time.perf_counter()
         sources = list(_live_tensors(module, optimizers, scaler))
-        slot.alloc_ms = slot.place([(key, live) for key, live, _ in sources])
+        placed = [(key, live) for key, live, _ in sources]
+        if slot.place(placed):  # a new layout: the next copy's buffer too, now rather than in the middle of the run
+            self._spare = [spare for spare in self._spare if spare.layout == slot.layout]
+            if not self._spare:
+                spare = Snapshot()
+                spare.place(placed)
+                slot.alloc_ms += spare.alloc_ms
+                self._spare.append(spare)
         side_jobs, main_jobs = [], []
         for key, live, optimizer_written in sources:
             (side_jobs if optimizer_written and live.is_cuda else main_jobs).append((slot.tensors[key], live))
