@@ -3,6 +3,7 @@ the LR schedule after a rollback, TE's delayed-scaling history, and the interval
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -379,7 +380,7 @@ def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path, monkeypatch: p
     # warm-up: the starting state, the probe after step 1, nothing else until the first check sets the interval
     assert captures[:2] == [(0, None), (1, None)] and decisions[0].step == 4
     assert not [step for step, _ in captures if 1 < step < 4]
-    assert all(step - before >= interval for (before, _), (step, interval) in zip(captures[1:], captures[2:]))
+    assert all(step - before >= interval for (before, _), (step, interval) in itertools.pairwise(captures[1:]))
     assert decisions[0].evidence["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # the probe's: Adam's state exists
     last = decisions[-1].evidence
     assert last["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # parameters, Adam moments, 5 step counters
