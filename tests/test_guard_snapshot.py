@@ -114,6 +114,7 @@ def test_host_buffers_are_allocated_once_per_layout_for_both_copies_and_timed_ap
     train(model, optimizer, 1)
     probe = store.capture(1, model, [optimizer], [], None, verified=False)  # AdamW's state exists: a new layout
     assert len(allocations) == 4 and probe.alloc_ms >= 400 and probe.cost_ms() == probe.host_ms < 100
+    allocated = start.alloc_ms + probe.alloc_ms
     assert store.verify(1) and store.good is probe
     full = probe.flat.numel()
     assert store.nbytes == 2 * full  # the parameters-only copy is released
@@ -122,6 +123,7 @@ def test_host_buffers_are_allocated_once_per_layout_for_both_copies_and_timed_ap
         slot = store.capture(step, model, [optimizer], [], None, verified=False)
         assert slot.alloc_ms == 0 and store.verify(step)
     assert len(allocations) == 4 and store.nbytes == 2 * full
+    assert store.alloc_ms == pytest.approx(allocated)
 
 
 def test_rng_states_come_back() -> None:
@@ -388,3 +390,22 @@ def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path, monkeypatch: p
     assert last["interval"] - 1 - 1e-3 <= ratio <= last["interval"] + 1e-3
     assert last["interval"] > 1 and last["cost_share"] <= 0.02
     assert plugin.guard.cadence.interval >= 1 and plugin.guard.snapshots.nbytes <= 2 * last["snapshot_bytes"] + 4096
+
+
+@pytest.mark.slow
+def test_the_full_size_benchmark_runs_and_reports_what_the_docs_need(tmp_path: Path) -> None:
+    """benchmarks/guard_snapshot.py on its small model (CPU): steps without and with the guard, the snapshot's bytes,
+    cost, interval and share, and the table for docs/divergence-guard.md."""
+    script = Path(__file__).parents[1] / "benchmarks" / "guard_snapshot.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--finetunes", "lora",
+                           "--seq", "32", "--steps", "3", "--warmup", "2", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "guard_snapshot.json").read_text())["rows"][0]
+    assert set(row["modes"]) == {"off", "guard", "every"} and "guard" not in row["modes"]["off"]
+    for mode in row["modes"].values():
+        assert mode["min_ms"] <= mode["median_ms"] <= mode["max_ms"] and len(mode["run_medians_ms"]) == 1
+    stats = row["modes"]["guard"]["guard"]
+    assert stats["snapshot_bytes"] > 0 and stats["snapshot_ms"] > 0 and stats["interval"] >= 1
+    assert stats["cost_share"] is not None and row["modes"]["every"]["restore_ms"] > 0
+    assert "| lora (bf16) |" in done.stdout

@@ -213,6 +213,7 @@ class SnapshotStore:
         self.candidate: Optional[Snapshot] = None
         self._spare: list[Snapshot] = []
         self._side: Optional[Any] = None
+        self.alloc_ms = 0.0  # spent allocating host buffers, in all
 
     @property
     def latest(self) -> Optional[Snapshot]:
@@ -287,6 +288,7 @@ class SnapshotStore:
                 spare.place(placed)
                 slot.alloc_ms += spare.alloc_ms
                 self._spare.append(spare)
+            self.alloc_ms += slot.alloc_ms
         side_jobs, main_jobs = [], []
         for key, live, optimizer_written in sources:
             (side_jobs if optimizer_written and live.is_cuda else main_jobs).append((slot.tensors[key], live))
