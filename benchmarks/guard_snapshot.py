@@ -15,11 +15,11 @@ model is built once per fine-tune and trained by one ``Trainer.fit`` per run of 
 ``off`` and ``guard`` alternate (--repeats times each; the first fits of a model run slower), then ``every`` runs
 once. Per mode: the step time (CUDA events at every batch start, so everything between two steps counts, the
 guard's hooks and snapshots included), median / min / max over the --steps steps after --warmup of each of its
-runs together, and each run's median. For the guard modes (their last run): a
-snapshot's bytes, its cost as the guard measures it (host time issuing it + the side-stream copy's device time),
-the interval and its share of step time, the pinned host memory and the time spent allocating it (once per run),
-the snapshot decisions; for ``every`` also the time of one restore. Writes guard_snapshot.json to --out and prints
-the table for docs/divergence-guard.md. About 3 minutes on one H100 at the defaults.
+runs together, and each run's median. For the guard modes (their last run): a snapshot's bytes, its cost as the
+guard measures it (host time issuing it + the side-stream copy's device time), the interval and its share of step
+time, the pinned host memory and the time spent allocating it (once per run), the snapshot decisions; for
+``every`` also the time of one restore. Writes guard_snapshot.json to --out and prints the table for
+docs/divergence-guard.md. Sized for about 4 minutes on one H100 at the defaults (not timed yet).
 
     python3 benchmarks/guard_snapshot.py --out /tmp/bench [--finetunes lora attention] [--seq 1024] [--steps 20]
     python3 benchmarks/guard_snapshot.py --tiny --out /tmp/bench     # a 2-layer small model: checks the script on a CPU
