@@ -38,7 +38,8 @@ def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) 
         measure(self, ms * (4 if torch.distributed.get_rank() == 1 else 1), nbytes)
 
     DivergenceGuard._capture = spy
-    SnapshotCadence.add_snapshot = slow_on_rank_1
+    if cadence == "adaptive":
+        SnapshotCadence.add_snapshot = slow_on_rank_1
     config = GuardConfig(snapshot_every=1 if cadence == "every" else None)
     plugin = (CpuLadderPrecision(print_plan=False, guard_config=config) if accelerator == "cpu"
               else TEMoEPrecision("bf16", print_plan=False, guard_config=config))
