@@ -18,10 +18,10 @@ backward, before the update), it stays off the host-device critical path:
   ``t + 1`` queued, so the wait never idles it.
 
 Snapshots (:mod:`.snapshot`) are taken every ``interval`` steps, chosen by :mod:`.cadence` to cost at most
-``snapshot_budget`` of step time: one of the starting state, one after the first step (whose cost sets the first
-interval at the first check, a few steps in) and none in between. The values of step ``t`` come from the weights after step ``t - 1``, so a
-snapshot of the state after step ``t`` is a *candidate* until step ``t + 1``'s values are read healthy; then
-it is the *verified* state that rollbacks and stops restore. Before a checkpoint (step-interval
+``snapshot_budget`` of step time; before the first interval is set (a few steps in) only one of the starting
+state and one after the first step, whose cost sets it. The values of step ``t`` come from the weights after
+step ``t - 1``, so a snapshot of the state after step ``t`` is a *candidate* until step ``t + 1``'s values are
+read healthy; then it is the *verified* state that rollbacks and stops restore. Before a checkpoint (step-interval
 ``ModelCheckpoint``, validation, epoch end) and at the end of training the guard reads everything pending (a
 sync), and goes back to the verified state if the newest values are already above their threshold.
 """
