@@ -1,11 +1,13 @@
 """Run by tests/test_guard_ddp.py (CPU, gloo) and tests/gpu/test_guard_gpu.py (2 GPUs, NCCL): 2-process DDP,
 NaN loss on rank 1 only at step 31.
 
-    python guard_ddp_script.py OUT_DIR [cpu|gpu] [host|late] [fused|plain]
+    python guard_ddp_script.py OUT_DIR [cpu|gpu] [host|late] [fused|plain] [every|adaptive]
 
 ``late`` reads each step's values a step late and gives the guard no way to look before the update, as on CUDA
-(on a GPU that is what happens anyway); ``fused`` uses AdamW(fused=True), which skips on the device. Each rank
-writes what it decided, the steps it lost and its final parameters to ``OUT_DIR/rank<N>.json``.
+(on a GPU that is what happens anyway); ``fused`` uses AdamW(fused=True), which skips on the device. ``every``
+snapshots after every step; ``adaptive`` lets the guard choose the interval, with rank 1's snapshots measured
+4 times slower than they are (the ranks must still snapshot at the same steps). Each rank writes what it
+decided, the steps it lost, the steps it snapshot and its final parameters to ``OUT_DIR/rank<N>.json``.
 """
 
 import json
@@ -19,12 +21,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from guard_support import CpuLadderPrecision, TinyRegression  # noqa: E402
 
 from lightning_te_moe import DivergenceGuard, GuardConfig, TEMoEPrecision  # noqa: E402
+from lightning_te_moe.guard.cadence import SnapshotCadence  # noqa: E402
 
 
-def main(out: Path, accelerator: str, reads: str, optimizer: str) -> None:
+def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) -> None:
     if reads == "late":
         DivergenceGuard._reads_late = staticmethod(lambda device: True)
-    config = GuardConfig(snapshot_every=1)
+    captures: list[int] = []
+    capture, measure = DivergenceGuard._capture, SnapshotCadence.add_snapshot
+
+    def spy(guard, trainer, pl_module, step, verified):
+        captures.append(step)
+        capture(guard, trainer, pl_module, step, verified)
+
+    def slow_on_rank_1(self, ms, nbytes):
+        measure(self, ms * (4 if torch.distributed.get_rank() == 1 else 1), nbytes)
+
+    DivergenceGuard._capture = spy
+    if cadence == "adaptive":
+        SnapshotCadence.add_snapshot = slow_on_rank_1
+    config = GuardConfig(snapshot_every=1 if cadence == "every" else None)
     plugin = (CpuLadderPrecision(print_plan=False, guard_config=config) if accelerator == "cpu"
               else TEMoEPrecision("bf16", print_plan=False, guard_config=config))
     trainer = Trainer(max_steps=60, plugins=[plugin], accelerator=accelerator, devices=2, strategy="ddp",
@@ -37,10 +53,11 @@ def main(out: Path, accelerator: str, reads: str, optimizer: str) -> None:
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
         "decisions": [[d.kind, d.step, d.from_, d.to] for d in decisions],
         "steps_lost": [d.evidence.get("steps_lost") for d in decisions if d.kind != "plan"],
-        "rung": plugin.state.index, "global_step": trainer.global_step,
+        "rung": plugin.state.index, "global_step": trainer.global_step, "captures": captures,
+        "intervals": [d.evidence["interval"] for d in plugin.decisions.decisions if d.kind == "snapshot"],
         "params": params.tolist(), "finite": bool(torch.isfinite(params).all()),
     }))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *(sys.argv[2:] + ["cpu", "host", "plain"][len(sys.argv) - 2:]))
+    main(Path(sys.argv[1]), *(sys.argv[2:] + ["cpu", "host", "plain", "every"][len(sys.argv) - 2:]))

@@ -33,3 +33,17 @@ def test_nan_on_one_rank_costs_both_ranks_the_same_steps(tmp_path: Path, reads: 
     assert ranks[0]["rung"] == ranks[1]["rung"] == 0
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 60
     assert ranks[0]["finite"] and ranks[0]["params"] == ranks[1]["params"]
+
+
+@pytest.mark.slow
+def test_ranks_with_different_snapshot_costs_agree_on_the_interval_and_snapshot_at_the_same_steps(
+        tmp_path: Path) -> None:
+    """The adaptive interval, with rank 1 measuring its snapshots 4 times slower than rank 0: both take the
+    largest proposal at the same check steps (and no snapshot at every warm-up step), so a rollback would restore
+    the same step on both."""
+    ranks = run_ddp(tmp_path, "cpu", "host", "plain", "adaptive")
+    assert ranks[0]["captures"] == ranks[1]["captures"] and ranks[0]["intervals"] == ranks[1]["intervals"]
+    assert ranks[0]["captures"][:2] == [0, 1] and 2 not in ranks[0]["captures"] and 3 not in ranks[0]["captures"]
+    assert len(ranks[0]["captures"]) > 2  # and the same steps at the agreed interval
+    assert ranks[0]["intervals"] and min(ranks[0]["intervals"]) > 1  # rank 1's proposal, on rank 0 too
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["params"] == ranks[1]["params"]

@@ -3,6 +3,7 @@ the LR schedule after a rollback, TE's delayed-scaling history, and the interval
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -14,6 +15,7 @@ import numpy
 import pytest
 import torch
 
+from lightning_te_moe import DivergenceGuard
 from lightning_te_moe.guard.cadence import HEADROOM, SnapshotCadence
 from lightning_te_moe.guard.snapshot import SnapshotStore
 
@@ -85,6 +87,45 @@ def test_restore_puts_everything_back_in_place_and_reuses_host_memory() -> None:
     assert third is first and {k: t.data_ptr() for k, t in third.tensors.items()} == pointers
 
 
+def test_host_buffers_are_allocated_once_per_layout_for_both_copies_and_timed_apart_from_the_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned allocation is slow (and, on CUDA, an implicit synchronization): not the snapshot's recurring cost, which
+    sets the interval, and not in the middle of the run. A slow allocator here: its time is ``alloc_ms``, not
+    ``host_ms``; the first snapshot of a layout allocates both copies; later ones allocate nothing; buffers of an
+    older layout (before AdamW created its state) are released."""
+    import time
+
+    from lightning_te_moe.guard import snapshot as snapshot_module
+
+    allocations = []
+    allocate = snapshot_module._host_buffer
+
+    def slow(nbytes: int, pinned: bool) -> torch.Tensor:
+        allocations.append(nbytes)
+        time.sleep(0.2)
+        return allocate(nbytes, pinned)
+
+    monkeypatch.setattr(snapshot_module, "_host_buffer", slow)
+    model = LoraLike()
+    optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
+    store = SnapshotStore()
+    start = store.capture(0, model, [optimizer], [], None, verified=True)  # parameters only: no AdamW state yet
+    assert len(allocations) == 2 and start.alloc_ms >= 400 and start.host_ms < 100
+    train(model, optimizer, 1)
+    probe = store.capture(1, model, [optimizer], [], None, verified=False)  # AdamW's state exists: a new layout
+    assert len(allocations) == 4 and probe.alloc_ms >= 400 and probe.cost_ms() == probe.host_ms < 100
+    allocated = start.alloc_ms + probe.alloc_ms
+    assert store.verify(1) and store.good is probe
+    full = probe.flat.numel()
+    assert store.nbytes == 2 * full  # the parameters-only copy is released
+    for step in (2, 3, 4):
+        train(model, optimizer, 1)
+        slot = store.capture(step, model, [optimizer], [], None, verified=False)
+        assert slot.alloc_ms == 0 and store.verify(step)
+    assert len(allocations) == 4 and store.nbytes == 2 * full
+    assert store.alloc_ms == pytest.approx(allocated)
+
+
 def test_rng_states_come_back() -> None:
     model = LoraLike()
     optimizer = torch.optim.SGD([model.a, model.b], lr=1e-2)
@@ -123,16 +164,31 @@ def test_the_lr_schedule_rejoins_the_current_step_after_a_restore() -> None:
     assert int(optimizer.state[model.a]["step"]) == 3
 
 
-def test_the_loss_scaler_comes_back() -> None:
+def test_the_loss_scaler_comes_back_and_is_copied_without_reading_it_on_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GradScaler.state_dict() reads the scale and growth tracker with .item() (a sync on CUDA): a snapshot copies
+    the two tensors instead, and its growth settings."""
     model = LoraLike()
     optimizer = torch.optim.SGD([model.a, model.b], lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    scaler.scale(torch.ones(()))  # creates the scale tensor
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     store = SnapshotStore()
-    store.capture(0, model, [optimizer], [], scaler, verified=True)
+    store.capture(0, model, [optimizer], [], scaler, verified=True)  # before the first loss: no scale tensor yet
+    scaler.scale(torch.ones(()))  # creates the scale tensor
     scaler.update(new_scale=8.0)
     store.restore(model, [optimizer], [], scaler)
     assert scaler.get_scale() == 1024.0
+    scaler._growth_tracker.fill_(2)
+    for reader in ("state_dict", "get_scale", "_get_growth_tracker"):
+        monkeypatch.setattr(scaler, reader, lambda: pytest.fail("a snapshot read the scaler on the host"))
+    store.capture(1, model, [optimizer], [], scaler, verified=True)
+    assert {key for key in store.good.tensors if key[0] == "scaler"} == {("scaler", "scale"),
+                                                                         ("scaler", "growth_tracker")}
+    monkeypatch.undo()
+    scaler.update(new_scale=8.0)
+    scaler._growth_tracker.zero_()
+    scaler.set_growth_interval(100)
+    store.restore(model, [optimizer], [], scaler)
+    assert scaler.get_scale() == 1024.0 and int(scaler._growth_tracker) == 2 and scaler.get_growth_interval() == 3
 
 
 class FakeRecipe:
@@ -209,12 +265,12 @@ def test_sharded_parameters_are_copied_and_restored_as_each_rank_s_local_shard(t
 
 def test_the_interval_keeps_snapshots_under_the_budget() -> None:
     cadence = SnapshotCadence(None, 0.02)
-    assert cadence.proposal() == 1 and cadence.stats()["cost_share"] is None  # nothing measured yet
+    assert cadence.proposal() is None and cadence.stats()["cost_share"] is None  # nothing measured yet
     for ms in (100.0, 98.0, 103.0):
         cadence.add_step(ms)
     cadence.add_snapshot(10.0, 1 << 20)
     assert cadence.proposal() == 7  # 10 ms every 5 steps of 100 ms is 2%: every 7, 1.4%, leaves room for drift
-    cadence.interval = cadence.proposal()
+    cadence.agree(cadence.proposal())
     assert cadence.cost_share() == pytest.approx(0.02 * 5 / 7) and cadence.stats()["snapshot_bytes"] == 1 << 20
     cadence.add_snapshot(0.1, 1 << 20)
     cadence.add_snapshot(0.1, 1 << 20)
@@ -227,9 +283,77 @@ def test_the_interval_keeps_snapshots_under_the_budget() -> None:
     assert fixed.proposal() == 7 and not any(fixed.check_due(s) for s in range(100))
 
 
-def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path) -> None:
-    """A model whose trainable state (25 MB) costs a large share of its step: the interval grows to keep it
-    under 2%, and the decision and metrics say so."""
+def drive(cadence: SnapshotCadence, steps: int, step_ms: float, snapshot_ms: float, start: int = 0,
+          lag: int = 1) -> list[int]:
+    """The guard's use of the cadence with fake timings: one step of ``step_ms`` after another (the first after the
+    start untimed, as the guard does), each snapshot's cost known ``lag`` steps after it is taken (as a side-stream
+    copy's on CUDA). Returns the steps after which a snapshot was taken, the start's included."""
+    cadence.start(start)
+    taken, pending = [start], [(start, snapshot_ms / 3, 1)]  # the starting state: no optimizer state yet, a third
+    for now in range(start + 1, start + steps + 1):
+        if now > start + 1:
+            cadence.add_step(step_ms)
+        while pending and pending[0][0] <= now - lag:
+            cadence.add_snapshot(*pending.pop(0)[1:])
+        if cadence.check_due(now):
+            cadence.agree(cadence.proposal())
+        if cadence.due(now):
+            taken.append(now)
+            pending.append((now, snapshot_ms, 3))
+            cadence.mark(now)
+    return taken
+
+
+def test_warm_up_takes_one_probe_not_a_snapshot_every_step_and_the_first_check_sets_the_interval() -> None:
+    """A 20B-like start: 50 ms snapshots against 100 ms steps. Before the first check only the probe after step 1
+    (the first copy with optimizer state) is taken; its cost (not the starting state's) sets the interval at step 4:
+    ceil(50 / (0.8 * 2% * 100)) = 32 steps."""
+    cadence = SnapshotCadence(None, 0.02)
+    assert drive(cadence, 130, step_ms=100.0, snapshot_ms=50.0) == [0, 1, 33, 65, 97, 129]
+    assert cadence.interval == 32 and cadence.stats()["snapshot_ms"] == 50.0 and cadence.nbytes == 3
+    assert cadence.cost_share() == pytest.approx(50 / (32 * 100)) and cadence.cost_share() <= 0.02
+    # cheap snapshots: every step from the first check on (as often as the budget allows)
+    cheap = SnapshotCadence(None, 0.02)
+    assert drive(cheap, 8, step_ms=100.0, snapshot_ms=0.1) == [0, 1, 4, 5, 6, 7, 8]
+    # a fixed interval is kept from the start, with no probe
+    assert drive(SnapshotCadence(5, 0.02), 20, step_ms=100.0, snapshot_ms=50.0) == [0, 5, 10, 15, 20]
+
+
+def test_checks_count_from_the_start_of_the_fit() -> None:
+    """A resumed fit (starting at step 1000) measures afresh: probe at 1001, first check at 1004, as on every rank."""
+    cadence = SnapshotCadence(None, 0.02)
+    drive(cadence, 10, step_ms=100.0, snapshot_ms=50.0)
+    assert drive(cadence, 40, step_ms=100.0, snapshot_ms=50.0, start=1000) == [1000, 1001, 1033]
+    cadence.start(1000)
+    assert [s for s in range(1000, 1100) if cadence.check_due(s)] == [1004, 1008, 1016, 1032, 1064]
+
+
+def test_without_a_measurement_at_a_check_there_is_still_no_interval_and_a_probe_is_due_again() -> None:
+    """A rollback restored the starting state before the probe was taken (it holds the state at step 2 from then
+    on): nothing was measured by step 4, so no interval is set and the probe is taken next."""
+    cadence = SnapshotCadence(None, 0.02)
+    cadence.start(0)
+    cadence.mark(2)  # the rollback
+    assert not cadence.due(3)
+    cadence.add_step(100.0)
+    assert cadence.check_due(4) and cadence.proposal() is None
+    cadence.agree(None)
+    assert cadence.interval is None and cadence.due(4) and cadence.stats()["interval"] is None
+    cadence.mark(4)
+    assert not cadence.due(5)
+
+
+def test_a_snapshot_of_another_size_starts_the_cost_measurements_again() -> None:
+    cadence = SnapshotCadence(None, 0.02)
+    cadence.add_snapshot(1.0, 100)  # parameters only (the optimizer has no state yet)
+    cadence.add_snapshot(3.0, 300)
+    cadence.add_snapshot(5.0, 300)
+    assert cadence.snapshot_ms == 4.0 and cadence.nbytes == 300
+
+
+def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose trainable state (25 MB) costs a large share of its step: no snapshot at every warm-up step
+    (the starting state and one probe), then an interval that keeps snapshots under 2%, and the decision says so."""
     from guard_support import CpuLadderPrecision, TinyRegression
     from lightning.pytorch import Trainer
 
@@ -241,15 +365,47 @@ def test_a_fit_snapshots_at_the_measured_interval(tmp_path: Path) -> None:
         def training_step(self, batch, batch_idx):
             return super().training_step(batch, batch_idx) + 0.0 * self.extra[:1].sum()
 
+    captures: list[tuple[int, Any]] = []  # (step, interval in force)
+    capture = DivergenceGuard._capture
+
+    def spy(guard: DivergenceGuard, trainer: Any, pl_module: Any, step: int, verified: bool) -> None:
+        captures.append((step, guard.cadence.interval))
+        capture(guard, trainer, pl_module, step, verified)
+
+    monkeypatch.setattr(DivergenceGuard, "_capture", spy)
     plugin = CpuLadderPrecision("bf16", print_plan=False)
     trainer = Trainer(max_steps=70, plugins=[plugin], accelerator="cpu", default_root_dir=tmp_path, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Heavy())
     decisions = [d for d in plugin.decisions.decisions if d.kind == "snapshot"]
     assert decisions, "the interval is a recorded decision"
+    # warm-up: the starting state, the probe after step 1, nothing else until the first check sets the interval
+    assert captures[:2] == [(0, None), (1, None)] and decisions[0].step == 4
+    assert not [step for step, _ in captures if 1 < step < 4]
+    assert all(step - before >= interval for (before, _), (step, interval) in itertools.pairwise(captures[1:]))
+    assert decisions[0].evidence["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # the probe's: Adam's state exists
     last = decisions[-1].evidence
     assert last["snapshot_bytes"] == 3 * 2_000_321 * 4 + 5 * 4  # parameters, Adam moments, 5 step counters
     ratio = last["snapshot_ms"] / (HEADROOM * 0.02 * last["step_ms"])  # the interval is its ceiling (unrounded)
     assert last["interval"] - 1 - 1e-3 <= ratio <= last["interval"] + 1e-3
     assert last["interval"] > 1 and last["cost_share"] <= 0.02
     assert plugin.guard.cadence.interval >= 1 and plugin.guard.snapshots.nbytes <= 2 * last["snapshot_bytes"] + 4096
+
+
+@pytest.mark.slow
+def test_the_full_size_benchmark_runs_and_reports_what_the_docs_need(tmp_path: Path) -> None:
+    """benchmarks/guard_snapshot.py on its small model (CPU): steps without and with the guard, the snapshot's bytes,
+    cost, interval and share, and the table for docs/divergence-guard.md."""
+    script = Path(__file__).parents[1] / "benchmarks" / "guard_snapshot.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--finetunes", "lora",
+                           "--seq", "32", "--steps", "3", "--warmup", "2", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "guard_snapshot.json").read_text())["rows"][0]
+    assert set(row["modes"]) == {"off", "guard", "every"} and "guard" not in row["modes"]["off"]
+    for mode in row["modes"].values():
+        assert mode["min_ms"] <= mode["median_ms"] <= mode["max_ms"] and len(mode["run_medians_ms"]) == 1
+    stats = row["modes"]["guard"]["guard"]
+    assert stats["snapshot_bytes"] > 0 and stats["snapshot_ms"] > 0 and stats["interval"] >= 1
+    assert stats["cost_share"] is not None and row["modes"]["every"]["restore_ms"] > 0
+    assert "| lora (bf16) |" in done.stdout

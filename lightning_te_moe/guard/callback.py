@@ -18,9 +18,10 @@ backward, before the update), it stays off the host-device critical path:
   ``t + 1`` queued, so the wait never idles it.
 
 Snapshots (:mod:`.snapshot`) are taken every ``interval`` steps, chosen by :mod:`.cadence` to cost at most
-``snapshot_budget`` of step time. The values of step ``t`` come from the weights after step ``t - 1``, so a
-snapshot of the state after step ``t`` is a *candidate* until step ``t + 1``'s values are read healthy; then
-it is the *verified* state that rollbacks and stops restore. Before a checkpoint (step-interval
+``snapshot_budget`` of step time; before the first interval is set (a few steps in) only one of the starting
+state and one after the first step, whose cost sets it. The values of step ``t`` come from the weights after
+step ``t - 1``, so a snapshot of the state after step ``t`` is a *candidate* until step ``t + 1``'s values are
+read healthy; then it is the *verified* state that rollbacks and stops restore. Before a checkpoint (step-interval
 ``ModelCheckpoint``, validation, epoch end) and at the end of training the guard reads everything pending (a
 sync), and goes back to the verified state if the newest values are already above their threshold.
 """
@@ -107,7 +108,6 @@ class DivergenceGuard(Callback):
         self.snapshots = SnapshotStore()
         self.cadence = SnapshotCadence(self.config.snapshot_every, self.config.snapshot_budget)
         self._recorded_interval: Optional[int] = None
-        self._last_capture = 0
         self._pending: deque[_Pending] = deque()
         self._lag = 0
         self._seen_step = 0
@@ -132,12 +132,13 @@ class DivergenceGuard(Callback):
         self._pending.clear()
         self._loss_sum, self._loss_count = None, 0
         self._seen_step = trainer.global_step
+        self.cadence.start(trainer.global_step)
         if self._in_memory:
             self._capture(trainer, pl_module, trainer.global_step, verified=True)
         elif not any(getattr(cb, "save_last", None) for cb in trainer.checkpoint_callbacks):
             raise ValueError("GuardConfig(restore_from='checkpoint') rolls back to last.ckpt: add"
                              " ModelCheckpoint(save_last=True) to the Trainer, or use restore_from='memory'")
-        self._clock = time.perf_counter()
+        self._clock = None  # the first step (allocations, autotuning, compilation) is not timed
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         """Each micro-batch's loss as the model computed it: Lightning's automatic optimization divided it by
@@ -337,7 +338,7 @@ class DivergenceGuard(Callback):
             self.rollbacks += 1
         if self.snapshots.good is not None:  # it is the state at `now` from here on: a later rollback loses less
             self.snapshots.good.step = now
-        self._last_capture = now
+        self.cadence.mark(now)
         lost = now - step
         what = "model, optimizer" if not self._in_memory else "trainable parameters, buffers, optimizer state, RNG"
         self.decisions.record(
@@ -424,27 +425,29 @@ class DivergenceGuard(Callback):
             self.cadence.add_snapshot(cost_ms, nbytes)
         if self.cadence.check_due(now):
             self._agree_interval(trainer, pl_module, now)
-        if (now - self._last_capture < self.cadence.interval or self.detector.in_streak
+        if (not self.cadence.due(now) or self.detector.in_streak
                 or self.snapshots.candidate is not None):  # one unverified copy at a time
             return
         self._capture(trainer, pl_module, now, verified=False)
+        self.cadence.mark(now)
 
     def _capture(self, trainer: Any, pl_module: Any, step: int, verified: bool) -> None:
         slot = self.snapshots.capture(step, pl_module, trainer.optimizers,
                                       [config.scheduler for config in trainer.lr_scheduler_configs], self.scaler,
                                       verified=verified)
-        self._last_capture = step
-        self._own_ms += slot.host_ms
+        self._own_ms += slot.host_ms + slot.alloc_ms
 
     def _agree_interval(self, trainer: Any, pl_module: Any, now: int) -> None:
         """Set the interval from the measurements; every rank takes the largest proposal (one small all-reduce at
-        the growing check steps only), so every rank snapshots at the same steps."""
+        the check steps only; 0 stands for "not measured yet"), so every rank snapshots at the same steps."""
         interval = self.cadence.proposal()
         if trainer.world_size > 1:
-            agreed = torch.tensor([float(interval)], device=pl_module.device)
+            agreed = torch.tensor([float(interval or 0)], device=pl_module.device)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-            interval = int(agreed.item())
-        self.cadence.interval = interval
+            interval = int(agreed.item()) or None
+        self.cadence.agree(interval)
+        if interval is None:
+            return
         recorded = self._recorded_interval
         if recorded is not None and recorded < 2 * interval and interval < 2 * recorded:
             return

@@ -10,8 +10,17 @@ Host tensors are reused from one snapshot to the next (pinned when the source is
 parameters and optimizer state are copied with ``non_blocking`` on a side stream that first waits for the
 training stream, and an event marks the end; the next optimizer step (the next writer of those tensors)
 waits for that event on the device, so the copy overlaps the next forward and backward and the host never
-waits. Buffers, TE's scaling state and the rest are copied on the training stream (forward writes them).
+waits: that wait is the only coupling between a snapshot and training. Buffers, TE's scaling state and the
+loss scaler's state are copied on the training stream (forward and the optimizer step write them). Nothing
+reads a device value on the host while copying (the loss scaler's scale is copied as a tensor, not read).
 Everything goes back *in place*, so optimizers, DDP and FSDP keep their tensors.
+
+A snapshot's cost (:meth:`Snapshot.cost_ms`) is the host time spent issuing it plus the side stream's copy
+time, timed by events recorded on that stream after its wait for the training stream (so the step in flight
+is not counted). Allocating host buffers is timed apart, as ``alloc_ms``: pinned allocation is slow (and on CUDA
+an implicit synchronization), so it happens once per layout, for both copies at the first snapshot of that
+layout (on a fresh run: the probe after the first step, when the optimizer has created its state), and a buffer
+of an older layout is released when its snapshot is retired.
 """
 
 from __future__ import annotations
@@ -59,6 +68,44 @@ def te_delayed_scaling(module: torch.nn.Module) -> Optional[dict[str, list[torch
     return module.get_fp8_meta_tensors()
 
 
+def _scaler_tensors(scaler: Optional[Any]) -> dict[str, torch.Tensor]:
+    """The FP16 loss scaler's scale and growth tracker, device tensors once it has scaled a loss (``_scale`` and
+    ``_growth_tracker`` in torch/amp/grad_scaler.py, updated in place); empty before, or without a scaler.
+
+    The only GradScaler internals the guard touches: its ``state_dict()`` reads both with ``.item()``, which
+    waits for the device.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return {}
+    tensors = {"scale": getattr(scaler, "_scale", None), "growth_tracker": getattr(scaler, "_growth_tracker", None)}
+    return {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+def _scaler_settings(scaler: Optional[Any]) -> Optional[dict[str, Any]]:
+    """What of the loss scaler is on the host: its growth settings, or, before its first loss, its whole state
+    (no device value exists yet, so ``state_dict()`` reads none)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    if not _scaler_tensors(scaler):
+        return {"state_dict": scaler.state_dict()}
+    return {"growth_factor": scaler.get_growth_factor(), "backoff_factor": scaler.get_backoff_factor(),
+            "growth_interval": scaler.get_growth_interval()}
+
+
+def _set_scaler_settings(scaler: Any, saved: dict[str, Any]) -> None:
+    if "state_dict" in saved:
+        scaler.load_state_dict(saved["state_dict"])
+        return
+    scaler.set_growth_factor(saved["growth_factor"])
+    scaler.set_backoff_factor(saved["backoff_factor"])
+    scaler.set_growth_interval(saved["growth_interval"])
+
+
+def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """One flat host buffer for a snapshot (pinned when a source is on a GPU)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -98,28 +145,36 @@ class Snapshot:
         self.done: Optional[Any] = None  # CUDA event at the end of the side-stream copy
         self._timer: Optional[tuple[Any, Any]] = None
         self.host_ms = 0.0
+        self.alloc_ms = 0.0
         self.reported = True
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def place(self, sources: list[tuple[Key, torch.Tensor]]) -> None:
-        """Host tensors for ``sources``: the current ones if the layout is unchanged, else a new flat buffer."""
+    def place(self, sources: list[tuple[Key, torch.Tensor]]) -> bool:
+        """Host tensors for ``sources``: the current ones if the layout is unchanged, else a new flat buffer
+        (returns True, the time spent allocating in ``alloc_ms``)."""
+        self.alloc_ms = 0.0
         layout = tuple((key, tuple(t.shape), t.dtype) for key, t in sources)
         if layout == self.layout:
-            return
+            return False
         offsets, total = [], 0
         for _, tensor in sources:
             offsets.append(total)
             total += -(-tensor.numel() * tensor.element_size() // 64) * 64  # 64-byte aligned views
-        self.flat = torch.empty(total, dtype=torch.uint8, pin_memory=any(t.is_cuda for _, t in sources))
+        start = time.perf_counter()
+        self.flat, self.tensors = None, {}  # the old buffer goes back to the allocator first
+        self.flat = _host_buffer(total, pinned=any(t.is_cuda for _, t in sources))
+        self.alloc_ms = (time.perf_counter() - start) * 1e3
         self.tensors = {key: self.flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                         for (key, t), o in zip(sources, offsets)}
         self.layout = layout
+        return True
 
     def cost_ms(self) -> Optional[float]:
-        """Host time plus the copy's device time, once the copy has finished (None before)."""
+        """Host time issuing the snapshot (allocation excluded) plus the side-stream copy's own device time, once
+        the copy has finished (None before)."""
         if self._timer is None:
             return self.host_ms
         start, end = self._timer
@@ -128,7 +183,8 @@ class Snapshot:
         return self.host_ms + start.elapsed_time(end)
 
 
-def _live_tensors(module: torch.nn.Module, optimizers: list[Any]) -> Iterator[tuple[Key, torch.Tensor, bool]]:
+def _live_tensors(module: torch.nn.Module, optimizers: list[Any],
+                  scaler: Optional[Any]) -> Iterator[tuple[Key, torch.Tensor, bool]]:
     """Every device tensor a snapshot copies: (key, live tensor, whether only an optimizer step writes it)."""
     for i, param in enumerate(trainable_parameters(module)):
         yield ("param", i), local_tensor(param.detach()), True
@@ -144,6 +200,8 @@ def _live_tensors(module: torch.nn.Module, optimizers: list[Any]) -> Iterator[tu
         for meta_key, tensors in (scaling or {}).items():
             for j, tensor in enumerate(tensors):
                 yield ("te", name, meta_key, j), tensor, False
+    for name, tensor in _scaler_tensors(scaler).items():
+        yield ("scaler", name), tensor, False
 
 
 class SnapshotStore:
@@ -155,6 +213,7 @@ class SnapshotStore:
         self.candidate: Optional[Snapshot] = None
         self._spare: list[Snapshot] = []
         self._side: Optional[Any] = None
+        self.alloc_ms = 0.0  # spent allocating host buffers, in all
 
     @property
     def latest(self) -> Optional[Snapshot]:
@@ -213,14 +272,23 @@ class SnapshotStore:
         return out
 
     def _retire(self, slot: Optional[Snapshot], keep: Snapshot) -> None:
-        if slot is not None and slot is not keep and slot not in self._spare:
+        """``slot`` is no longer needed: a spare for the next copy, or released if of an older layout than ``keep``."""
+        if slot is not None and slot is not keep and slot not in self._spare and slot.layout == keep.layout:
             self._spare.append(slot)
 
     def _fill(self, slot: Snapshot, step: int, module: torch.nn.Module, optimizers: list[Any],
               schedulers: list[Any], scaler: Optional[Any]) -> None:
         start = time.perf_counter()
-        sources = list(_live_tensors(module, optimizers))
-        slot.place([(key, live) for key, live, _ in sources])
+        sources = list(_live_tensors(module, optimizers, scaler))
+        placed = [(key, live) for key, live, _ in sources]
+        if slot.place(placed):  # a new layout: the next copy's buffer too, now rather than in the middle of the run
+            self._spare = [spare for spare in self._spare if spare.layout == slot.layout]
+            if not self._spare:
+                spare = Snapshot()
+                spare.place(placed)
+                slot.alloc_ms += spare.alloc_ms
+                self._spare.append(spare)
+            self.alloc_ms += slot.alloc_ms
         side_jobs, main_jobs = [], []
         for key, live, optimizer_written in sources:
             (side_jobs if optimizer_written and live.is_cuda else main_jobs).append((slot.tensors[key], live))
@@ -233,7 +301,7 @@ class SnapshotStore:
             "param_groups": [[{k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
                               for group in optimizer.param_groups] for optimizer in optimizers],
             "schedulers": [copy.deepcopy(s.state_dict()) for s in schedulers],
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "scaler": _scaler_settings(scaler),
             "rng": _rng_state(),
         }
         for buf, live in main_jobs:
@@ -245,13 +313,13 @@ class SnapshotStore:
             self._side.wait_stream(torch.cuda.current_stream())
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self._side):
-                begin.record()
+                begin.record(self._side)  # after the wait: the step in flight is not the copy's time
                 for buf, live in side_jobs:
                     buf.copy_(live, non_blocking=True)
-                end.record()
+                end.record(self._side)
             slot.done, slot._timer = end, (begin, end)
         slot.step = step
-        slot.host_ms = (time.perf_counter() - start) * 1e3
+        slot.host_ms = (time.perf_counter() - start) * 1e3 - slot.alloc_ms
         slot.reported = False
 
     @torch.no_grad()
@@ -266,7 +334,7 @@ class SnapshotStore:
         if now != slot.host["params"]:
             raise RuntimeError("the trainable parameters changed since the guard's snapshot (a parameter was frozen,"
                                " unfrozen or resized during training): the guard cannot roll back into this model")
-        live = {key: tensor for key, tensor, _ in _live_tensors(module, optimizers) if key[0] != "te"}
+        live = {key: tensor for key, tensor, _ in _live_tensors(module, optimizers, scaler) if key[0] != "te"}
         missing = [key for key in slot.tensors if key[0] != "te" and key not in live]
         if missing:
             raise RuntimeError(f"{missing[:3]} no longer exist since the guard's snapshot: the guard cannot roll back")
@@ -299,7 +367,7 @@ class SnapshotStore:
             modules[name].reset_fp8_meta_tensors(saved)
         rejoin_schedulers(schedulers, slot.host["schedulers"])
         if scaler is not None and slot.host["scaler"] is not None:
-            scaler.load_state_dict(slot.host["scaler"])
+            _set_scaler_settings(scaler, slot.host["scaler"])
         _set_rng_state(slot.host["rng"])
         return {"step": slot.step, "te_modules_restored": len(te_modules) - len(te_skipped),
                 "te_modules_not_restored": te_skipped}
