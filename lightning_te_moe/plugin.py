@@ -74,6 +74,9 @@ class TEMoEPrecision(Precision):
             largest swapped experts module at the first training step and start on the fastest (the timings
             are a recorded decision); otherwise the rule-based plan stands.
         autotune_tokens: tokens per timed expert-layer call (use the run's tokens per micro-batch).
+        cuda_graphs: on a CUDA plan, replay each decoder layer's training forward and backward as CUDA graphs
+            where the layer makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops
+            waiting on the host's kernel launches. Layers that synchronize run eagerly, with the reason recorded.
     """
 
     precision: str = "32-true"
@@ -97,11 +100,12 @@ class TEMoEPrecision(Precision):
         guard_config: Optional[GuardConfig] = None,
         autotune: bool = False,
         autotune_tokens: int = 16384,
+        cuda_graphs: bool = True,
     ) -> None:
         _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
                          strict=strict, print_plan=print_plan, swap_experts=swap_experts,
                          cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention, guard=guard,
-                         autotune=autotune)
+                         autotune=autotune, cuda_graphs=cuda_graphs)
         self.request = PrecisionRequest(recipe=recipe, allow=check_recipe_names(_OWNER, "allow", allow),
                                         deny=check_recipe_names(_OWNER, "deny", deny), auto_nvfp4=auto_nvfp4,
                                         prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype)
@@ -141,6 +145,10 @@ class TEMoEPrecision(Precision):
         from .recompute import recompute_for_plugin
 
         self.module_swaps.append(recompute_for_plugin)  # after the swaps: checkpointed layers recompute on TE too
+        if cuda_graphs:
+            from .graphs import install_for_plugin
+
+            self.module_swaps.append(functools.partial(install_for_plugin, decisions=self.decisions))
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self, device: torch.device, torch_compile: bool = False,
@@ -246,6 +254,14 @@ class TEMoEPrecision(Precision):
         if self.guard not in trainer.callbacks:
             checkpoints = [i for i, cb in enumerate(trainer.callbacks) if cb in trainer.checkpoint_callbacks]
             trainer.callbacks.insert(checkpoints[0] if checkpoints else len(trainer.callbacks), self.guard)
+
+    def train_step_context(self) -> AbstractContextManager:
+        """Each training step: a graphed forward left without its backward last step is abandoned."""
+        if self._model is not None:
+            from .graphs import release_pending
+
+            release_pending(self._model)
+        return super().train_step_context()
 
     def forward_context(self) -> AbstractContextManager:
         """torch autocast for the compute dtype, TE autocast for a quantized dense recipe."""

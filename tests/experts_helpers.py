@@ -130,9 +130,9 @@ def cuda_topk_routing(tokens: int, seed: int = 0, empty_from: int = 5) -> tuple[
     return x, index, torch.softmax(top, -1).to(torch.bfloat16), grad
 
 
-def gpu_fit(model: nn.Module, root: Any, seq_len: int = 64, steps: int = 30) -> tuple[Any, Any]:
+def gpu_fit(model: nn.Module, root: Any, seq_len: int = 64, steps: int = 30, **plugin_args: Any) -> tuple[Any, Any]:
     """A next-token fit of ``model`` under the plugin's default plan on one GPU (AdamW, lr 3e-3, 8 random sequences):
-    ``(plugin, module)``, the module's ``losses`` holding each step's loss."""
+    ``(plugin, module)``, the module's ``losses`` holding each step's loss. ``plugin_args`` go to the plugin."""
     import lightning as L
 
     from lightning_te_moe import TEMoEPrecision
@@ -153,7 +153,7 @@ def gpu_fit(model: nn.Module, root: Any, seq_len: int = 64, steps: int = 30) -> 
             return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
     data = torch.randint(0, 64, (8, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    plugin, module = TEMoEPrecision(), Tiny()
+    plugin, module = TEMoEPrecision(**plugin_args), Tiny()
     trainer = L.Trainer(accelerator="gpu", devices=1, plugins=[plugin], max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=root)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..experts.gemm import active_recipe
+from ..graphs import invalidate_graphs
 from .engine import TELinearEngine, dim_multiple, row_alignment, te_runs
 
 
@@ -93,6 +94,7 @@ class TEDenseLinear(nn.Linear):
         """Make TE quantize the weight again on the next quantized call (after changing it through ``.data``)."""
         for engine in self._engines.values():
             engine.weight_cache.invalidate()
+        invalidate_graphs()  # a captured graph reads the weights by address
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

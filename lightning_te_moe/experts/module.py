@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..graphs import invalidate_graphs
 from ..policy.recipes import te_recipe_alignment
 from ..policy.state import PrecisionState
 from .activations import activation_label
@@ -267,6 +268,7 @@ class GroupedExperts(nn.Module):
         """Make TE quantize the expert weights again on the next FP8 forward (after changing them out of band)."""
         for engine in self._engines.values():
             engine.weight_cache.invalidate()
+        invalidate_graphs()  # a captured graph reads the weights by address
         for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)):
             self._resident[name].release(layer.weight)
 

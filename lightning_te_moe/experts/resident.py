@@ -21,6 +21,8 @@ from typing import Any, Hashable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..graphs import invalidate_graphs
+
 #: TE recipes whose weight scales depend on more than the weight (a history filled by the forwards).
 STATEFUL_RECIPES = ("DelayedScaling",)
 
@@ -59,6 +61,7 @@ class ResidentWeights:
         """Hold ``quantized`` as ``weight``'s copy on ``device`` under ``recipe``; park its values on the host."""
         if weight.device != self.host:
             weight.data = weight.data.to(self.host, copy=True)
+        invalidate_graphs()  # graphs captured before read other tensors for this weight
         self._home = device
         self._quantized = list(quantized)
         self._with_grad = torch.is_grad_enabled()
@@ -66,6 +69,8 @@ class ResidentWeights:
 
     def release(self, weight: Tensor) -> None:
         """Drop the quantized copies and bring parked values back to the GPU they came from."""
+        if self._quantized is not None:
+            invalidate_graphs()  # a captured graph reads the copies by address
         self._quantized, self._key = None, None
         if self._home is not None and weight.device == self.host:
             weight.data = weight.data.to(self._home)

@@ -52,8 +52,10 @@ class QuantizedWeightCache:
         self._key: Optional[Hashable] = None
 
     def first_microbatch(self, weight: Tensor, recipe: Any) -> Optional[bool]:
-        """None: no caching (no quantized recipe, or disabled); True: quantize and cache; False: reuse the cache."""
-        if not self.enabled or recipe is None:
+        """None: no caching (no quantized recipe, disabled, or inside a CUDA-graph capture: the graph replays the
+        quantization on every step, and a cached copy would be read by address long after this call); True:
+        quantize and cache; False: reuse the cache."""
+        if not self.enabled or recipe is None or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._key = None
             return None
         steps = optimizer_steps() if weight.requires_grad else 0

@@ -1,0 +1,324 @@
+"""CUDA graphs of whole decoder layers: a training step that waits on the host no more.
+
+A GPT-OSS-20B LoRA step launches about 22,000 kernels; the host issues them more slowly than an H100 runs them (the
+full-size profile: 106 ms of kernels in a 500-650 ms step). Replaying a layer's forward and backward as two CUDA
+graphs launches each as one call. A layer is graphed only where replaying is the same computation as running it:
+
+- it made no host synchronization in a warm-up call (checked with torch's sync debug mode): no split sizes read on
+  the host, so TE's native grouped GEMM or torch's grouped_mm, not TE's one GEMM per expert;
+- training mode with grad enabled, on CUDA, no forward hooks inside it (a replay would skip them), not under
+  activation checkpointing (its recompute needs the eager forward), and every non-tensor argument the same as at
+  capture (tensor arguments are copied into the graph's static inputs; their shapes, dtypes and ``requires_grad``
+  select the graph);
+- nothing the graph read by address has moved since the capture: a rung change, frozen experts held quantized or
+  released (:mod:`.experts.resident`), or quantized weights invalidated call :func:`invalidate_graphs`, and every
+  layer captures again after a warm-up;
+- one forward at a time: a second forward before the first one's backward runs eagerly (the graph's saved
+  activations are static).
+
+A layer's parameter gradients come out of the graph's static buffers as copies, so gradient accumulation and
+``zero_grad(set_to_none=False)`` behave as without graphs. Quantized weights are never cached across replays:
+inside a capture TE quantizes them in the graph (:mod:`.experts.weight_cache`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+#: Eager calls of a new signature before its capture: the first sets up lazily built state (TE engines, frozen
+#: weights held quantized), the second is checked for host synchronization.
+WARMUP_CALLS = 2
+#: Signatures (shapes) captured per layer; later ones run eagerly.
+MAX_GRAPHS = 3
+
+_epoch = 0
+
+
+def invalidate_graphs() -> None:
+    """Something a captured graph reads by address moved or changed meaning: every layer captures again."""
+    global _epoch
+    _epoch += 1
+
+
+def graph_epoch() -> int:
+    return _epoch
+
+
+@dataclass
+class _Graph:
+    """One captured forward/backward pair and its static tensors."""
+
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+    grad_output: Tensor
+    grads: tuple[Optional[Tensor], ...]  # for the inputs that require grad, then the trainable parameters
+    params: list[Tensor]  # the trainable parameters at capture
+    pending: bool = False  # a replayed forward whose backward has not run yet
+
+
+class _Replay(torch.autograd.Function):
+    """Replays a captured forward; its backward replays the captured backward."""
+
+    @staticmethod
+    def forward(ctx: Any, graph: _Graph, num_inputs: int, *tensors: Tensor) -> Tensor:
+        for static, value in zip(graph.inputs, tensors[:num_inputs]):
+            if static.data_ptr() != value.data_ptr():
+                static.copy_(value)
+        graph.forward.replay()
+        graph.pending = True
+        ctx.graph = graph
+        ctx.num_inputs = num_inputs
+        return graph.output.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        graph: _Graph = ctx.graph
+        graph.grad_output.copy_(grad)
+        graph.backward.replay()
+        graph.pending = False
+        grads = iter(graph.grads)
+        out: list[Optional[Tensor]] = []
+        for i, needs in enumerate(ctx.needs_input_grad[2:]):
+            static = next(grads) if needs else None
+            # Inputs' gradients flow on (consumed before the next replay); parameters' are copied, since autograd
+            # would otherwise keep the static buffer itself as ``.grad`` and the next replay would overwrite it.
+            out.append(None if static is None else static.detach() if i < ctx.num_inputs else static.clone())
+        return (None, None, *out)
+
+
+class LayerGraphs:
+    """The CUDA-graph dispatcher installed as one module's ``forward`` (see the module doc)."""
+
+    def __init__(self, module: nn.Module, pools: dict[Hashable, Any],
+                 on_event: Optional[Callable[[str, str, dict[str, Any]], None]] = None) -> None:
+        self.module = module
+        self.eager = module.forward  # the bound class forward (installed over by :func:`install_cuda_graphs`)
+        self.pools = pools
+        self.on_event = on_event
+        self.graphs: dict[Hashable, _Graph] = {}
+        self.calls: Counter[Hashable] = Counter()
+        self.refused: dict[Hashable, str] = {}
+        self.epoch = graph_epoch()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        reason = self._ineligible(leaves)
+        if reason is not None:
+            return self.eager(*args, **kwargs)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+        static = tuple(None if isinstance(leaf, Tensor) else leaf for leaf in leaves)
+        try:
+            key = (spec, static, tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors))
+            hash(key)
+        except TypeError:  # an unhashable argument (a cache object): not a graph input, never captured
+            return self.eager(*args, **kwargs)
+        if self.epoch != graph_epoch():
+            self.reset()
+        graph = self.graphs.get(key)
+        if graph is None or graph.pending:
+            return self._eager_or_capture(key, leaves, spec, tensors, args, kwargs)
+        params = self._trainable()
+        if len(params) != len(graph.params) or any(a is not b for a, b in zip(params, graph.params)):
+            self.reset()  # which parameters train changed: the captured backward computes other gradients
+            return self._eager_or_capture(key, leaves, spec, tensors, args, kwargs)
+        return _Replay.apply(graph, len(tensors), *tensors, *params)
+
+    def reset(self) -> None:
+        """Drop every graph (their memory goes back to the pools' owner) and warm up again."""
+        self.graphs.clear()
+        self.calls.clear()
+        self.refused.clear()
+        self.epoch = graph_epoch()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _ineligible(self, leaves: list[Any]) -> Optional[str]:
+        module = self.module
+        if not (module.training and torch.is_grad_enabled()):
+            return "not a training forward"
+        if getattr(module, "gradient_checkpointing", False):
+            return "activation checkpointing"
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "inside another capture"
+        if not _on_cuda(leaves):
+            return "not on CUDA"
+        if _has_hooks(module):
+            return "forward hooks"
+        return None
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def _eager_or_capture(self, key: Hashable, leaves: list[Any], spec: Any, tensors: list[Tensor],
+                          args: Any, kwargs: Any) -> Any:
+        if key in self.refused or key in self.graphs or len(self.graphs) >= MAX_GRAPHS:
+            return self.eager(*args, **kwargs)  # refused, a second forward before the first's backward, or full
+        self.calls[key] += 1
+        if self.calls[key] < WARMUP_CALLS:
+            return self.eager(*args, **kwargs)
+        if self.calls[key] == WARMUP_CALLS:
+            out, syncs = _watch_syncs(lambda: self.eager(*args, **kwargs))
+            if syncs:
+                self._refuse(key, f"a host synchronization in its forward ({syncs[0]})", {"synchronizations": syncs[:3]})
+            elif not isinstance(out, Tensor):
+                self._refuse(key, f"its forward returns a {type(out).__name__}, not one tensor", {})
+            return out
+        params = self._trainable()
+        self.graphs[key] = self._capture(key, leaves, spec, tensors, params)
+        self._event("swap", f"CUDA graphs captured for {type(self.module).__name__} ({len(self.graphs)} shape(s))",
+                    {"inputs": [list(t.shape) for t in tensors]})
+        return _Replay.apply(self.graphs[key], len(tensors), *tensors, *params)
+
+    def _refuse(self, key: Hashable, reason: str, evidence: dict[str, Any]) -> None:
+        self.refused[key] = reason
+        self._event("skip", f"no CUDA graph for {type(self.module).__name__}: {reason}", evidence)
+
+    def _capture(self, key: Hashable, leaves: list[Any], spec: Any, tensors: list[Tensor],
+                 params: list[Tensor]) -> _Graph:
+        """Warm up on a side stream, then capture the forward and the backward into the shape's shared pool."""
+        inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+        it = iter(inputs)
+        args, kwargs = pytree.tree_unflatten([next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
+        targets = [t for t in inputs if t.requires_grad] + params
+        pool = self.pools.setdefault(key[2], torch.cuda.graph_pool_handle())
+
+        def run() -> Tensor:
+            return self.eager(*args, **kwargs)
+
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = run()
+            torch.autograd.grad(out, targets, torch.zeros_like(out), allow_unused=True)
+        torch.cuda.current_stream().wait_stream(side)
+        del out
+        torch.cuda.synchronize()
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with _te_capturing():
+            with torch.cuda.graph(forward, pool=pool):
+                output = run()
+            grad_output = torch.empty_like(output)
+            with torch.cuda.graph(backward, pool=pool):
+                grads = torch.autograd.grad(output, targets, grad_output, allow_unused=True)
+        return _Graph(forward, backward, inputs, output, grad_output, tuple(grads), params)
+
+    def _event(self, kind: str, text: str, evidence: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, text, evidence)
+
+
+def _on_cuda(leaves: list[Any]) -> bool:
+    return any(isinstance(leaf, Tensor) and leaf.is_cuda for leaf in leaves)
+
+
+@contextmanager
+def _te_capturing() -> Iterator[None]:
+    """TE's "a capture is under way" flag, as its own ``make_graphed_callables`` sets it (the one TE internal here:
+    TE checks it where a capture must not build state, e.g. its attention's eager-only validations)."""
+    try:
+        from transformer_engine.pytorch import graph as te_graph
+    except ImportError:
+        yield
+        return
+    te_graph.set_capture_start()
+    try:
+        yield
+    finally:
+        te_graph.set_capture_end()
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _watch_syncs(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """``fn()`` with torch's sync debug mode on: its result and the synchronizing operations it made."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return out, [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules whose class a transformers model names in ``_no_split_modules``."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def install_cuda_graphs(model: nn.Module,
+                        on_event: Optional[Callable[[str, str, dict[str, Any]], None]] = None) -> list[nn.Module]:
+    """Install the dispatcher as the ``forward`` of each decoder layer of ``model``; returns the layers. Layers keep
+    their class, parameters and ``state_dict``; :func:`remove_cuda_graphs` puts the class forward back."""
+    pools: dict[Hashable, Any] = {}  # one memory pool per input shape, shared by the layers' graphs in order
+    layers = decoder_layers(model)
+    for layer in layers:
+        if not isinstance(layer.__dict__.get("forward"), LayerGraphs):
+            layer.forward = LayerGraphs(layer, pools, on_event)
+    return layers
+
+
+def remove_cuda_graphs(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), LayerGraphs):
+            del module.forward
+
+
+def graph_status(model: nn.Module) -> dict[str, Any]:
+    """How many decoder layers have dispatchers, how many replay a graph now, and why the others do not."""
+    dispatchers = [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), LayerGraphs)]
+    refused = sorted({reason for d in dispatchers for reason in d.refused.values()})
+    return {"layers": len(dispatchers), "graphed": sum(bool(d.graphs) for d in dispatchers), "refused": refused}
+
+
+def drop_graphs(model: nn.Module) -> None:
+    """Drop every captured graph of ``model`` now (their memory is free once nothing holds their outputs); layers
+    capture again after a warm-up. E.g. between runs at different shapes."""
+    for module in model.modules():
+        dispatcher = module.__dict__.get("forward")
+        if isinstance(dispatcher, LayerGraphs):
+            dispatcher.reset()
+
+
+def release_pending(model: nn.Module) -> None:
+    """A new training step: a replayed forward whose backward never ran (a skipped ``backward``) is abandoned."""
+    for module in model.modules():
+        dispatcher = module.__dict__.get("forward")
+        if isinstance(dispatcher, LayerGraphs):
+            for graph in dispatcher.graphs.values():
+                graph.pending = False
+
+
+def install_for_plugin(model: nn.Module, state: Any, decisions: Any) -> Optional[tuple[str, dict]]:
+    """The plugin's CUDA-graph step (after the swaps): dispatchers on the decoder layers of a CUDA plan, graphs
+    dropped at every rung change, and each capture or refusal recorded as a decision."""
+    if state.plan.environment.device_type != "cuda":
+        return None
+    layers = install_cuda_graphs(model, lambda kind, text, evidence: decisions.record(
+        kind, text, rule="cuda_graphs", evidence=evidence))
+    if not layers:
+        return "CUDA graphs: no decoder layers found (no `_no_split_modules` in the model)", {"layers": 0}
+    state.on_change(lambda old, new: invalidate_graphs())
+    kinds = sorted({type(layer).__name__ for layer in layers})
+    return (f"CUDA graphs for {len(layers)} decoder layers ({', '.join(kinds)}), captured at the third training "
+            f"step of each shape where the layer makes no host synchronization", {"layers": len(layers),
+                                                                                  "classes": kinds})

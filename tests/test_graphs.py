@@ -1,0 +1,250 @@
+"""CUDA graphs of decoder layers (:mod:`lightning_te_moe.graphs`): which layers, when they are captured, and that a
+replay computes what the eager layer computes, gradients and their accumulation included.
+
+CUDA graphs do not exist on the CPU, so the capture is replaced by a stand-in whose "graphs" re-run the layer on the
+captured static tensors when replayed: everything around it (the static inputs and outputs, which gradients go where
+and as copies, warm-up, refusals, invalidation) is the real code. ``tests/gpu/test_graphs_gpu.py`` captures for real.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+from experts_helpers import rel_err, tiny_model
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from lightning_te_moe import graphs
+from lightning_te_moe.graphs import LayerGraphs, _Graph
+
+CAPTURES: list[str] = []
+
+
+class _Replayable:
+    """Stands in for a CUDA graph: ``replay`` runs the captured computation again on the static tensors."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+def _cpu_capture(self: LayerGraphs, key: Any, leaves: list[Any], spec: Any, tensors: list[Tensor],
+                 params: list[Tensor]) -> _Graph:
+    inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+    it = iter(inputs)
+    args, kwargs = pytree.tree_unflatten([next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
+    targets = [t for t in inputs if t.requires_grad] + params
+    with torch.enable_grad():
+        first = self.eager(*args, **kwargs)
+    output, grad_output = torch.empty_like(first), torch.empty_like(first)
+    grads = tuple(torch.empty_like(t) for t in targets)
+    live: dict[str, Tensor] = {}
+
+    def forward() -> None:
+        with torch.enable_grad():
+            live["out"] = self.eager(*args, **kwargs)
+        output.copy_(live["out"].detach())
+
+    def backward() -> None:
+        for static, grad in zip(grads, torch.autograd.grad(live["out"], targets, grad_output, allow_unused=True)):
+            static.copy_(grad) if grad is not None else static.zero_()
+
+    CAPTURES.append(type(self.module).__name__)
+    return _Graph(_Replayable(forward), _Replayable(backward), inputs, output, grad_output, grads, params)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Graphs on the CPU: the stand-in capture, CPU tensors count as CUDA; returns the syncs each watched call
+    reports (append to make the next watched call synchronize)."""
+    syncs: list[list[str]] = []
+    CAPTURES.clear()
+    monkeypatch.setattr(LayerGraphs, "_capture", _cpu_capture)
+    monkeypatch.setattr(graphs, "_on_cuda", lambda leaves: True)
+    monkeypatch.setattr(graphs, "_watch_syncs", lambda fn: (fn(), syncs.pop(0) if syncs else []))
+    return syncs
+
+
+class Block(nn.Module):
+    """A decoder-layer-shaped block: a tensor, keyword tensors (one of them in a tuple) and static options."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+
+    def forward(self, hidden: Tensor, mask: Optional[Tensor] = None, pair: tuple[Tensor, Tensor] = (),
+                scale: float = 1.0, use_cache: bool = False) -> Tensor:
+        out = self.frozen(torch.tanh(self.linear(hidden))) * scale + pair[0] * pair[1]
+        return hidden + (out if mask is None else out * mask)
+
+
+class Stack(nn.Module):
+    _no_split_modules = ["Block"]
+
+    def __init__(self, layers: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(Block() for _ in range(layers))
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        pair = (torch.cos(x), torch.sin(x))
+        for layer in self.layers:
+            x = layer(x, mask=mask, pair=pair, scale=0.5, use_cache=False)
+        return x
+
+
+def _grads(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _steps(model: nn.Module, xs: list[Tensor], zero: bool = True) -> tuple[list[Tensor], dict[str, Tensor]]:
+    outs = []
+    for x in xs:
+        if zero:
+            model.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        out = model(x, mask=torch.ones(8))
+        out.square().sum().backward()
+        outs.append(out.detach().clone())
+    return outs, _grads(model)
+
+
+def test_layers_are_found_by_no_split_modules_and_keep_state_dict_and_function() -> None:
+    model = tiny_model("gpt_oss")
+    before = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, 64, (2, 9))
+    want = model(input_ids=ids).logits
+    layers = graphs.install_cuda_graphs(model)
+    assert layers == list(model.model.layers)
+    assert all(isinstance(layer.__dict__["forward"], LayerGraphs) for layer in layers)
+    assert model.state_dict().keys() == before.keys()
+    assert torch.equal(model(input_ids=ids).logits, want)  # on the CPU the dispatcher runs the layer as it is
+    graphs.remove_cuda_graphs(model)
+    assert not any("forward" in layer.__dict__ for layer in layers)
+
+
+def test_replays_compute_the_eager_outputs_and_gradients(cpu_graphs: list[list[str]]) -> None:
+    """Steps 1-2 run eagerly (set-up, then the synchronization check), step 3 captures, later steps replay: the
+    same outputs and gradients as the eager model, step by step, with the non-tensor arguments held static."""
+    eager, graphed = Stack(), Stack()
+    graphed.load_state_dict(eager.state_dict())
+    graphs.install_cuda_graphs(graphed)
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    for i, x in enumerate(xs):
+        (want,), want_grads = _steps(eager, [x])
+        (got,), got_grads = _steps(graphed, [x])
+        assert rel_err(got, want) < 1e-6, i
+        assert got_grads.keys() == want_grads.keys() and all(
+            rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
+        assert len(CAPTURES) == (3 if i >= 2 else 0), i
+    assert not any("frozen" in n for n in got_grads)
+
+
+def test_gradients_accumulate_over_micro_batches_as_without_graphs(cpu_graphs: list[list[str]]) -> None:
+    """The parameter gradients leave the graph as copies: accumulating three replayed micro-batches (and zeroing
+    in place) gives the eager sums, not three times the last one."""
+    eager, graphed = Stack(), Stack()
+    graphed.load_state_dict(eager.state_dict())
+    graphs.install_cuda_graphs(graphed)
+    warm = [torch.randn(4, 8) for _ in range(3)]
+    _steps(graphed, warm)  # captured now
+    assert len(CAPTURES) == 3
+    graphed.zero_grad(set_to_none=True)
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _, want = _steps(eager, xs, zero=False)
+    _, got = _steps(graphed, xs, zero=False)
+    graphed.zero_grad(set_to_none=False)
+    eager.zero_grad(set_to_none=False)
+    assert all(rel_err(got[n], want[n]) < 1e-6 for n in want)
+    _, want = _steps(eager, xs[:2], zero=False)
+    _, got = _steps(graphed, xs[:2], zero=False)
+    assert all(rel_err(got[n], want[n]) < 1e-6 for n in want)
+
+
+def test_a_second_forward_before_the_backward_runs_eagerly(cpu_graphs: list[list[str]]) -> None:
+    """Two forwards then one backward of their sum: the second cannot reuse the graph's static activations."""
+    eager, graphed = Stack(), Stack()
+    graphed.load_state_dict(eager.state_dict())
+    graphs.install_cuda_graphs(graphed)
+    _steps(graphed, [torch.randn(4, 8) for _ in range(3)])
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        (model(a, mask=torch.ones(8)).sum() + model(b, mask=torch.ones(8)).square().sum()).backward()
+    want, got = _grads(eager), _grads(graphed)
+    assert all(rel_err(got[n], want[n]) < 1e-6 for n in want)
+
+
+def test_a_layer_that_synchronizes_is_refused_and_recorded(cpu_graphs: list[list[str]]) -> None:
+    events: list[tuple[str, str]] = []
+    model = Stack(layers=1)
+    graphs.install_cuda_graphs(model, lambda kind, text, evidence: events.append((kind, text)))
+    cpu_graphs.append(["called a synchronizing CUDA operation"])
+    _steps(model, [torch.randn(4, 8) for _ in range(5)])
+    assert CAPTURES == []
+    assert events == [("skip", "no CUDA graph for Block: a host synchronization in its forward (called a "
+                               "synchronizing CUDA operation)")]
+
+
+def test_what_moves_under_a_graph_makes_every_layer_capture_again(cpu_graphs: list[list[str]]) -> None:
+    """A rung change or frozen weights re-held (:func:`invalidate_graphs`), or a change of which parameters train:
+    the graphs are dropped and captured again after a new warm-up."""
+    model = Stack(layers=2)
+    graphs.install_cuda_graphs(model)
+    x = [torch.randn(4, 8) for _ in range(3)]
+    _steps(model, x)
+    assert len(CAPTURES) == 2
+    graphs.invalidate_graphs()
+    _steps(model, x[:2])
+    assert len(CAPTURES) == 2  # warming up again
+    _steps(model, x[:1])
+    assert len(CAPTURES) == 4
+    model.layers[0].linear.bias.requires_grad_(False)
+    _steps(model, x)
+    assert len(CAPTURES) == 5  # layer 0 only, after its own warm-up
+    (_, grads) = _steps(model, x[:1])
+    assert "layers.0.linear.bias" not in grads and "layers.1.linear.bias" in grads
+
+
+@pytest.mark.parametrize("case", ["eval", "no_grad", "checkpointing", "hook"])
+def test_no_graph_outside_a_plain_training_forward(cpu_graphs: list[list[str]], case: str) -> None:
+    model = Stack(layers=1)
+    graphs.install_cuda_graphs(model)
+    layer = model.layers[0]
+    if case == "eval":
+        model.eval()
+    if case == "checkpointing":
+        layer.gradient_checkpointing = True
+    if case == "hook":
+        layer.linear.register_forward_hook(lambda *args: None)
+    for _ in range(4):
+        if case == "no_grad":
+            with torch.no_grad():
+                model(torch.randn(4, 8))
+        else:
+            _steps(model, [torch.randn(4, 8)])
+    assert CAPTURES == []
+
+
+def test_the_plugin_installs_graphs_on_a_cuda_plan_and_drops_them_at_a_rung_change() -> None:
+    from lightning_te_moe.guard.decisions import DecisionLog
+    from lightning_te_moe.policy.choose import PrecisionRequest, make_plan
+    from lightning_te_moe.policy.environment import Environment
+    from lightning_te_moe.policy.state import PrecisionState
+
+    model, log = Stack(layers=2), DecisionLog()
+    cpu = PrecisionState(make_plan(Environment(), PrecisionRequest()))
+    assert graphs.install_for_plugin(model, cpu, log) is None
+    assert not any("forward" in layer.__dict__ for layer in model.layers)
+    state = PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"), PrecisionRequest()))
+    summary, details = graphs.install_for_plugin(model, state, log)
+    assert details == {"layers": 2, "classes": ["Block"]} and "CUDA graphs for 2 decoder layers" in summary
+    epoch = graphs.graph_epoch()
+    state.set_index(1)
+    assert graphs.graph_epoch() == epoch + 1
