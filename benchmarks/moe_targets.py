@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 HF_GROUPED = "HF grouped_mm"
 OURS_BF16 = "ours BF16 (TE GroupedLinear)"
 FP8_RECIPES = ("fp8_delayed", "fp8_current", "fp8_block")
+#: The suffix of a row timed behind the plugin's CUDA-graph dispatcher.
+GRAPHED = ", CUDA graphs"
 #: Issue 11's targets hold on the current stack: cuBLASLt >= 13.5 (pip's torch brings 13.4, NGC containers newer).
 CURRENT_CUBLASLT = "13.5"
 
@@ -73,8 +75,10 @@ def _issue11(rows: list[dict[str, Any]], env: Optional[Environment]) -> list[Tar
         return [Target(goal, f"this run's cuBLASLt is {cublaslt or 'unknown'}", None) for goal in goals]
     cells = _cells(rows, 16384)
     out = []
-    for goal, names, bound in ((goals[0], [f"ours {r}" for r in FP8_RECIPES], 16.0),
-                               (goals[1], [f"ours {r}, frozen experts" for r in FP8_RECIPES], 11.0)):
+    # The layer eagerly or as the plugin's CUDA graphs replay it inside a training step (moe_layer.py's rows).
+    for goal, names, bound in ((goals[0], [f"ours {r}{g}" for r in FP8_RECIPES for g in ("", GRAPHED)], 16.0),
+                               (goals[1], [f"ours {r}, frozen experts{g}" for r in FP8_RECIPES for g in ("", GRAPHED)],
+                                11.0)):
         best = _best(cells, names)
         out.append(Target(goal, "not measured", None) if best is None else
                    Target(goal, f"{best['name']} {best['median_ms']:.1f} ms", best["median_ms"] <= bound,
