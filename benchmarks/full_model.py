@@ -50,8 +50,6 @@ from full_model_targets import REFERENCE, SHAPES, check_targets, outcome, shape_
 from moe_targets import targets_json, targets_markdown
 from torch import Tensor, nn
 
-from lightning_te_moe.graphs import drop_graphs, graph_status
-
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 24
 PROFILED_STEPS = 2
@@ -65,7 +63,6 @@ class Implementation(NamedTuple):
     attention: str  # transformers' attention implementation the model is built with
     recipe: Optional[str]  # the plugin's recipe; None: plain transformers
     swap_dense: bool = True  # the plugin's swap_dense: False leaves the dense layers in BF16 (issue 15's comparison)
-    cuda_graphs: bool = True  # the plugin's cuda_graphs: False runs every layer eagerly
 
 
 IMPLEMENTATIONS = (
@@ -75,8 +72,6 @@ IMPLEMENTATIONS = (
     Implementation("plugin-bf16", "plugin bf16", "eager", "bf16"),
     Implementation("plugin-default-dense-bf16", "plugin default plan, dense layers left in BF16", "eager", "auto",
                    swap_dense=False),
-    Implementation("plugin-default-no-graphs", "plugin default plan without CUDA graphs", "eager", "auto",
-                   cuda_graphs=False),
 )
 BY_KEY = {impl.key: impl for impl in IMPLEMENTATIONS}
 ATTENTION_LORA = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -143,8 +138,7 @@ def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], Abstra
         return nullcontext, {}
     from lightning_te_moe import TEMoEPrecision
 
-    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense,
-                            cuda_graphs=impl.cuda_graphs)
+    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense)
     plugin.convert_module(model)
     assert plugin.plan is not None
     return plugin.forward_context, {"plan": plugin.plan.summary(),
@@ -233,7 +227,7 @@ def describe(err: BaseException) -> str:
 
 
 def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, shape: str, steps: int,
-                  warmup: int, vocab: int, model: nn.Module) -> dict[str, Any]:
+                  warmup: int, vocab: int) -> dict[str, Any]:
     batch, seq = parse_shape(shape)
     result: dict[str, Any] = {"shape": shape}
     try:
@@ -249,9 +243,6 @@ def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optim
         result = {"shape": shape, "status": failure_status(err), "error": describe(err)}
     # Outside the except block: the traceback (and the activations its frames hold) is gone by now.
     optimizer.zero_grad(set_to_none=True)
-    if result["status"] == "ok":
-        result["cuda_graphs"] = graph_status(model)
-    drop_graphs(model)  # this shape's CUDA graphs hold its activations: the next shape captures its own
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -282,7 +273,7 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
              setup_gib=torch.cuda.memory_allocated() / 2**30, trainable=sum(p.numel() for p in trainable), **info)
         step = training_step(model, context, optimizer)
         for shape in shapes:
-            result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size, model)
+            result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size)
             print(f"[full_model] {impl.name} | {finetune} | {shape}: {outcome(result)}", flush=True)
             emit("shape", **result)
         emit("environment", environment=environment())
@@ -535,8 +526,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetunes", nargs="+", choices=list(FINETUNES), default=list(FINETUNES))
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="batch x seq")
     p.add_argument("--steps", type=int, default=5, help="timed steps per shape")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed steps first (allocator, optimizer; the plugin captures its CUDA graphs at the third)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator, optimizer)")
     p.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (24 = GPT-OSS-20B; 2 for a smoke run)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per child before it is killed")
     p.add_argument("--stack-label", default="default", help="names the CUDA stack: one doc section per label")

@@ -188,7 +188,7 @@ def graphed(module: nn.Module) -> nn.Module:
     """``module`` behind the plugin's CUDA-graph dispatcher (captured at the third call, replayed after)."""
     from lightning_te_moe.graphs import LayerGraphs
 
-    module.forward = LayerGraphs(module, {})
+    module.forward = LayerGraphs(module)
     return module
 
 

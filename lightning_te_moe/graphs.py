@@ -6,18 +6,19 @@ graphs launches each as one call. A layer is graphed only where replaying is the
 
 - it made no host synchronization in a warm-up call (checked with torch's sync debug mode): no split sizes read on
   the host, so TE's native grouped GEMM or torch's grouped_mm, not TE's one GEMM per expert;
-- training mode with grad enabled, on CUDA, no forward hooks inside it (a replay would skip them), not under
+- grad enabled (a backward follows), on CUDA, no forward hooks inside it (a replay would skip them), not under
   activation checkpointing (its recompute needs the eager forward), and every non-tensor argument the same as at
-  capture (tensor arguments are copied into the graph's static inputs; their shapes, dtypes and ``requires_grad``
-  select the graph);
+  capture (tensor arguments are copied into the graph's static inputs; their shapes, dtypes and ``requires_grad``,
+  and the module's train/eval mode, select the graph);
 - nothing the graph read by address has moved since the capture: a rung change, frozen experts held quantized or
   released (:mod:`.experts.resident`), or quantized weights invalidated call :func:`invalidate_graphs`, and every
   layer captures again after a warm-up;
 - one forward at a time: a second forward before the first one's backward runs eagerly (the graph's saved
   activations are static).
 
-A layer's parameter gradients come out of the graph's static buffers as copies, so gradient accumulation and
-``zero_grad(set_to_none=False)`` behave as without graphs. Quantized weights are never cached across replays:
+A parameter's gradient leaves the graph as its static buffer (autograd then keeps it as ``.grad``, no copy); where
+``.grad`` still is that buffer at the next backward (gradient accumulation, ``zero_grad(set_to_none=False)``) it
+moves to a copy first, so accumulation behaves as without graphs. Quantized weights are never cached across replays:
 inside a capture TE quantizes them in the graph (:mod:`.experts.weight_cache`).
 """
 
@@ -38,6 +39,9 @@ from torch.utils import _pytree as pytree
 WARMUP_CALLS = 2
 #: Signatures (shapes) captured per layer; later ones run eagerly.
 MAX_GRAPHS = 3
+
+#: Non-tensor arguments a graph may hold fixed (compared by value); any other object makes the call eager.
+_STATIC_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 _epoch = 0
 
@@ -77,52 +81,59 @@ class _Replay(torch.autograd.Function):
         graph.forward.replay()
         graph.pending = True
         ctx.graph = graph
-        ctx.num_inputs = num_inputs
         return graph.output.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         graph: _Graph = ctx.graph
+        # Autograd keeps a returned gradient as ``.grad`` itself where the parameter had none: a parameter whose
+        # ``.grad`` is still the graph's buffer (micro-batch 2+, or zeroed in place) moves to a copy before the
+        # replay overwrites that buffer; otherwise no copy is made.
+        param_grads = graph.grads[len(graph.grads) - len(graph.params):]
+        for param, static in zip(graph.params, param_grads):
+            if param.grad is not None and static is not None and param.grad.data_ptr() == static.data_ptr():
+                param.grad = param.grad.clone()
         graph.grad_output.copy_(grad)
         graph.backward.replay()
         graph.pending = False
         grads = iter(graph.grads)
         out: list[Optional[Tensor]] = []
-        for i, needs in enumerate(ctx.needs_input_grad[2:]):
+        for needs in ctx.needs_input_grad[2:]:
             static = next(grads) if needs else None
-            # Inputs' gradients flow on (consumed before the next replay); parameters' are copied, since autograd
-            # would otherwise keep the static buffer itself as ``.grad`` and the next replay would overwrite it.
-            out.append(None if static is None else static.detach() if i < ctx.num_inputs else static.clone())
+            out.append(None if static is None else static.detach())
         return (None, None, *out)
 
 
 class LayerGraphs:
     """The CUDA-graph dispatcher installed as one module's ``forward`` (see the module doc)."""
 
-    def __init__(self, module: nn.Module, pools: dict[Hashable, Any],
+    def __init__(self, module: nn.Module,
                  on_event: Optional[Callable[[str, str, dict[str, Any]], None]] = None) -> None:
         self.module = module
         self.eager = module.forward  # the bound class forward (installed over by :func:`install_cuda_graphs`)
-        self.pools = pools
         self.on_event = on_event
         self.graphs: dict[Hashable, _Graph] = {}
         self.calls: Counter[Hashable] = Counter()
         self.refused: dict[Hashable, str] = {}
+        #: Calls that ran eagerly without being considered for a graph, by reason.
+        self.skipped: Counter[str] = Counter()
         self.epoch = graph_epoch()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         reason = self._ineligible(leaves)
         if reason is not None:
+            self.skipped[reason] += 1
             return self.eager(*args, **kwargs)
-        tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-        static = tuple(None if isinstance(leaf, Tensor) else leaf for leaf in leaves)
-        try:
-            key = (spec, static, tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors))
-            hash(key)
-        except TypeError:  # an unhashable argument (a cache object): not a graph input, never captured
+        tensors = [t for leaf in leaves for t in _graph_tensors(leaf)]
+        static = tuple(_static_key(leaf) for leaf in leaves)
+        other = next((leaf for leaf, key in zip(leaves, static) if key is _UNKNOWN), None)
+        if other is not None:  # an object (a KV cache, a padding mask) may change between calls without a trace
+            self.skipped[f"an argument of type {type(other).__name__}"] += 1
             return self.eager(*args, **kwargs)
+        key = (spec, static, tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
+               self.module.training)
         if self.epoch != graph_epoch():
             self.reset()
         graph = self.graphs.get(key)
@@ -135,7 +146,7 @@ class LayerGraphs:
         return _Replay.apply(graph, len(tensors), *tensors, *params)
 
     def reset(self) -> None:
-        """Drop every graph (their memory goes back to the pools' owner) and warm up again."""
+        """Drop every graph (their memory pools go with them) and warm up again."""
         self.graphs.clear()
         self.calls.clear()
         self.refused.clear()
@@ -144,8 +155,8 @@ class LayerGraphs:
     # -- internals ------------------------------------------------------------------------------
     def _ineligible(self, leaves: list[Any]) -> Optional[str]:
         module = self.module
-        if not (module.training and torch.is_grad_enabled()):
-            return "not a training forward"
+        if not torch.is_grad_enabled():  # no backward follows (eval mode alone does not say that: a pretrained
+            return "grad disabled"         # transformers model trains in eval mode unless someone calls .train())
         if getattr(module, "gradient_checkpointing", False):
             return "activation checkpointing"
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -185,12 +196,11 @@ class LayerGraphs:
 
     def _capture(self, key: Hashable, leaves: list[Any], spec: Any, tensors: list[Tensor],
                  params: list[Tensor]) -> _Graph:
-        """Warm up on a side stream, then capture the forward and the backward into the shape's shared pool."""
+        """Warm up on a side stream, then capture the forward and the backward into one memory pool."""
         inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         it = iter(inputs)
-        args, kwargs = pytree.tree_unflatten([next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
+        args, kwargs = pytree.tree_unflatten([_over_static(leaf, it) for leaf in leaves], spec)
         targets = [t for t in inputs if t.requires_grad] + params
-        pool = self.pools.setdefault(key[2], torch.cuda.graph_pool_handle())
 
         def run() -> Tensor:
             return self.eager(*args, **kwargs)
@@ -206,16 +216,54 @@ class LayerGraphs:
         torch.cuda.synchronize()
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with _te_capturing():
-            with torch.cuda.graph(forward, pool=pool):
+            # The layer's own memory pool, shared by its forward and backward graphs only: TE frees some saved
+            # tensors inside its backward (its FP8 copies), so a pool shared with layers captured later would hand
+            # that memory to them while this layer's next forward still writes it (H100, FP8 current: NaN weight
+            # gradients in the first layer captured).
+            with torch.cuda.graph(forward):
                 output = run()
             grad_output = torch.empty_like(output)
-            with torch.cuda.graph(backward, pool=pool):
-                grads = torch.autograd.grad(output, targets, grad_output, allow_unused=True)
+            with torch.cuda.graph(backward, pool=forward.pool()):
+                # retain_graph: the saved activations stay with the graphs that write and read them (freeing them
+                # inside the capture made the caching allocator order the legacy stream after the capturing one)
+                grads = torch.autograd.grad(output, targets, grad_output, allow_unused=True, retain_graph=True)
         return _Graph(forward, backward, inputs, output, grad_output, tuple(grads), params)
 
     def _event(self, kind: str, text: str, evidence: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(kind, text, evidence)
+
+
+_UNKNOWN = object()
+
+
+def _static_key(leaf: Any) -> Any:
+    """What a graph holds fixed for a non-tensor argument: its value (plain types), the description an object gives
+    with ``graph_key()`` (e.g. the attention mask of :mod:`.attention.masks`), else :data:`_UNKNOWN`."""
+    if isinstance(leaf, Tensor):
+        return None
+    if isinstance(leaf, _STATIC_TYPES):
+        return leaf
+    describe = getattr(leaf, "graph_key", None)
+    key = describe() if callable(describe) else None
+    return _UNKNOWN if key is None else (type(leaf).__name__, key)
+
+
+def _graph_tensors(leaf: Any) -> list[Tensor]:
+    """The tensors an argument brings into the graph: itself, or those an object lists with ``graph_tensors()``
+    (a mask object's position tensors: the layer reads them, so each replay must see the current ones)."""
+    if isinstance(leaf, Tensor):
+        return [leaf]
+    listed = getattr(leaf, "graph_tensors", None)
+    return listed() if callable(listed) else []
+
+
+def _over_static(leaf: Any, static: Iterator[Tensor]) -> Any:
+    """The argument the capture runs with: over the graph's static input tensors, in :func:`_graph_tensors` order."""
+    if isinstance(leaf, Tensor):
+        return next(static)
+    tensors = _graph_tensors(leaf)
+    return leaf.with_graph_tensors([next(static) for _ in tensors]) if tensors else leaf
 
 
 def _on_cuda(leaves: list[Any]) -> bool:
@@ -256,7 +304,7 @@ def _watch_syncs(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
             out = fn()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    return out, [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return out, [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -269,11 +317,10 @@ def install_cuda_graphs(model: nn.Module,
                         on_event: Optional[Callable[[str, str, dict[str, Any]], None]] = None) -> list[nn.Module]:
     """Install the dispatcher as the ``forward`` of each decoder layer of ``model``; returns the layers. Layers keep
     their class, parameters and ``state_dict``; :func:`remove_cuda_graphs` puts the class forward back."""
-    pools: dict[Hashable, Any] = {}  # one memory pool per input shape, shared by the layers' graphs in order
     layers = decoder_layers(model)
     for layer in layers:
         if not isinstance(layer.__dict__.get("forward"), LayerGraphs):
-            layer.forward = LayerGraphs(layer, pools, on_event)
+            layer.forward = LayerGraphs(layer, on_event)
     return layers
 
 
@@ -287,16 +334,9 @@ def graph_status(model: nn.Module) -> dict[str, Any]:
     """How many decoder layers have dispatchers, how many replay a graph now, and why the others do not."""
     dispatchers = [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), LayerGraphs)]
     refused = sorted({reason for d in dispatchers for reason in d.refused.values()})
-    return {"layers": len(dispatchers), "graphed": sum(bool(d.graphs) for d in dispatchers), "refused": refused}
-
-
-def drop_graphs(model: nn.Module) -> None:
-    """Drop every captured graph of ``model`` now (their memory is free once nothing holds their outputs); layers
-    capture again after a warm-up. E.g. between runs at different shapes."""
-    for module in model.modules():
-        dispatcher = module.__dict__.get("forward")
-        if isinstance(dispatcher, LayerGraphs):
-            dispatcher.reset()
+    skipped = sum((d.skipped for d in dispatchers), Counter())
+    return {"layers": len(dispatchers), "graphed": sum(bool(d.graphs) for d in dispatchers), "refused": refused,
+            "eager_calls": dict(skipped), "signatures": max((len(d.calls) for d in dispatchers), default=0)}
 
 
 def release_pending(model: nn.Module) -> None:
@@ -319,6 +359,21 @@ def install_for_plugin(model: nn.Module, state: Any, decisions: Any) -> Optional
         return "CUDA graphs: no decoder layers found (no `_no_split_modules` in the model)", {"layers": 0}
     state.on_change(lambda old, new: invalidate_graphs())
     kinds = sorted({type(layer).__name__ for layer in layers})
-    return (f"CUDA graphs for {len(layers)} decoder layers ({', '.join(kinds)}), captured at the third training "
-            f"step of each shape where the layer makes no host synchronization", {"layers": len(layers),
-                                                                                  "classes": kinds})
+    caches = training_without_kv_cache(model)
+    text = (f"CUDA graphs for {len(layers)} decoder layers ({', '.join(kinds)}), captured at the third training step "
+            f"of each shape where the layer makes no host synchronization")
+    if caches:
+        text += ("; config.use_cache set to False (a KV cache object changes at every call and cannot be replayed; "
+                 "generate() asks for its cache itself)")
+    return text, {"layers": len(layers), "classes": kinds, "use_cache_off": caches}
+
+
+def training_without_kv_cache(model: nn.Module) -> int:
+    """transformers models build a KV cache in every forward while ``config.use_cache`` is on, training ones too
+    (only generation reads it): switch it off, as transformers' own Trainer does for checkpointed training. Returns
+    how many configs changed."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None) is True}
+    for config in configs.values():
+        config.use_cache = False
+    return len(configs)

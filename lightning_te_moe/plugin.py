@@ -77,6 +77,7 @@ class TEMoEPrecision(Precision):
         cuda_graphs: on a CUDA plan, replay each decoder layer's training forward and backward as CUDA graphs
             where the layer makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops
             waiting on the host's kernel launches. Layers that synchronize run eagerly, with the reason recorded.
+            Off by default while it is proven only inside a Trainer (docs/cuda-graphs.md).
     """
 
     precision: str = "32-true"
@@ -100,7 +101,7 @@ class TEMoEPrecision(Precision):
         guard_config: Optional[GuardConfig] = None,
         autotune: bool = False,
         autotune_tokens: int = 16384,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
                          strict=strict, print_plan=print_plan, swap_experts=swap_experts,

@@ -37,7 +37,7 @@ def _cpu_capture(self: LayerGraphs, key: Any, leaves: list[Any], spec: Any, tens
                  params: list[Tensor]) -> _Graph:
     inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
     it = iter(inputs)
-    args, kwargs = pytree.tree_unflatten([next(it) if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
+    args, kwargs = pytree.tree_unflatten([graphs._over_static(leaf, it) for leaf in leaves], spec)
     targets = [t for t in inputs if t.requires_grad] + params
     with torch.enable_grad():
         first = self.eager(*args, **kwargs)
@@ -212,13 +212,23 @@ def test_what_moves_under_a_graph_makes_every_layer_capture_again(cpu_graphs: li
     assert "layers.0.linear.bias" not in grads and "layers.1.linear.bias" in grads
 
 
-@pytest.mark.parametrize("case", ["eval", "no_grad", "checkpointing", "hook"])
+def test_a_model_in_eval_mode_that_trains_is_graphed_by_mode(cpu_graphs: list[list[str]]) -> None:
+    """Lightning keeps a pretrained transformers model in eval mode unless it is switched: with grad enabled its
+    layers are graphed all the same; train and eval mode get a graph each."""
+    model = Stack(layers=1).eval()
+    graphs.install_cuda_graphs(model)
+    _steps(model, [torch.randn(4, 8) for _ in range(3)])
+    assert CAPTURES == ["Block"]
+    model.train()
+    _steps(model, [torch.randn(4, 8) for _ in range(3)])
+    assert CAPTURES == ["Block", "Block"]
+
+
+@pytest.mark.parametrize("case", ["no_grad", "checkpointing", "hook"])
 def test_no_graph_outside_a_plain_training_forward(cpu_graphs: list[list[str]], case: str) -> None:
     model = Stack(layers=1)
     graphs.install_cuda_graphs(model)
     layer = model.layers[0]
-    if case == "eval":
-        model.eval()
     if case == "checkpointing":
         layer.gradient_checkpointing = True
     if case == "hook":
@@ -244,7 +254,78 @@ def test_the_plugin_installs_graphs_on_a_cuda_plan_and_drops_them_at_a_rung_chan
     assert not any("forward" in layer.__dict__ for layer in model.layers)
     state = PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"), PrecisionRequest()))
     summary, details = graphs.install_for_plugin(model, state, log)
-    assert details == {"layers": 2, "classes": ["Block"]} and "CUDA graphs for 2 decoder layers" in summary
+    assert details == {"layers": 2, "classes": ["Block"], "use_cache_off": 0}
+    assert "CUDA graphs for 2 decoder layers" in summary
     epoch = graphs.graph_epoch()
     state.set_index(1)
     assert graphs.graph_epoch() == epoch + 1
+
+
+def test_a_transformers_model_trains_without_a_kv_cache_object_in_its_layers(cpu_graphs: list[list[str]]) -> None:
+    """transformers builds a ``DynamicCache`` in every forward while ``use_cache`` is on: no graph could replay its
+    updates, so the plugin's step turns it off for training forwards, and the layers are then captured."""
+    from lightning_te_moe.guard.decisions import DecisionLog
+    from lightning_te_moe.policy.choose import PrecisionRequest, make_plan
+    from lightning_te_moe.policy.environment import Environment
+    from lightning_te_moe.policy.state import PrecisionState
+
+    model = tiny_model("gpt_oss").train()
+    assert model.config.use_cache
+    ids = torch.randint(0, 64, (2, 9))
+    graphs.install_cuda_graphs(model)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert CAPTURES == [] and graphs.graph_status(model)["eager_calls"] == {"an argument of type DynamicCache": 6}
+    state = PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"), PrecisionRequest()))
+    summary, details = graphs.install_for_plugin(model, state, DecisionLog())
+    assert details["use_cache_off"] == 1 and "use_cache set to False" in summary and not model.config.use_cache
+    want = copy.deepcopy(model)
+    graphs.remove_cuda_graphs(want)
+    for step in range(4):
+        for m in (model, want):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        assert all(rel_err(p.grad, q.grad) < 1e-5 for p, q in zip(model.parameters(), want.parameters())
+                   if q.grad is not None), step
+    assert CAPTURES == ["GptOssDecoderLayer"] * 2
+
+
+def test_a_causal_mask_object_is_held_by_its_description_and_a_padding_mask_is_not() -> None:
+    """The swapped attention's mask object: without padding it is the causal mask of its window (the same at every
+    step of a shape: a graph holds its description); with a padding mask its tensors change, so the call runs eagerly."""
+    from lightning_te_moe.attention.masks import DeferredMask
+
+    causal = dict(batch_size=2, q_length=9, kv_length=9, local_size=8, allow_is_causal_skip=True, attention_mask=None,
+                  cache_position=torch.arange(9))
+    key = graphs._static_key(DeferredMask(dict(causal)))
+    assert key == graphs._static_key(DeferredMask(dict(causal, cache_position=torch.arange(9))))
+    assert key != graphs._static_key(DeferredMask(dict(causal, local_size=None)))
+    mask = DeferredMask(dict(causal))
+    assert graphs._graph_tensors(mask) == [causal["cache_position"]]  # the layer may read it: a graph input
+    static = torch.arange(9) + 100
+    rebuilt = graphs._over_static(mask, iter([static]))
+    assert rebuilt.kwargs["cache_position"] is static and rebuilt.kwargs["local_size"] == 8
+    assert graphs._static_key(rebuilt) == key
+    padded = DeferredMask(dict(causal, attention_mask=torch.ones(2, 9, dtype=torch.bool)))
+    assert graphs._static_key(padded) is graphs._UNKNOWN
+    assert graphs._static_key(object()) is graphs._UNKNOWN and graphs._static_key(3) == 3
+
+
+def test_layers_with_swapped_attention_take_its_mask_tensors_as_graph_inputs(cpu_graphs: list[list[str]]) -> None:
+    """Swapped attention receives the mask object of :mod:`.attention.masks`: its layers are captured (not refused for
+    an unknown argument) and the replayed steps compute the eager gradients."""
+    from lightning_te_moe.attention import swap_attention
+
+    model = tiny_model("gpt_oss").train()
+    model.config.use_cache = False
+    swap_attention(model, core="reference")
+    want = copy.deepcopy(model)
+    graphs.install_cuda_graphs(model)
+    ids = torch.randint(0, 64, (2, 9))
+    for step in range(4):
+        for m in (model, want):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        assert all(rel_err(p.grad, q.grad) < 1e-5 for p, q in zip(model.parameters(), want.parameters())
+                   if q.grad is not None), step
+    assert CAPTURES == ["GptOssDecoderLayer"] * 2 and graphs.graph_status(model)["eager_calls"] == {}

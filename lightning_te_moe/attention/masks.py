@@ -39,6 +39,26 @@ class DeferredMask:
         """The mask-interface entry registered for the swapped implementation."""
         return cls(kwargs)
 
+    def graph_key(self) -> Optional[tuple]:
+        """What a CUDA graph of a layer that reads this mask depends on (:mod:`lightning_te_moe.graphs`): with no
+        padding mask or overlay the mask is the causal one with its window, the same at every step of a shape, so
+        the key is that description; otherwise None (its tensors change between steps: the layer runs eagerly)."""
+        kw = self.kwargs
+        described = {k: kw.get(k) for k in ("local_size", "q_length", "kv_length", "batch_size", "q_offset", "kv_offset")}
+        if not (kw.get("allow_is_causal_skip") is True and kw.get("attention_mask") is None
+                and all(v is None or isinstance(v, int) for v in described.values())):
+            return None
+        return ("causal", *described.items())
+
+    def graph_tensors(self) -> list[Tensor]:
+        """The tensors among the mask arguments (a graph takes them as inputs: copied in at every replay)."""
+        return [v for _, v in sorted(self.kwargs.items()) if isinstance(v, Tensor)]
+
+    def with_graph_tensors(self, tensors: list[Tensor]) -> DeferredMask:
+        """The same mask arguments over ``tensors`` (in :meth:`graph_tensors` order): the graph's static inputs."""
+        replaced = iter(tensors)
+        return DeferredMask({k: next(replaced) if isinstance(v, Tensor) else v for k, v in sorted(self.kwargs.items())})
+
     def build(self, implementation: str) -> Optional[Tensor]:
         """The mask ``implementation`` (eager, sdpa, ...) would have received from the model."""
         if implementation not in self._built:
