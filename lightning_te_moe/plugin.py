@@ -345,6 +345,11 @@ class TEMoEPrecision(FSDPPrecision):
         return self._amp is not None and self.state is not None and self.state.dense.name == "fp16"
 
     def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:
+        if getattr(module, "_trainer", None) is None:  # Fabric calls this with a plain module (or None), no Trainer
+            raise RuntimeError(
+                "TEMoEPrecision is a lightning.Trainer plugin: its ladder, guard and decision sinks are Trainer hooks"
+                " and callbacks, so it does not run under Fabric. Use lightning.Trainer, or in your own loop call"
+                " plugin.convert_module(model) once and run each forward inside plugin.forward_context()")
         if self._scaler_active():
             return self._amp.pre_backward(tensor, module)
         return Precision.pre_backward(self, tensor, module)

@@ -135,3 +135,12 @@ def test_plain_precision_hooks_still_clip_by_norm_outside_fsdp() -> None:
     plugin.clip_grad_by_norm(torch.optim.SGD([weight], lr=0.1), 1.0)  # FSDPPrecision raises here
     assert torch.linalg.vector_norm(weight.grad).item() == pytest.approx(1.0, rel=1e-4)
     assert Precision.clip_grad_by_norm is not TEMoEPrecision.clip_grad_by_norm
+
+
+def test_under_fabric_the_backward_is_one_clear_error() -> None:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[TEMoEPrecision(print_plan=False)])
+    model, optimizer = fabric.setup(torch.nn.Linear(4, 4), torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], 0.1))
+    with pytest.raises(RuntimeError, match="is a lightning.Trainer plugin.*does not run under Fabric"):
+        fabric.backward(model(torch.randn(2, 4)).sum())
