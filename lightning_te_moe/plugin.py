@@ -195,8 +195,8 @@ class TEMoEPrecision(FSDPPrecision):
                     self._attach_to(trainer)
                 return module
             raise RuntimeError(
-                f"{type(module).__name__} was sharded (FSDP / fully_shard / tensor parallel) before TEMoEPrecision could"
-                " plan, swap and cast it, and sharded modules cannot be swapped: in configure_model call"
+                f"{type(module).__name__} was sharded (FSDP / fully_shard / tensor parallel) before TEMoEPrecision"
+                " could plan, swap and cast it, and sharded modules cannot be swapped: in configure_model call"
                 " lightning_te_moe.distributed.shard_model(self), or prepare_model(self) before your own fully_shard")
         self._trainer = trainer
         self._model = module
@@ -206,11 +206,11 @@ class TEMoEPrecision(FSDPPrecision):
             device = trainer.strategy.root_device if trainer is not None else _default_device()
             compiled = bool(compiled_modules(module))
             plan = self.make_plan(device, torch_compile=compiled)
-            if trainer is not None and trainer.world_size > 1:  # every rank runs rank 0's plan
-                plan = Plan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
-                assert support is not None
-                plan = dataclasses.replace(plan, reasons=plan.reasons + distributed_reasons(plan, support,
-                                                                                            trainer.world_size))
+            world = trainer.world_size if trainer is not None else _process_count()
+            if world > 1:  # every rank runs rank 0's plan (the Trainer's strategy broadcasts; Fabric: the group)
+                plan = Plan.from_dict(_broadcast(trainer, plan.to_dict()))
+                sharded = support is not None and support.kind in ("fsdp", "fsdp2")
+                plan = dataclasses.replace(plan, reasons=plan.reasons + distributed_reasons(plan, sharded, world))
             self._set_up(plan, device)
         assert self.state is not None
         for swap in self.module_swaps:
@@ -347,9 +347,8 @@ class TEMoEPrecision(FSDPPrecision):
     def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:
         if getattr(module, "_trainer", None) is None:  # Fabric calls this with a plain module (or None), no Trainer
             raise RuntimeError(
-                "TEMoEPrecision is a lightning.Trainer plugin: its ladder, guard and decision sinks are Trainer hooks"
-                " and callbacks, so it does not run under Fabric. Use lightning.Trainer, or in your own loop call"
-                " plugin.convert_module(model) once and run each forward inside plugin.forward_context()")
+                "TEMoEPrecision is a lightning.Trainer plugin (its guard is a Trainer callback): under Fabric use"
+                " lightning_te_moe.TEMoEFabricPrecision")
         if self._scaler_active():
             return self._amp.pre_backward(tensor, module)
         return Precision.pre_backward(self, tensor, module)
@@ -500,6 +499,21 @@ def _check_arguments(recipe: Any, params_dtype: Any, **flags: Any) -> None:
                  " (the dtype of the parameters and the optimizer state: every recipe computes from FP32 or BF16)")
     for name, value in flags.items():
         check_bool(_OWNER, name, value)
+
+
+def _process_count() -> int:
+    """Processes in the default group (1 without one): Fabric's ranks, where no Trainer says."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _broadcast(trainer: Any, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank: through the Trainer's strategy, else the default process group."""
+    if trainer is not None:
+        return trainer.strategy.broadcast(obj, src=0)
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _default_device() -> torch.device:

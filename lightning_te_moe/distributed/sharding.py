@@ -114,13 +114,12 @@ def prepare_model(module: nn.Module) -> TEMoEPrecision:
 def shard_model(module: nn.Module, mesh: Any = None, layers: Optional[Iterable[type[nn.Module]]] = None,
                 reshard_after_forward: bool = True) -> list[nn.Module]:
     """For ``ModelParallelStrategy``: call in ``configure_model``. Prepares ``module`` (:func:`prepare_model`), then
-    applies FSDP2's ``fully_shard`` to every :func:`shard_units` module, innermost first, and to each child of
-    ``module`` that holds parameters (the roots). ``mesh`` defaults to the strategy's data-parallel mesh.
+    shards it with :func:`fully_shard_units`, the roots being each child of the LightningModule that holds
+    parameters. ``mesh`` defaults to the strategy's data-parallel mesh.
 
-    Returns the sharded modules (none when ``module`` is sharded already); the plugin records them as a ``shard`` decision.
+    Returns the sharded modules (none when ``module`` is sharded already); the plugin records them as a ``shard``
+    decision.
     """
-    from torch.distributed.fsdp import fully_shard
-
     if is_sharded(module):  # configure_model runs again for each fit/validate/test
         return []
     plugin = prepare_model(module)
@@ -128,19 +127,37 @@ def shard_model(module: nn.Module, mesh: Any = None, layers: Optional[Iterable[t
     if mesh is None:
         device_mesh = getattr(module, "_device_mesh", None)
         mesh = device_mesh["data_parallel"] if device_mesh is not None else None
-    policy = fsdp2_mixed_precision(plugin.state.plan)
-    units = shard_units(module, layers)
     roots = [child for child in module.children() if any(True for _ in child.parameters())]
+    sharded, summary, details = fully_shard_units(module, plugin.state.plan, roots, mesh, layers,
+                                                  reshard_after_forward)
+    plugin.record_sharding(summary, details)
+    return sharded
+
+
+def fully_shard_units(module: nn.Module, plan: Plan, roots: list[nn.Module], mesh: Any = None,
+                      layers: Optional[Iterable[type[nn.Module]]] = None,
+                      reshard_after_forward: bool = True) -> tuple[list[nn.Module], str, dict[str, Any]]:
+    """Apply FSDP2's ``fully_shard`` with ``plan``'s casts to every :func:`shard_units` module of the (swapped)
+    ``module``, innermost first, then to ``roots``; the experts write the grouped layout from now on
+    (:func:`use_grouped_layout`). Returns the sharded modules, and the summary and details of a ``shard`` decision.
+
+    Under Fabric's ``ModelParallelStrategy`` call it from the ``parallelize_fn`` (Fabric converts the module first):
+    ``fully_shard_units(model, precision.plan, [model], mesh["data_parallel"])``.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    use_grouped_layout(module)
+    policy = fsdp2_mixed_precision(plan)
+    units = shard_units(module, layers)
     for unit in [*units, *roots]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     experts = sum(isinstance(u, GroupedExperts) for u in units)
     size = mesh.size() if mesh is not None else torch.distributed.get_world_size()
-    plugin.record_sharding(
-        f"FSDP2 fully_shard over {size} rank(s): {experts} GroupedExperts module(s), {len(units) - experts} decoder"
-        f" layer(s) and {len(roots)} root(s) as units; {_gather_text(policy.param_dtype)}",
-        {"strategy": "fsdp2", "ranks": size, "experts_units": experts, "layer_units": len(units) - experts,
-         "roots": len(roots), "param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype)})
-    return [*units, *roots]
+    summary = (f"FSDP2 fully_shard over {size} rank(s): {experts} GroupedExperts module(s), {len(units) - experts}"
+               f" decoder layer(s) and {len(roots)} root(s) as units; {_gather_text(policy.param_dtype)}")
+    details = {"strategy": "fsdp2", "ranks": size, "experts_units": experts, "layer_units": len(units) - experts,
+               "roots": len(roots), "param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype)}
+    return [*units, *roots], summary, details
 
 
 def _gather_text(param_dtype: Optional[torch.dtype]) -> str:

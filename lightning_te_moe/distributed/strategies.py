@@ -71,8 +71,8 @@ def amax_reduction_group(recipe_name: str) -> Any:
     return dist.group.WORLD if dist.get_world_size() > 1 else None
 
 
-def distributed_reasons(plan: Plan, support: StrategySupport, world_size: int) -> tuple[Reason, ...]:
-    """What the plan does differently on ``world_size`` ranks under ``support``: the explained additions."""
+def distributed_reasons(plan: Plan, sharded: bool, world_size: int) -> tuple[Reason, ...]:
+    """What the plan does differently on ``world_size`` ranks (with ``sharded`` parameters): the explained additions."""
     if world_size <= 1:
         return ()
     names = {spec.name for rung in plan.ladder for spec in (rung.dense, rung.experts)}
@@ -84,8 +84,7 @@ def distributed_reasons(plan: Plan, support: StrategySupport, world_size: int) -
             " amax_reduction_group=WORLD, DelayedScaling.reduce_amax=True) at each autocast exit, so every rank"
             " quantizes with the same scales (one all-reduce per step)",
             "TE pytorch/quantization.py reduce_and_update_fp8_tensors"))
-    if support.kind in ("fsdp", "fsdp2") and any(spec.is_te for rung in plan.ladder
-                                                  for spec in (rung.dense, rung.experts)):
+    if sharded and any(spec.is_te for rung in plan.ladder for spec in (rung.dense, rung.experts)):
         reasons.append(Reason(
             "fp8-sharded-params",
             "FP8 with sharded parameters: the master weights stay sharded in their own dtype; FSDP all-gathers them"
