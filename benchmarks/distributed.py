@@ -133,7 +133,8 @@ def lightning_module(args: argparse.Namespace) -> Any:
 
         def training_step(self, batch: torch.Tensor, index: int) -> torch.Tensor:
             loss = self.model(input_ids=batch, labels=batch).loss
-            if args.nan_at is not None and self.global_step == args.nan_at and self.global_rank == self.trainer.world_size - 1:
+            last_rank = self.global_rank == self.trainer.world_size - 1
+            if args.nan_at is not None and self.global_step == args.nan_at and last_rank:
                 loss = loss * float("nan")
             return loss
 

@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from guard_support import CpuLadderPrecision  # noqa: E402
-from test_experts_fit import TinyGptOss, _loader  # noqa: E402
+from test_experts_fit import TinyGptOss  # noqa: E402
 
 from lightning_te_moe import DivergenceGuard, GroupedExperts, GuardConfig  # noqa: E402
 from lightning_te_moe.distributed import shard_model  # noqa: E402
