@@ -195,11 +195,18 @@ def decisions(plugin: Any) -> list[list[Any]]:
     return [[d.kind, d.step, d.from_, d.to] for d in plugin.decisions.decisions if d.kind not in ("swap", "snapshot")]
 
 
-def run(args: argparse.Namespace) -> None:
-    """One configuration; every rank writes ``OUT/NAME.rank<N>.json``."""
+def precision(args: argparse.Namespace) -> Any:
+    """The plugin: the guard snapshots every step on the tiny model (so a rollback has a recent copy); on GPUs its
+    own cadence decides (a host copy of a 20B model's shards and AdamW state is 84 GB every time)."""
     from lightning_te_moe import GuardConfig, TEMoEPrecision
 
-    plugin = TEMoEPrecision(args.recipe, print_plan=False, guard_config=GuardConfig(snapshot_every=1))
+    guard = GuardConfig(snapshot_every=1) if args.tiny else GuardConfig()
+    return TEMoEPrecision(args.recipe, print_plan=False, guard_config=guard, params_dtype=args.params_dtype)
+
+
+def run(args: argparse.Namespace) -> None:
+    """One configuration; every rank writes ``OUT/NAME.rank<N>.json``."""
+    plugin = precision(args)
     timer = timer_callback(args.warmup)
     trainer = trainer_for(args, plugin, args.steps, [timer])
     module = lightning_module(args)
@@ -209,6 +216,7 @@ def run(args: argparse.Namespace) -> None:
     step_s = sorted(timer.times)[len(timer.times) // 2] if timer.times else None
     result: dict[str, Any] = {
         "name": args.name, "strategy": args.strategy, "devices": args.devices, "recipe": args.recipe,
+        "params_dtype": args.params_dtype,
         "plan": plugin.state.plan.summary(), "rung": plugin.state.index, "global_step": trainer.global_step,
         "seq": args.seq, "batch_per_gpu": args.batch, "timed_steps": len(timer.times), "median_step_s": step_s,
         "tokens_per_s_per_gpu": tokens / step_s if step_s else None,
@@ -222,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
         trainer.save_checkpoint(ckpt)
         if args.export:
             result["export"] = export_check(module, args.out / args.name / "hf", trainer.global_rank, args)
-        resumed = TEMoEPrecision(args.recipe, print_plan=False, guard_config=GuardConfig(snapshot_every=1))
+        resumed = precision(args)
         again = trainer_for(args, resumed, args.steps + 2, [])
         again.fit(lightning_module(args), loader(args, args.steps + 2), ckpt_path=ckpt)
         result["resume"] = {"global_step": again.global_step, "rung": resumed.state.index,
@@ -252,7 +260,8 @@ def export_check(module: Any, out: Path, rank: int, args: argparse.Namespace) ->
 
 def configurations(args: argparse.Namespace) -> list[list[str]]:
     """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), DDP 1 vs 2."""
-    common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--params-dtype", args.params_dtype]
     common += ["--tiny"] if args.tiny else []
     export = [] if args.skip_export else ["--export"]
     ddp_layers = ["--layers", "2"]
@@ -325,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
                         " run: none unless given)")
     p.add_argument("--skip-export", action="store_true", help="all: no HF export (it gathers 84 GB on rank 0)")
     p.add_argument("--timeout", type=int, default=3600, help="all: seconds per configuration")
+    p.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="master weights (and so AdamW state): float32 needs 16 bytes a parameter, 84 GB per GPU for"
+                        " GPT-OSS-20B on 4 GPUs before activations (H200s, or 8 GPUs); bfloat16 needs 8")
     # run's own
     p.add_argument("--name", default="run")
     p.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2")
