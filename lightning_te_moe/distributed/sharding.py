@@ -6,8 +6,8 @@ own FSDP unit. ``ModelParallelStrategy`` calls the user's ``configure_model`` (w
 *before* it converts the module, so there the swaps must run inside ``configure_model``, ahead of ``fully_shard``:
 :func:`shard_model` does both, :func:`prepare_model` only the plugin's part for users who shard themselves.
 
-FSDP all-gathers each unit's parameters in the compute dtype of the plan (BF16) and reduces gradients in FP32, as
-torch's FSDP2 guide and TE's FSDP2 example do; a ladder with an FP32 rung all-gathers in FP32, since a step-down to
+FSDP all-gathers each unit's parameters in the compute dtype of the plan (BF16) and reduces gradients in FP32 (as
+torchtitan's defaults do); a ladder with an FP32 rung all-gathers in FP32, since a step-down to
 FP32 must compute on FP32 weights. Under an FP8 recipe TE quantizes the gathered weight in the forward and again from
 the gathered weight in the backward (``te.Linear``'s ``is_fsdp2`` path); the FP32 master weights stay sharded.
 """
@@ -35,13 +35,12 @@ def is_sharded(module: nn.Module) -> bool:
             or any(isinstance(p, DTensor) for p in module.parameters()))
 
 
-def use_grouped_layout(module: nn.Module) -> int:
+def use_grouped_layout(module: nn.Module) -> None:
     """Make every ``GroupedExperts`` in ``module`` write its ``state_dict`` in the grouped layout, whose keys are its
-    parameters' names, as torch's distributed checkpoint and FSDP's state dicts require; returns how many."""
-    experts = [m for m in module.modules() if isinstance(m, GroupedExperts)]
-    for m in experts:
-        m.original_layout = False
-    return len(experts)
+    parameters' names, as torch's distributed checkpoint and FSDP's state dicts require."""
+    for m in module.modules():
+        if isinstance(m, GroupedExperts):
+            m.original_layout = False
 
 
 def layer_classes(module: nn.Module) -> set[type[nn.Module]]:
