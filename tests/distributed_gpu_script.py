@@ -40,7 +40,7 @@ def main(out: Path, kind: str, recipe: str) -> None:
                       default_root_dir=out, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     model = Model()
-    data = torch.randint(0, 64, (48, 32), generator=torch.Generator().manual_seed(0))
+    data = torch.randint(0, 64, (48, 33), generator=torch.Generator().manual_seed(0))  # 4 x 32 tokens: FP8 shapes
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
