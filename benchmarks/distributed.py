@@ -354,8 +354,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.seq = args.seq or (16 if args.tiny else 4096)
     args.steps = args.steps or (6 if args.tiny else 24)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 4)
-    if not args.tiny and args.devices < 2:
-        raise SystemExit(f"distributed.py: needs 2 or more GPUs (found {gpus}); --tiny runs on the CPU")
+    if args.command == "all" and not args.tiny and gpus < 2:
+        raise SystemExit(f"distributed.py all: needs 2 or more GPUs (found {gpus}); --tiny runs on the CPU")
     if args.command == "run":
         run(args)
     else:
