@@ -9,6 +9,7 @@ from .experts import (
                      swap_experts,
                      unswap_experts,
 )
+from .fabric import TEMoEFabricPrecision
 from .guard import DivergenceError, DivergenceGuard, GuardConfig
 from .interrupt import InterruptCheckpoint
 from .plugin import TEMoEPrecision
@@ -42,6 +43,7 @@ __all__ = [
     "Reason",
     "RecipeSpec",
     "Rung",
+    "TEMoEFabricPrecision",
     "TEMoEPrecision",
     "TextProgressBar",
     "make_plan",

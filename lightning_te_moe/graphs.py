@@ -165,6 +165,9 @@ class LayerGraphs:
             return "not on CUDA"
         if _has_hooks(module):
             return "forward hooks"
+        if any(callable(getattr(p, "to_local", None)) or type(p).__name__ == "FlatParameter"
+               for p in module.parameters()):
+            return "sharded parameters (FSDP gathers them into new memory at every call)"
         return None
 
     def _trainable(self) -> list[Tensor]:

@@ -9,12 +9,14 @@ from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from .compiled import compiled_modules
 from .console import print_rank_zero
+from .distributed.sharding import fsdp_mixed_precision, fsdp_wrap_policy, is_sharded, use_grouped_layout
+from .distributed.strategies import amax_reduction_group, distributed_reasons, strategy_support
 from .guard import DecisionLog, DivergenceGuard, GuardConfig, attach_sinks
 from .policy import (
     Environment,
@@ -37,7 +39,7 @@ class TERecipe:
     """Type stand-in for a ``transformer_engine.common.recipe.Recipe`` instance passed from Python."""
 
 
-class TEMoEPrecision(Precision):
+class TEMoEPrecision(FSDPPrecision):
     """Train MoE models with Transformer Engine in the best precision the machine runs, and explain why.
 
     At setup it probes the device and TE/cuDNN/CUDA versions, makes a :class:`~lightning_te_moe.policy.plan.Plan`
@@ -78,6 +80,11 @@ class TEMoEPrecision(Precision):
             where the layer makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops
             waiting on the host's kernel launches. Layers that synchronize run eagerly, with the reason recorded.
             Off by default while it is proven only inside a Trainer (docs/cuda-graphs.md).
+
+    Strategies (docs/distributed.md): single device, DDP, ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2: call
+    :func:`lightning_te_moe.distributed.shard_model` in ``configure_model``); any other is an error at setup. The class
+    derives from ``FSDPPrecision`` only because Lightning's ``FSDPStrategy`` accepts no other precision plugin; it
+    overrides every hook ``FSDPPrecision`` defines, so under the other strategies it is a plain ``Precision``.
     """
 
     precision: str = "32-true"
@@ -127,6 +134,7 @@ class TEMoEPrecision(Precision):
         self._amp: Optional[MixedPrecision] = None
         self._trainer: Any = None
         self._resume_step: Optional[int] = None
+        self._converted: Optional[torch.nn.Module] = None  # the module last planned, swapped and cast
         #: Module swaps run at setup, in order: ``fn(model, state) -> (summary, details) or None``.
         self.module_swaps: list[Callable[[torch.nn.Module, PrecisionState], Optional[tuple[str, dict]]]] = []
         if swap_experts:
@@ -183,8 +191,22 @@ class TEMoEPrecision(Precision):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Plan on the real device, run the module swaps, cast parameters. Changes ``module`` in place."""
+        """Plan on the real device, run the module swaps, cast parameters. Changes ``module`` in place.
+
+        A module prepared in ``configure_model`` (:meth:`prepare_for_sharding`) is already all of that; one sharded
+        before the plugin could swap and cast it is an error (the swaps cannot replace sharded modules).
+        """
         trainer = getattr(module, "_trainer", None)
+        support = strategy_support(trainer.strategy) if trainer is not None else None
+        if is_sharded(module):
+            if self._converted is module:  # prepared in configure_model, or a later stage of the same Trainer
+                if trainer is not None:
+                    self._attach_to(trainer)
+                return module
+            raise RuntimeError(
+                f"{type(module).__name__} was sharded (FSDP / fully_shard / tensor parallel) before TEMoEPrecision"
+                " could plan, swap and cast it, and sharded modules cannot be swapped: in configure_model call"
+                " lightning_te_moe.distributed.shard_model(self), or prepare_model(self) before your own fully_shard")
         self._trainer = trainer
         self._model = module
         if self.state is None:
@@ -193,8 +215,11 @@ class TEMoEPrecision(Precision):
             device = trainer.strategy.root_device if trainer is not None else _default_device()
             compiled = bool(compiled_modules(module))
             plan = self.make_plan(device, torch_compile=compiled)
-            if trainer is not None and trainer.world_size > 1:  # every rank runs rank 0's plan
-                plan = Plan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+            world = trainer.world_size if trainer is not None else _process_count()
+            if world > 1:  # every rank runs rank 0's plan (the Trainer's strategy broadcasts; Fabric: the group)
+                plan = Plan.from_dict(_broadcast(trainer, plan.to_dict()))
+                sharded = support is not None and support.kind in ("fsdp", "fsdp2")
+                plan = dataclasses.replace(plan, reasons=plan.reasons + distributed_reasons(plan, sharded, world))
             self._set_up(plan, device)
         assert self.state is not None
         for swap in self.module_swaps:
@@ -207,7 +232,34 @@ class TEMoEPrecision(Precision):
         if self.print_plan and not self._plan_printed:
             self._print_plan(module)
         self._cast_parameters(module)
+        if support is not None and support.kind == "fsdp":
+            use_grouped_layout(module)
+            self._set_fsdp_wrapping(trainer.strategy, module)
+        self._converted = module
         return module
+
+    def prepare_for_sharding(self, module: torch.nn.Module) -> None:
+        """Plan, swap and cast ``module`` before it is sharded (called from ``configure_model`` through
+        :func:`lightning_te_moe.distributed.prepare_model`); the strategy's later ``convert_module`` keeps it."""
+        if self._converted is not module:
+            self.convert_module(module)
+        use_grouped_layout(module)
+
+    def record_sharding(self, summary: str, details: dict[str, Any]) -> None:
+        """Record how the model was sharded (a ``shard`` decision)."""
+        self.decisions.record("shard", summary, rule="sharding", evidence=details)
+
+    def _set_fsdp_wrapping(self, strategy: Any, module: torch.nn.Module) -> None:
+        """FSDP (v1) units: each GroupedExperts module and decoder layer, unless the user chose a policy."""
+        if "auto_wrap_policy" in strategy.kwargs:
+            self.record_sharding("FSDP: the strategy's own auto_wrap_policy decides the units",
+                                 {"strategy": "fsdp", "policy": "user"})
+            return
+        policy = fsdp_wrap_policy(module)
+        strategy.kwargs["auto_wrap_policy"] = policy
+        names = sorted(cls.__name__ for cls in policy._module_classes)
+        self.record_sharding(f"FSDP: one unit per {', '.join(names)} module (no auto_wrap_policy was given)",
+                             {"strategy": "fsdp", "policy": names})
 
     def _cast_parameters(self, module: torch.nn.Module) -> None:
         """Trainable parameters (the optimizer's master weights) and buffers go to ``params_dtype``.
@@ -277,7 +329,8 @@ class TEMoEPrecision(Precision):
         if dense.is_te:
             import transformer_engine.pytorch as te
 
-            stack.enter_context(te.autocast(enabled=True, recipe=self.state.te_recipe(dense)))
+            stack.enter_context(te.autocast(enabled=True, recipe=self.state.te_recipe(dense),
+                                            amax_reduction_group=amax_reduction_group(dense.name)))
         return stack
 
     def _run_autotune(self) -> None:
@@ -309,19 +362,54 @@ class TEMoEPrecision(Precision):
         return self._amp is not None and self.state is not None and self.state.dense.name == "fp16"
 
     def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:
+        if getattr(module, "_trainer", None) is None:  # Fabric calls this with a plain module (or None), no Trainer
+            raise RuntimeError(
+                "TEMoEPrecision is a lightning.Trainer plugin (its guard is a Trainer callback): under Fabric use"
+                " lightning_te_moe.TEMoEFabricPrecision")
         if self._scaler_active():
             return self._amp.pre_backward(tensor, module)
-        return super().pre_backward(tensor, module)
+        return Precision.pre_backward(self, tensor, module)
 
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
         if self._scaler_active():
             return self._amp.optimizer_step(optimizer, model, closure, **kwargs)
-        return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        return Precision.optimizer_step(self, optimizer, model=model, closure=closure, **kwargs)
 
     def clip_gradients(self, optimizer: Any, clip_val: Union[int, float] = 0.0, gradient_clip_algorithm: Any = None) -> None:
         target = self._amp if self._scaler_active() else super()
         kwargs = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
         target.clip_gradients(optimizer, clip_val=clip_val, **kwargs)
+
+    # -- FSDPPrecision's hooks, as a plain Precision (see the class docstring) --------------------
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
+        """FSDP (v1) shards flat parameters, so the norm is the wrapped model's own ``clip_grad_norm_``; FSDP2's
+        DTensor gradients and unsharded ones take torch's."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(model, FullyShardedDataParallel):
+            model.clip_grad_norm_(clip_val)
+            return
+        Precision.clip_grad_by_norm(self, optimizer, clip_val)
+
+    @property
+    def mixed_precision_config(self) -> Any:
+        """FSDP's ``MixedPrecision`` for the plan: all-gather in the compute dtype, reduce gradients in FP32."""
+        if self.state is None:
+            raise RuntimeError("TEMoEPrecision.mixed_precision_config: the plan is made at setup (convert_module)")
+        return fsdp_mixed_precision(self.state.plan)
+
+    def tensor_init_context(self) -> AbstractContextManager:
+        return Precision.tensor_init_context(self)
+
+    def module_init_context(self) -> AbstractContextManager:
+        return Precision.module_init_context(self)
+
+    def convert_input(self, data: Any) -> Any:
+        return Precision.convert_input(self, data)
+
+    def convert_output(self, data: Any) -> Any:
+        return Precision.convert_output(self, data)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -428,6 +516,21 @@ def _check_arguments(recipe: Any, params_dtype: Any, **flags: Any) -> None:
                  " (the dtype of the parameters and the optimizer state: every recipe computes from FP32 or BF16)")
     for name, value in flags.items():
         check_bool(_OWNER, name, value)
+
+
+def _process_count() -> int:
+    """Processes in the default group (1 without one): Fabric's ranks, where no Trainer says."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _broadcast(trainer: Any, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank: through the Trainer's strategy, else the default process group."""
+    if trainer is not None:
+        return trainer.strategy.broadcast(obj, src=0)
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _default_device() -> torch.device:

@@ -66,7 +66,10 @@ class GroupedExperts(nn.Module):
     since TE 2.20 drops that bias gradient. On TE's native grouped GEMM the down-projection bias is always added
     after the combine (cheaper than TE's bias pass there). The torch backend adds the biases outside the GEMMs.
 
-    ``state_dict`` is written in the original module's layout (``codec``) and either layout loads.
+    ``state_dict`` is written in the original module's layout (``codec``) and either layout loads. A sharded model
+    writes ours (``original_layout = False``, set when it is sharded): torch's distributed checkpoint and FSDP map
+    every key back to a parameter by name, so a renamed key fails there; the HF export converts
+    (:mod:`lightning_te_moe.distributed.export`).
 
     Under PEFT LoRA on the expert weights (``target_parameters``) PEFT's wrappers stay around this module and keep
     the adapters; ``lora`` (:class:`~.lora.ExpertsLoRA`) reads them and each active adapter runs as two grouped
@@ -94,6 +97,8 @@ class GroupedExperts(nn.Module):
         self._engines: dict[tuple[str, str, bool, bool], TEGroupedGemm] = {}
         #: Frozen weights kept on the GPU only as TE's quantized copies (:mod:`.resident`), per projection.
         self._resident = {name: ResidentWeights(cache_quantized_weights) for name in ("fc1", "fc2")}
+        #: ``state_dict`` in the original module's layout (True) or in ours (False: sharded models).
+        self.original_layout = True
         self.register_state_dict_post_hook(_write_original_layout)
         self.register_load_state_dict_pre_hook(_read_original_layout)
 
@@ -283,7 +288,9 @@ class GroupedExperts(nn.Module):
 
 
 def _write_original_layout(module: GroupedExperts, destination: dict[str, Any], prefix: str, _meta: Any) -> None:
-    """State-dict post-hook: replace ``fc1.*``/``fc2.*`` by the original module's keys."""
+    """State-dict post-hook: replace ``fc1.*``/``fc2.*`` by the original module's keys (unless sharded)."""
+    if not module.original_layout:
+        return
     ours = {n: destination.pop(prefix + n) for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
             if prefix + n in destination}
     weights = ExpertWeights(ours["fc1.weight"], ours.get("fc1.bias"), ours["fc2.weight"], ours.get("fc2.bias"))

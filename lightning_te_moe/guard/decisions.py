@@ -1,4 +1,4 @@
-"""Structured records of every precision decision (plan, swap, step-down, rollback, stop, resume).
+"""Structured records of every precision decision (plan, swap, shard, step-down, rollback, stop, resume).
 
 ``DecisionLog`` keeps them in order and hands each new one to its sinks (console, JSONL audit file,
 Lightning loggers, W&B); it is saved in the checkpoint so a resumed run keeps its history.
@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-DecisionKind = Literal["plan", "swap", "skip", "step_down", "rollback", "hold", "stop", "resume", "promote", "autotune",
-                       "snapshot"]
+DecisionKind = Literal["plan", "swap", "shard", "skip", "step_down", "rollback", "hold", "stop", "resume", "promote",
+                       "autotune", "snapshot"]
 
 
 @dataclass(frozen=True)

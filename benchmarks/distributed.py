@@ -1,0 +1,366 @@
+"""Issue 16's distributed run: the full GPT-OSS-20B architecture under Lightning's ModelParallelStrategy (FSDP2) with
+the plugin, and DDP on 2 GPUs against 1 GPU. Writes JSON; never invents a number (a run that did not happen is absent).
+
+Each configuration is one Lightning run in its own process group (``run``); ``all`` runs the issue's list of them one
+after another and merges their results into ``OUT/distributed.json``:
+
+    NCCL_NVLS_ENABLE=0 python benchmarks/distributed.py all --out /tmp/dist            # 4 GPUs: FSDP2 + DDP
+    NCCL_NVLS_ENABLE=0 python benchmarks/distributed.py all --out /tmp/dist --skip-export
+    python benchmarks/distributed.py all --tiny --out /tmp/dist-tiny                   # CPU, gloo, seconds
+
+FSDP2 runs (``--strategy fsdp2``): the model is built on the meta device in ``configure_model``, swapped and sharded
+by :func:`lightning_te_moe.distributed.shard_model`, then materialized shard by shard on the GPU (random init: norms
+1, biases 0, other weights N(0, 0.02)); all parameters train (AdamW, FP32 master weights), batch 1 x ``--seq`` per
+GPU. Per run: tokens/s and model TFLOP/s per GPU over the timed steps (after ``--warmup``), peak memory per GPU, the
+plan, and each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at ``--nan-at`` (every
+rank must record the same decisions at the same step), saves a sharded checkpoint and resumes it for 2 more steps (plan,
+rung, guard state and decision history must come back), and exports to the HF layout and loads it back (unless
+``--skip-export``). DDP runs (``--strategy ddp``) train a 2-layer model of the same widths on 1 and on 2 GPUs.
+
+Model FLOPs per token: 6 x the parameters a token passes through (embeddings excluded; experts counted at top-k of
+their number; the output head included) + attention 12 x heads x head dim x context per layer (context: the sequence
+on full-attention layers, the window on sliding ones; no causal halving). NeMo's reported 279 TFLOP/s at 13,058
+tokens/s is 21.4 GFLOP a token, close to 6 x the active parameters alone (21.7 GFLOP); this count adds 2.5 GFLOP of
+attention at 4,096 tokens, so compare tokens/s first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_te_moe.distributed.export import export_hf  # noqa: E402
+
+#: Issue 16's reference: NeMo AutoModel, GPT-OSS-20B, 8 H100s, BF16, sequence 4,096 (its performance summary).
+REFERENCE = {"tokens_per_s_per_gpu": 13058, "tflops_per_gpu": 279, "source": "NeMo AutoModel performance summary"}
+
+
+def gpt_oss_config(tiny: bool, layers: Optional[int] = None) -> Any:
+    """GPT-OSS-20B's architecture (``layers`` to cut it), or a tiny one of the same kind for CPU."""
+    from transformers import GptOssConfig
+
+    if tiny:
+        config = GptOssConfig(num_hidden_layers=layers or 2, num_local_experts=8, num_experts_per_tok=2, vocab_size=64,
+                              hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, sliding_window=8, max_position_embeddings=64, router_aux_loss_coef=0.0,
+                              tie_word_embeddings=False, use_cache=False,
+                              layer_types=["sliding_attention", "full_attention"] * ((layers or 2) // 2))
+        config._attn_implementation = "eager"
+        return config
+    return GptOssConfig(num_hidden_layers=layers or 24, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088,
+                        hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+                        head_dim=64, sliding_window=128, router_aux_loss_coef=0.0, tie_word_embeddings=False,
+                        use_cache=False)
+
+
+def flops_per_token(config: Any, seq: int) -> float:
+    """Model FLOPs of one trained token (forward + backward), as the module docstring defines them."""
+    h, i, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    attention_params = h * q + 2 * h * kv + q * h
+    expert_params = k * (h * 2 * i + i * h)
+    per_layer = attention_params + h * e + expert_params
+    params = config.num_hidden_layers * per_layer + h * config.vocab_size
+    contexts = [seq if t == "full_attention" else min(seq, config.sliding_window) for t in config.layer_types]
+    attention = sum(12 * q * c for c in contexts)
+    return 6.0 * params + attention
+
+
+@torch.no_grad()
+def fill_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Random init of each rank's own shards: norms 1, biases 0, other weights N(0, std), seeded per rank."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    generator: Optional[torch.Generator] = None
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if name.endswith("bias") or "bias" in name.rsplit(".", 1)[-1]:
+            local.zero_()
+        elif "norm" in name:
+            local.fill_(1.0)
+        else:
+            generator = generator or torch.Generator(local.device).manual_seed(seed + rank)
+            local.normal_(0.0, std, generator=generator)
+
+
+def restore_buffers(hf: Any, device: torch.device) -> None:
+    """The rotary embedding's buffers, recomputed after ``to_empty`` (it leaves them uninitialised)."""
+    rotary = hf.model.rotary_emb
+    fresh = type(rotary)(config=hf.config, device=device)
+    for name, buffer in fresh.named_buffers():
+        getattr(rotary, name).copy_(buffer)
+
+
+def lightning_module(args: argparse.Namespace) -> Any:
+    import lightning as L
+
+    from lightning_te_moe.distributed import shard_model
+
+    class GptOss(L.LightningModule):
+        """The causal LM loss on random tokens; a NaN loss on one rank at ``nan_at``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = gpt_oss_config(args.tiny, args.layers)
+            self.model: Any = None
+
+        def configure_model(self) -> None:
+            from transformers import AutoModelForCausalLM
+
+            if self.model is not None:
+                return
+            device = self.trainer.strategy.root_device
+            meta = args.strategy == "fsdp2"
+            with torch.device("meta" if meta else device):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+            self.model.train()
+            if meta:
+                shard_model(self)
+                self.model.to_empty(device=device)
+                restore_buffers(self.model, device)
+            fill_weights(self.model)
+
+        def training_step(self, batch: torch.Tensor, index: int) -> torch.Tensor:
+            loss = self.model(input_ids=batch, labels=batch).loss
+            last_rank = self.global_rank == self.trainer.world_size - 1
+            if args.nan_at is not None and self.global_step == args.nan_at and last_rank:
+                loss = loss * float("nan")
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            fused = {"fused": True} if self.trainer.strategy.root_device.type == "cuda" else {}
+            return torch.optim.AdamW(self.parameters(), lr=1e-5, **fused)
+
+    return GptOss()
+
+
+def loader(args: argparse.Namespace, steps: int) -> torch.utils.data.DataLoader:
+    vocab = gpt_oss_config(args.tiny).vocab_size
+    data = torch.randint(0, vocab, (steps * args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    return torch.utils.data.DataLoader(data, batch_size=args.batch)
+
+
+def timer_callback(warmup: int) -> Any:
+    from lightning.pytorch import Callback
+
+    class StepTimer(Callback):
+        """Wall time of each optimizer step after ``warmup`` (device synchronised), and the peak memory."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def _sync(self, trainer: Any) -> None:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
+            self._sync(trainer)
+            if trainer.global_step == warmup and trainer.strategy.root_device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            self._sync(trainer)
+            if trainer.global_step > warmup:
+                self.times.append(time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
+def trainer_for(args: argparse.Namespace, plugin: Any, steps: int, callbacks: list) -> Any:
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    strategy: Any = (ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+                     if args.strategy == "fsdp2" else DDPStrategy() if args.devices > 1 else "auto")
+    return L.Trainer(accelerator="cpu" if args.tiny else "cuda", devices=args.devices, strategy=strategy,
+                     plugins=[plugin], max_steps=steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                     default_root_dir=args.out / args.name, num_sanity_val_steps=0)
+
+
+def decisions(plugin: Any) -> list[list[Any]]:
+    return [[d.kind, d.step, d.from_, d.to] for d in plugin.decisions.decisions if d.kind not in ("swap", "snapshot")]
+
+
+def precision(args: argparse.Namespace) -> Any:
+    """The plugin: the guard snapshots every step on the tiny model (so a rollback has a recent copy); on GPUs its
+    own cadence decides (a host copy of a 20B model's shards and AdamW state is 84 GB every time)."""
+    from lightning_te_moe import GuardConfig, TEMoEPrecision
+
+    guard = GuardConfig(snapshot_every=1) if args.tiny else GuardConfig()
+    return TEMoEPrecision(args.recipe, print_plan=False, guard_config=guard, params_dtype=args.params_dtype)
+
+
+def run(args: argparse.Namespace) -> None:
+    """One configuration; every rank writes ``OUT/NAME.rank<N>.json``."""
+    plugin = precision(args)
+    timer = timer_callback(args.warmup)
+    trainer = trainer_for(args, plugin, args.steps, [timer])
+    module = lightning_module(args)
+    trainer.fit(module, loader(args, args.steps))
+    cuda = trainer.strategy.root_device.type == "cuda"
+    tokens = args.batch * args.seq
+    step_s = sorted(timer.times)[len(timer.times) // 2] if timer.times else None
+    result: dict[str, Any] = {
+        "name": args.name, "strategy": args.strategy, "devices": args.devices, "recipe": args.recipe,
+        "params_dtype": args.params_dtype,
+        "plan": plugin.state.plan.summary(), "rung": plugin.state.index, "global_step": trainer.global_step,
+        "seq": args.seq, "batch_per_gpu": args.batch, "timed_steps": len(timer.times), "median_step_s": step_s,
+        "tokens_per_s_per_gpu": tokens / step_s if step_s else None,
+        "tflops_per_gpu": tokens * flops_per_token(module.config, args.seq) / step_s / 1e12 if step_s else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "decisions": decisions(plugin),
+    }
+    if args.checkpoint:
+        ckpt = args.out / args.name / "ckpt"
+        trainer.save_checkpoint(ckpt)
+        if args.export:
+            result["export"] = export_check(module, args.out / args.name / "hf", trainer.global_rank, args)
+        resumed = precision(args)
+        again = trainer_for(args, resumed, args.steps + 2, [])
+        again.fit(lightning_module(args), loader(args, args.steps + 2), ckpt_path=ckpt)
+        result["resume"] = {"global_step": again.global_step, "rung": resumed.state.index,
+                            "plan_equal": resumed.state.plan.to_dict() == plugin.state.plan.to_dict(),
+                            "history_kept": decisions(resumed)[:len(result["decisions"])] == result["decisions"],
+                            "decisions": decisions(resumed)}
+    (args.out / f"{args.name}.rank{trainer.global_rank}.json").write_text(json.dumps(result, indent=1))
+
+
+def export_check(module: Any, out: Path, rank: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Export to the HF layout (every rank), then rank 0 loads it with ``from_pretrained`` on the CPU."""
+    start = time.perf_counter()
+    export_hf(module, out)
+    seconds = time.perf_counter() - start
+    if rank != 0:
+        return {"export_s": seconds}
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    shapes = {k: list(v.shape) for k, v in loaded.state_dict().items()}
+    expected = gpt_oss_config(args.tiny, args.layers)
+    return {"export_s": seconds, "loaded": True, "tensors": len(shapes),
+            "experts_shape": shapes.get("model.layers.0.mlp.experts.gate_up_proj"),
+            "expected_experts_shape": [expected.num_local_experts, expected.hidden_size,
+                                       2 * expected.intermediate_size]}
+
+
+def configurations(args: argparse.Namespace) -> list[list[str]]:
+    """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), DDP 1 vs 2."""
+    common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--params-dtype", args.params_dtype]
+    common += ["--tiny"] if args.tiny else []
+    export = [] if args.skip_export else ["--export"]
+    ddp_layers = ["--layers", "2"]
+    return [
+        ["--name", "fsdp2-bf16", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "bf16", *common],
+        ["--name", "fsdp2-default", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "auto",
+         "--nan-at", str(args.nan_at if args.nan_at is not None else 3 if args.tiny else 12), "--checkpoint", *export,
+         *common],
+        ["--name", "ddp-1", "--strategy", "ddp", "--devices", "1", "--recipe", "auto", *ddp_layers, *common],
+        ["--name", "ddp-2", "--strategy", "ddp", "--devices", "2", "--recipe", "auto", *ddp_layers, *common],
+    ]
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {"date": dt.date.today().isoformat(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info.update(device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
+    try:
+        import transformer_engine
+
+        info["te"] = transformer_engine.__version__
+    except ImportError:
+        info["te"] = None
+    return info
+
+
+def summarize(name: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's result: rank 0's, with the per-rank peaks and whether every rank decided alike."""
+    merged = dict(ranks[0])
+    merged["peak_memory_gib_per_rank"] = [r["peak_memory_gib"] for r in ranks]
+    merged["same_decisions_on_every_rank"] = all(r["decisions"] == ranks[0]["decisions"] for r in ranks)
+    if "resume" in ranks[0]:
+        merged["same_resume_on_every_rank"] = all(r["resume"] == ranks[0]["resume"] for r in ranks)
+    return merged
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"environment": environment(), "reference": REFERENCE, "runs": {}, "failed": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for config in configurations(args):
+        name = config[1]
+        command = [sys.executable, str(Path(__file__).resolve()), "run", "--out", str(args.out), *config]
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, capture_output=True,
+                              text=True, timeout=args.timeout)
+        ranks = sorted(args.out.glob(f"{name}.rank*.json"))
+        if done.returncode != 0 or not ranks:
+            results["failed"][name] = done.stderr[-4000:]
+        else:
+            results["runs"][name] = summarize(name, [json.loads(p.read_text()) for p in ranks])
+        (args.out / "distributed.json").write_text(json.dumps(results, indent=1))
+    runs = results["runs"]
+    if "ddp-1" in runs and "ddp-2" in runs and runs["ddp-1"]["tokens_per_s_per_gpu"]:
+        results["ddp_scaling"] = 2 * runs["ddp-2"]["tokens_per_s_per_gpu"] / runs["ddp-1"]["tokens_per_s_per_gpu"]
+    (args.out / "distributed.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=("all", "run"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tiny", action="store_true", help="tiny GPT-OSS on CPU (gloo): checks the script in seconds")
+    p.add_argument("--devices", type=int, default=None, help="GPUs for FSDP2 (default: all; --tiny: 2 processes)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 4,096; --tiny 16)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 24; --tiny 6)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 4; --tiny 1)")
+    p.add_argument("--nan-at", type=int, default=None,
+                   help="step of the NaN loss on the last rank (all: in fsdp2-default, default 12, --tiny 3;"
+                        " run: none unless given)")
+    p.add_argument("--skip-export", action="store_true", help="all: no HF export (it gathers 84 GB on rank 0)")
+    p.add_argument("--timeout", type=int, default=3600, help="all: seconds per configuration")
+    p.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="master weights (and so AdamW state): float32 needs 16 bytes a parameter, 84 GB per GPU for"
+                        " GPT-OSS-20B on 4 GPUs before activations (H200s, or 8 GPUs); bfloat16 needs 8")
+    # run's own
+    p.add_argument("--name", default="run")
+    p.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2")
+    p.add_argument("--recipe", default="auto")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--checkpoint", action="store_true")
+    p.add_argument("--export", action="store_true")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parser().parse_args(argv)
+    gpus = torch.cuda.device_count()
+    args.devices = args.devices or (2 if args.tiny else gpus)
+    args.seq = args.seq or (16 if args.tiny else 4096)
+    args.steps = args.steps or (6 if args.tiny else 24)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 4)
+    if args.command == "all" and not args.tiny and gpus < 2:
+        raise SystemExit(f"distributed.py all: needs 2 or more GPUs (found {gpus}); --tiny runs on the CPU")
+    if args.command == "run":
+        run(args)
+    else:
+        print(json.dumps(run_all(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""benchmarks/distributed.py: its model-FLOPs count, and its ``--tiny`` run on 2 CPU processes (gloo): every
+configuration runs, the NaN on the last rank gives every rank the same decisions, the sharded checkpoint resumes, and
+the HF export loads back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from distributed import flops_per_token, gpt_oss_config  # noqa: E402
+
+
+def test_flops_per_token_of_gpt_oss_20b() -> None:
+    config = gpt_oss_config(tiny=False)
+    # 6 x (24 layers x (attention 2880*4096*2 + 2*2880*512, router 2880*32, 4 experts x 3*2880^2) + head 2880*201088)
+    params = 24 * (2 * 2880 * 4096 + 2 * 2880 * 512 + 2880 * 32 + 4 * 3 * 2880 * 2880) + 2880 * 201088
+    attention = 12 * 4096 * (12 * 4096 + 12 * 128)  # 12 full layers at 4,096 tokens, 12 sliding at the 128 window
+    assert flops_per_token(config, 4096) == 6 * params + attention
+    assert 6 * params == pytest.approx(21.7e9, rel=0.01)  # NeMo's 279 TFLOP/s at 13,058 tokens/s: 21.4 GFLOP a token
+
+
+@pytest.mark.slow
+def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "distributed.py"), "all", "--tiny", "--out", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "distributed.json").read_text())
+    assert result["failed"] == {} and set(result["runs"]) == {"fsdp2-bf16", "fsdp2-default", "ddp-1", "ddp-2"}
+    for run in result["runs"].values():
+        assert run["same_decisions_on_every_rank"] and run["global_step"] == 6 and run["tokens_per_s_per_gpu"] > 0
+    default = result["runs"]["fsdp2-default"]
+    assert ["skip", 4, "step 4", "skipped"] in default["decisions"]  # the NaN at step 3 on rank 1, on both ranks
+    assert default["same_resume_on_every_rank"]
+    assert {k: default["resume"][k] for k in ("global_step", "plan_equal", "history_kept")} == {
+        "global_step": 8, "plan_equal": True, "history_kept": True}
+    assert default["export"]["loaded"] and default["export"]["experts_shape"] == default["export"][
+        "expected_experts_shape"] == [8, 32, 96]
+    assert result["ddp_scaling"] > 0
