@@ -224,7 +224,7 @@ def test_a_model_in_eval_mode_that_trains_is_graphed_by_mode(cpu_graphs: list[li
     assert CAPTURES == ["Block", "Block"]
 
 
-@pytest.mark.parametrize("case", ["no_grad", "checkpointing", "hook"])
+@pytest.mark.parametrize("case", ["no_grad", "checkpointing", "hook", "sharded"])
 def test_no_graph_outside_a_plain_training_forward(cpu_graphs: list[list[str]], case: str) -> None:
     model = Stack(layers=1)
     graphs.install_cuda_graphs(model)
@@ -233,6 +233,8 @@ def test_no_graph_outside_a_plain_training_forward(cpu_graphs: list[list[str]], 
         layer.gradient_checkpointing = True
     if case == "hook":
         layer.linear.register_forward_hook(lambda *args: None)
+    if case == "sharded":  # a DTensor parameter (FSDP2) gathers into new memory at every call
+        layer.linear.weight.to_local = lambda: layer.linear.weight
     for _ in range(4):
         if case == "no_grad":
             with torch.no_grad():
