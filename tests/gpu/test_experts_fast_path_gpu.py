@@ -139,7 +139,10 @@ def test_native_path_routing_computes_the_same_function(recipe: str, monkeypatch
     errors = {k: rel_err(a[k], b[k]) for k in a}
     print(recipe, {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(torch.isfinite(v).all() for v in b.values())
-    assert max(errors.values()) <= (1e-3 if recipe == "bf16" else 2e-2), errors
+    # BF16: 1e-2, as the native path adds the down-projection bias after the combine (routed_bias), the split
+    # path inside TE's GEMM: another BF16 rounding of the output, the routing-weight and fc2-bias gradients
+    # (<= 4e-3, H100, cuBLASLt 13.1, 2026-11-27); the weight and input gradients stay exact.
+    assert max(errors.values()) <= (1e-2 if recipe == "bf16" else 2e-2), errors
 
 
 def _cublaslt() -> str:

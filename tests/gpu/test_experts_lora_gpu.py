@@ -131,7 +131,10 @@ def test_lora_on_device_split_sizes_computes_the_same(recipe: str, monkeypatch: 
     assert len(calls) == 4  # the adapters on grouped_mm, with the routing's device offsets
     errors = {k: rel_err(b[k], a[k]) for k in a}
     print(recipe, {k: f"{v:.1e}" for k, v in errors.items()})
-    assert max(errors.values()) <= (1e-3 if recipe == "bf16" else 2e-2), errors
+    # BF16: 1e-2, as the native path adds the down-projection bias after the combine (routed_bias), the split
+    # path inside TE's GEMM: another BF16 rounding of the output, the routing-weight and fc2-bias gradients
+    # (<= 4e-3, H100, cuBLASLt 13.1, 2026-11-27); the weight and input gradients stay exact.
+    assert max(errors.values()) <= (1e-2 if recipe == "bf16" else 2e-2), errors
 
 
 def test_lora_fit_with_the_plugin_default_plan(tmp_path: Path) -> None:
