@@ -97,7 +97,7 @@ def fill_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> No
 def restore_buffers(hf: Any, device: torch.device) -> None:
     """The rotary embedding's buffers, recomputed after ``to_empty`` (it leaves them uninitialised)."""
     rotary = hf.model.rotary_emb
-    fresh = type(rotary)(config=hf.config, device=device)
+    fresh = type(rotary)(config=hf.config).to(device)  # transformers 5.24 takes no device argument here
     for name, buffer in fresh.named_buffers():
         getattr(rotary, name).copy_(buffer)
 
