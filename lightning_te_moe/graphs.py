@@ -183,12 +183,13 @@ class LayerGraphs:
         if self.calls[key] == WARMUP_CALLS:
             out, syncs = _watch_syncs(lambda: self.eager(*args, **kwargs))
             if syncs:
-                self._refuse(key, f"a host synchronization in its forward ({syncs[0]})", {"synchronizations": syncs[:3]})
+                self._refuse(key, f"a host synchronization in its forward ({syncs[0]})",
+                             {"synchronizations": syncs[:3]})
             elif not isinstance(out, Tensor):
                 self._refuse(key, f"its forward returns a {type(out).__name__}, not one tensor", {})
             return out
         params = self._trainable()
-        self.graphs[key] = self._capture(key, leaves, spec, tensors, params)
+        self.graphs[key] = self._capture(leaves, spec, tensors, params)
         self._event("swap", f"CUDA graphs captured for {type(self.module).__name__} ({len(self.graphs)} shape(s))",
                     {"inputs": [list(t.shape) for t in tensors]})
         return _Replay.apply(self.graphs[key], len(tensors), *tensors, *params)
@@ -197,8 +198,7 @@ class LayerGraphs:
         self.refused[key] = reason
         self._event("skip", f"no CUDA graph for {type(self.module).__name__}: {reason}", evidence)
 
-    def _capture(self, key: Hashable, leaves: list[Any], spec: Any, tensors: list[Tensor],
-                 params: list[Tensor]) -> _Graph:
+    def _capture(self, leaves: list[Any], spec: Any, tensors: list[Tensor], params: list[Tensor]) -> _Graph:
         """Warm up on a side stream, then capture the forward and the backward into one memory pool."""
         inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         it = iter(inputs)
@@ -227,8 +227,7 @@ class LayerGraphs:
                 output = run()
             grad_output = torch.empty_like(output)
             with torch.cuda.graph(backward, pool=forward.pool()):
-                # retain_graph: the saved activations stay with the graphs that write and read them (freeing them
-                # inside the capture made the caching allocator order the legacy stream after the capturing one)
+                # retain_graph: the saved activations stay allocated to the graphs that write and read them
                 grads = torch.autograd.grad(output, targets, grad_output, allow_unused=True, retain_graph=True)
         return _Graph(forward, backward, inputs, output, grad_output, tuple(grads), params)
 

@@ -33,7 +33,7 @@ class _Replayable:
         self.fn()
 
 
-def _cpu_capture(self: LayerGraphs, key: Any, leaves: list[Any], spec: Any, tensors: list[Tensor],
+def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[Tensor],
                  params: list[Tensor]) -> _Graph:
     inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
     it = iter(inputs)
@@ -299,7 +299,8 @@ def test_a_transformers_model_trains_without_a_kv_cache_object_in_its_layers(cpu
 
 def test_a_causal_mask_object_is_held_by_its_description_and_a_padding_mask_is_not() -> None:
     """The swapped attention's mask object: without padding it is the causal mask of its window (the same at every
-    step of a shape: a graph holds its description); with a padding mask its tensors change, so the call runs eagerly."""
+    step of a shape: a graph holds its description); with a padding mask its tensors change, so the call runs
+    eagerly."""
     from lightning_te_moe.attention.masks import DeferredMask
 
     causal = dict(batch_size=2, q_length=9, kv_length=9, local_size=8, allow_is_causal_skip=True, attention_mask=None,
