@@ -409,3 +409,24 @@ def test_the_full_size_benchmark_runs_and_reports_what_the_docs_need(tmp_path: P
     assert stats["snapshot_bytes"] > 0 and stats["snapshot_ms"] > 0 and stats["interval"] >= 1
     assert stats["cost_share"] is not None and row["modes"]["every"]["restore_ms"] > 0
     assert "| lora (bf16) |" in done.stdout
+
+
+def test_the_true_loss_under_a_loss_scaler_is_read_without_a_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning divides the loss by the accumulation count and an FP16 scaler multiplies it by its scale before
+    backward: the guard undoes both, dividing by the scaler's scale tensor (``get_scale()`` is an ``.item()``, a
+    sync per micro-batch on CUDA)."""
+    from types import SimpleNamespace
+
+    from lightning_te_moe.guard.decisions import DecisionLog
+    from lightning_te_moe.policy.choose import PrecisionRequest, make_plan
+    from lightning_te_moe.policy.environment import Environment
+    from lightning_te_moe.policy.state import PrecisionState
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = DivergenceGuard(PrecisionState(make_plan(Environment(), PrecisionRequest())), DecisionLog(),
+                            grads_may_overflow=lambda: True, scaler=scaler)
+    seen = scaler.scale(torch.tensor(0.75) / 4)  # creates the scale tensor, as Lightning's pre_backward does
+    monkeypatch.setattr(scaler, "get_scale", lambda: pytest.fail("the guard read the scale on the host"))
+    guard.on_before_backward(SimpleNamespace(accumulate_grad_batches=4), SimpleNamespace(automatic_optimization=True),
+                             seen)
+    assert guard._loss_sum.item() == pytest.approx(0.75) and guard._loss_count == 1

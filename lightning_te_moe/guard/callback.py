@@ -44,7 +44,7 @@ from .config import GuardConfig
 from .decisions import DecisionLog
 from .detector import DivergenceDetector, Trigger
 from .metrics import log_level, log_snapshot_cost
-from .snapshot import SnapshotStore, last_checkpoint, local_tensor, restore_checkpoint
+from .snapshot import SnapshotStore, last_checkpoint, local_tensor, restore_checkpoint, scaler_tensors
 
 #: Steps between a CUDA step and the read of its values (0 on CPU, where the values are already on host).
 LAG_STEPS = 1
@@ -146,8 +146,11 @@ class DivergenceGuard(Callback):
         lightning/pytorch/loops/optimization/automatic.py) and an active FP16 scaler multiplied it by its scale;
         both are undone here."""
         normalize = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        scale = self.scaler.get_scale() if self.scaler is not None and self.grads_may_overflow() else 1.0
-        value = loss.detach().float() * (normalize / scale)
+        value = loss.detach().float() * normalize
+        # The scale as the scaler's device tensor: ``get_scale()`` would read it on the host, a sync per micro-batch.
+        scale = scaler_tensors(self.scaler).get("scale") if self.grads_may_overflow() else None
+        if scale is not None:
+            value = value / scale.to(value.device, torch.float32)
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
 

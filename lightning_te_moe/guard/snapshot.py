@@ -68,7 +68,7 @@ def te_delayed_scaling(module: torch.nn.Module) -> Optional[dict[str, list[torch
     return module.get_fp8_meta_tensors()
 
 
-def _scaler_tensors(scaler: Optional[Any]) -> dict[str, torch.Tensor]:
+def scaler_tensors(scaler: Optional[Any]) -> dict[str, torch.Tensor]:
     """The FP16 loss scaler's scale and growth tracker, device tensors once it has scaled a loss (``_scale`` and
     ``_growth_tracker`` in torch/amp/grad_scaler.py, updated in place); empty before, or without a scaler.
 
@@ -86,7 +86,7 @@ def _scaler_settings(scaler: Optional[Any]) -> Optional[dict[str, Any]]:
     (no device value exists yet, so ``state_dict()`` reads none)."""
     if scaler is None or not scaler.is_enabled():
         return None
-    if not _scaler_tensors(scaler):
+    if not scaler_tensors(scaler):
         return {"state_dict": scaler.state_dict()}
     return {"growth_factor": scaler.get_growth_factor(), "backoff_factor": scaler.get_backoff_factor(),
             "growth_interval": scaler.get_growth_interval()}
@@ -200,7 +200,7 @@ def _live_tensors(module: torch.nn.Module, optimizers: list[Any],
         for meta_key, tensors in (scaling or {}).items():
             for j, tensor in enumerate(tensors):
                 yield ("te", name, meta_key, j), tensor, False
-    for name, tensor in _scaler_tensors(scaler).items():
+    for name, tensor in scaler_tensors(scaler).items():
         yield ("scaler", name), tensor, False
 
 
