@@ -194,10 +194,12 @@ def graphed(module: nn.Module) -> nn.Module:
 
 def graph_refusal(module: nn.Module) -> Optional[str]:
     """Why a graphed row ran eagerly (its layer synchronizes on this stack), else None."""
-    dispatcher = module.__dict__.get("forward")
-    if dispatcher is None or dispatcher.graphs:
+    from lightning_te_moe.graphs import graph_status
+
+    status = graph_status(module)
+    if not status["layers"] or status["graphed"]:
         return None
-    return "; ".join(dispatcher.refused.values()) or "never captured"
+    return "; ".join(status["refused"]) or "never captured"
 
 
 def _with_impl(base: nn.Module, implementation: str) -> nn.Module:

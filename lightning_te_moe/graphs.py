@@ -326,15 +326,19 @@ def install_cuda_graphs(model: nn.Module,
     return layers
 
 
+def _dispatchers(model: nn.Module) -> list[LayerGraphs]:
+    """The dispatchers installed in ``model`` (its own included)."""
+    return [d for m in model.modules() if isinstance(d := m.__dict__.get("forward"), LayerGraphs)]
+
+
 def remove_cuda_graphs(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), LayerGraphs):
-            del module.forward
+    for dispatcher in _dispatchers(model):
+        del dispatcher.module.forward
 
 
 def graph_status(model: nn.Module) -> dict[str, Any]:
     """How many decoder layers have dispatchers, how many replay a graph now, and why the others do not."""
-    dispatchers = [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), LayerGraphs)]
+    dispatchers = _dispatchers(model)
     refused = sorted({reason for d in dispatchers for reason in d.refused.values()})
     skipped = sum((d.skipped for d in dispatchers), Counter())
     return {"layers": len(dispatchers), "graphed": sum(bool(d.graphs) for d in dispatchers), "refused": refused,
@@ -343,11 +347,9 @@ def graph_status(model: nn.Module) -> dict[str, Any]:
 
 def release_pending(model: nn.Module) -> None:
     """A new training step: a replayed forward whose backward never ran (a skipped ``backward``) is abandoned."""
-    for module in model.modules():
-        dispatcher = module.__dict__.get("forward")
-        if isinstance(dispatcher, LayerGraphs):
-            for graph in dispatcher.graphs.values():
-                graph.pending = False
+    for dispatcher in _dispatchers(model):
+        for graph in dispatcher.graphs.values():
+            graph.pending = False
 
 
 def install_for_plugin(model: nn.Module, state: Any, decisions: Any) -> Optional[tuple[str, dict]]:
