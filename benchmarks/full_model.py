@@ -4,7 +4,9 @@ The model is GPT-OSS-20B's configuration (24 layers, hidden 2880, 64 heads, 8 KV
 top-4, vocab 201,088, window 128 on alternate layers, YaRN rope; router aux loss off, untied head) at random init,
 built on the GPU in BF16. Implementations (``--rows``): transformers grouped_mm experts + flex attention (the
 reference: what GPT-OSS users run), transformers + eager attention, and the plugin (its module swaps and forward
-context, without a Trainer) with its default plan and in BF16, both starting from the eager-attention model.
+context, without a Trainer) with its default plan and in BF16, both starting from the eager-attention model; the
+default plan also with dense layers left in BF16 (issue 15), with transformers' gradient checkpointing, and both
+plans with CUDA graphs of the decoder layers (``cuda_graphs=True``; these rows need 3 warm-up steps).
 Fine-tunes (``--finetunes``): experts frozen + PEFT LoRA r=16 on q/k/v/o_proj, and PEFT LoRA also on the experts
 (``target_parameters``); PEFT is applied before the plugin converts the model, fused AdamW on what trains.
 
@@ -53,6 +55,8 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 24
 PROFILED_STEPS = 2
+#: Steps before a CUDA-graph row replays (lightning_te_moe.graphs.WARMUP_CALLS eager calls, then the capture).
+GRAPH_WARMUP = 3
 #: Result fields that identify a CUDA stack: two calls under one --stack-label should agree on them.
 STACK_FIELDS = ("device", "torch", "cuda", "transformers", "peft", "te", "cudnn", "cublaslt")
 
@@ -63,6 +67,8 @@ class Implementation(NamedTuple):
     attention: str  # transformers' attention implementation the model is built with
     recipe: Optional[str]  # the plugin's recipe; None: plain transformers
     swap_dense: bool = True  # the plugin's swap_dense: False leaves the dense layers in BF16 (issue 15's comparison)
+    cuda_graphs: bool = False  # the plugin's cuda_graphs (opt-in): decoder layers replayed as CUDA graphs
+    checkpointing: bool = False  # transformers' gradient_checkpointing_enable() (non-reentrant) before the plugin
 
 
 IMPLEMENTATIONS = (
@@ -72,6 +78,10 @@ IMPLEMENTATIONS = (
     Implementation("plugin-bf16", "plugin bf16", "eager", "bf16"),
     Implementation("plugin-default-dense-bf16", "plugin default plan, dense layers left in BF16", "eager", "auto",
                    swap_dense=False),
+    Implementation("plugin-default-graphs", "plugin default plan + CUDA graphs", "eager", "auto", cuda_graphs=True),
+    Implementation("plugin-bf16-graphs", "plugin bf16 + CUDA graphs", "eager", "bf16", cuda_graphs=True),
+    Implementation("plugin-default-checkpointing", "plugin default plan, gradient checkpointing", "eager", "auto",
+                   checkpointing=True),
 )
 BY_KEY = {impl.key: impl for impl in IMPLEMENTATIONS}
 ATTENTION_LORA = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -138,7 +148,8 @@ def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], Abstra
         return nullcontext, {}
     from lightning_te_moe import TEMoEPrecision
 
-    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense)
+    plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense,
+                            cuda_graphs=impl.cuda_graphs)
     plugin.convert_module(model)
     assert plugin.plan is not None
     return plugin.forward_context, {"plan": plugin.plan.summary(),
@@ -261,6 +272,8 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
         try:
             config = gpt_oss_20b_config(layers)
             model = apply_finetune(build_model(config, impl.attention), finetune)
+            if impl.checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             context, info = convert(model, impl)
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
@@ -274,6 +287,13 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
         step = training_step(model, context, optimizer)
         for shape in shapes:
             result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size)
+            if impl.cuda_graphs:
+                from lightning_te_moe.graphs import drop_graphs, graph_status
+
+                result["graphs"] = graph_status(model)  # how many layers replayed, and why the others did not
+                drop_graphs(model)  # the next shape's graphs do not sit beside this one's
+                gc.collect()
+                torch.cuda.empty_cache()
             print(f"[full_model] {impl.name} | {finetune} | {shape}: {outcome(result)}", flush=True)
             emit("shape", **result)
         emit("environment", environment=environment())
@@ -463,6 +483,16 @@ def _row_line(row: dict[str, Any]) -> str:
     return "| " + " | ".join([row["name"], shape_label(row["shape"]), *cells]) + " |"
 
 
+def graphs_text(status: dict[str, Any]) -> str:
+    """A graphed row's :func:`~lightning_te_moe.graphs.graph_status` in words."""
+    text = f"{status['graphed']} of {status['layers']} decoder layers replayed as CUDA graphs"
+    if status["refused"]:
+        text += f"; refused: {'; '.join(status['refused'])}"
+    if status["eager_calls"]:
+        text += "; eager calls: " + ", ".join(f"{n} ({why})" for why, n in status["eager_calls"].items())
+    return text
+
+
 def markers(label: str) -> tuple[str, str]:
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-").lower() or "default"
     return f"<!-- full_model[{slug}]:begin -->", f"<!-- full_model[{slug}]:end -->"
@@ -501,6 +531,8 @@ def render(results: dict[str, Any], label: str) -> str:
                   *(_row_line(r) for r in rows if r["finetune"] == finetune), ""]
     plans = {(r["name"], r["finetune"]): r["plan"] for r in rows if r.get("plan")}
     lines += [f"- {name}, `{finetune}`: plan `{plan}`" for (name, finetune), plan in plans.items()]
+    lines += [f"- {r['name']}, `{r['finetune']}`, {shape_label(r['shape'])}: {graphs_text(r['graphs'])}"
+              for r in rows if r.get("graphs")]
     targets = check_targets(rows)
     lines += ["", "**Targets** (issue 12), checked on this stack's rows (`benchmarks/full_model_targets.py`):", "",
               *targets_markdown(targets), end]
@@ -526,7 +558,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetunes", nargs="+", choices=list(FINETUNES), default=list(FINETUNES))
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="batch x seq")
     p.add_argument("--steps", type=int, default=5, help="timed steps per shape")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator, optimizer)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first (compilation, allocator, optimizer; a CUDA graph captures at the third)")
     p.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (24 = GPT-OSS-20B; 2 for a smoke run)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per child before it is killed")
     p.add_argument("--stack-label", default="default", help="names the CUDA stack: one doc section per label")
@@ -545,6 +578,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be 0 or more, got {args.warmup}")
+    graphed = [key for key in args.rows if BY_KEY[key].cuda_graphs]
+    if graphed and args.warmup < GRAPH_WARMUP:
+        p.error(f"--warmup {args.warmup}: rows {', '.join(graphed)} capture their CUDA graphs at step {GRAPH_WARMUP}, "
+                f"so they need --warmup {GRAPH_WARMUP} or more (or leave those rows out)")
     if args.append is not None and not args.append.is_file():
         p.error(f"--append {args.append}: no such results file (leave --append out for a first call)")
     if args.render:

@@ -15,6 +15,8 @@ from moe_targets import Target
 
 REFERENCE = "flex"
 DEFAULT_PLAN = "plugin-default"
+#: The plugin rows the targets are checked for (row key, how the target names it); the first always, others where run.
+PLANS = ((DEFAULT_PLAN, "default plan"), ("plugin-default-graphs", "default plan + CUDA graphs"))
 SHAPES = ("1x1024", "1x2048", "1x4096", "8x1024")
 SPEED_GOALS = (("1x1024", 1.5), ("1x2048", 2.0))
 LONG_SHAPE = "1x4096"
@@ -48,18 +50,23 @@ def speedup(row: Optional[dict[str, Any]], reference: Optional[dict[str, Any]]) 
 def check_targets(rows: list[dict[str, Any]]) -> list[Target]:
     """Every target for every fine-tune in ``rows`` (one stack's rows)."""
     out: list[Target] = []
+    present = {r["row"] for r in rows}
+    plans = [plan for i, plan in enumerate(PLANS) if i == 0 or plan[0] in present]
     for finetune in dict.fromkeys(r["finetune"] for r in rows):
         cells: Cells = {(r["row"], r["shape"]): r for r in rows if r["finetune"] == finetune}
-        out += [_fits(finetune, cells), *(_speed(finetune, cells, s, goal) for s, goal in SPEED_GOALS),
-                _long(finetune, cells), _busy(finetune, cells), _memory(finetune, cells)]
+        for row, label in plans:
+            out += [_fits(finetune, cells, row, label),
+                    *(_speed(finetune, cells, row, label, s, goal) for s, goal in SPEED_GOALS),
+                    _long(finetune, cells, row, label), _busy(finetune, cells, row, label),
+                    _memory(finetune, cells, row, label)]
     return out
 
 
-def _fits(finetune: str, cells: Cells) -> Target:
-    goal = f"{finetune}: the default plan fits at every shape"
-    present = {s: cells[(DEFAULT_PLAN, s)] for s in SHAPES if (DEFAULT_PLAN, s) in cells}
+def _fits(finetune: str, cells: Cells, plan: str, label: str) -> Target:
+    goal = f"{finetune}: the {label} fits at every shape"
+    present = {s: cells[(plan, s)] for s in SHAPES if (plan, s) in cells}
     if not present:
-        return Target(goal, "default plan not measured", None)
+        return Target(goal, f"{label} not measured", None)
     failed = {s: r for s, r in present.items() if r["status"] != "ok"}
     if failed:
         return Target(goal, "; ".join(f"{shape_label(s)}: {outcome(r)}" for s, r in failed.items()), False)
@@ -70,15 +77,15 @@ def _fits(finetune: str, cells: Cells) -> Target:
     return Target(goal, f"ran at every shape, peak up to {max(r['peak_gib'] for r in present.values()):.1f} GiB", True)
 
 
-def _speed(finetune: str, cells: Cells, shape: str, goal_x: float) -> Target:
-    goal = f"{finetune}: default plan >= {goal_x:g}x the reference at {shape_label(shape)}"
-    ours, ref = cells.get((DEFAULT_PLAN, shape)), cells.get((REFERENCE, shape))
+def _speed(finetune: str, cells: Cells, plan: str, label: str, shape: str, goal_x: float) -> Target:
+    goal = f"{finetune}: {label} >= {goal_x:g}x the reference at {shape_label(shape)}"
+    ours, ref = cells.get((plan, shape)), cells.get((REFERENCE, shape))
     if ours is None or ref is None:
-        return Target(goal, f"{'default plan' if ours is None else 'reference'} not measured", None)
+        return Target(goal, f"{label if ours is None else 'reference'} not measured", None)
     if ours["status"] != "ok":
-        return Target(goal, f"default plan {outcome(ours)}", False)
+        return Target(goal, f"{label} {outcome(ours)}", False)
     if ref["status"] == "oom":
-        return Target(goal, f"reference out of memory; default plan {outcome(ours)}", True)
+        return Target(goal, f"reference out of memory; {label} {outcome(ours)}", True)
     if ref["status"] != "ok":
         return Target(goal, f"reference {outcome(ref)}", None)
     ratio = speedup(ours, ref)
@@ -88,39 +95,39 @@ def _speed(finetune: str, cells: Cells, shape: str, goal_x: float) -> Target:
                   ratio - goal_x, "x")
 
 
-def _long(finetune: str, cells: Cells) -> Target:
-    goal = f"{finetune}: default plan runs at {shape_label(LONG_SHAPE)} where the reference does not"
-    ours, ref = cells.get((DEFAULT_PLAN, LONG_SHAPE)), cells.get((REFERENCE, LONG_SHAPE))
+def _long(finetune: str, cells: Cells, plan: str, label: str) -> Target:
+    goal = f"{finetune}: {label} runs at {shape_label(LONG_SHAPE)} where the reference does not"
+    ours, ref = cells.get((plan, LONG_SHAPE)), cells.get((REFERENCE, LONG_SHAPE))
     if ours is None:
-        return Target(goal, "default plan not measured", None)
+        return Target(goal, f"{label} not measured", None)
     if ours["status"] != "ok":
-        return Target(goal, f"default plan {outcome(ours)}", False)
+        return Target(goal, f"{label} {outcome(ours)}", False)
     if ref is None:
-        return Target(goal, f"default plan {outcome(ours)}; reference not measured", None)
+        return Target(goal, f"{label} {outcome(ours)}; reference not measured", None)
     if ref["status"] == "oom":
-        return Target(goal, f"default plan {outcome(ours)}; reference out of memory", True)
+        return Target(goal, f"{label} {outcome(ours)}; reference out of memory", True)
     if ref["status"] != "ok":
-        return Target(goal, f"default plan {outcome(ours)}; reference {outcome(ref)}", None)
-    return Target(goal, f"both run (the reference fits too): default plan {outcome(ours)}, reference {outcome(ref)}",
+        return Target(goal, f"{label} {outcome(ours)}; reference {outcome(ref)}", None)
+    return Target(goal, f"both run (the reference fits too): {label} {outcome(ours)}, reference {outcome(ref)}",
                   True)
 
 
-def _busy(finetune: str, cells: Cells) -> Target:
-    goal = f"{finetune}: GPU busy >= {BUSY_GOAL:.0%} (default plan, every shape it ran)"
-    busy = {s: r["gpu_busy"] for s in SHAPES if (r := cells.get((DEFAULT_PLAN, s))) and r["status"] == "ok"
+def _busy(finetune: str, cells: Cells, plan: str, label: str) -> Target:
+    goal = f"{finetune}: GPU busy >= {BUSY_GOAL:.0%} ({label}, every shape it ran)"
+    busy = {s: r["gpu_busy"] for s in SHAPES if (r := cells.get((plan, s))) and r["status"] == "ok"
             and r.get("gpu_busy") is not None}
     if not busy:
-        return Target(goal, "default plan not profiled", None)
+        return Target(goal, f"{label} not profiled", None)
     worst = min(busy, key=lambda s: busy[s])
     listed = ", ".join(f"{shape_label(s)} {b:.0%}" for s, b in busy.items())
     return Target(goal, f"lowest {busy[worst]:.0%} at {shape_label(worst)} ({listed})", busy[worst] >= BUSY_GOAL,
                   busy[worst] - BUSY_GOAL, "points")
 
 
-def _memory(finetune: str, cells: Cells) -> Target:
-    goal = f"{finetune}: default plan's peak memory <= the reference's (shapes where both ran)"
-    pairs = {s: (cells[(DEFAULT_PLAN, s)], cells[(REFERENCE, s)]) for s in SHAPES
-             if speedup(cells.get((DEFAULT_PLAN, s)), cells.get((REFERENCE, s))) is not None}
+def _memory(finetune: str, cells: Cells, plan: str, label: str) -> Target:
+    goal = f"{finetune}: {label}'s peak memory <= the reference's (shapes where both ran)"
+    pairs = {s: (cells[(plan, s)], cells[(REFERENCE, s)]) for s in SHAPES
+             if speedup(cells.get((plan, s)), cells.get((REFERENCE, s))) is not None}
     if not pairs:
         return Target(goal, "no shape where both ran on the same GPU", None)
     worst = max(pairs, key=lambda s: pairs[s][0]["peak_gib"] - pairs[s][1]["peak_gib"])

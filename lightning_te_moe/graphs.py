@@ -199,11 +199,11 @@ class LayerGraphs:
         self._event("skip", f"no CUDA graph for {type(self.module).__name__}: {reason}", evidence)
 
     def _capture(self, leaves: list[Any], spec: Any, tensors: list[Tensor], params: list[Tensor]) -> _Graph:
-        """Warm up on a side stream, then capture the forward and the backward into one memory pool."""
+        """Warm up, then capture the forward and the backward into one memory pool, all on one side stream and
+        against fresh leaves over the parameters (:func:`fresh_leaves`)."""
         inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         it = iter(inputs)
         args, kwargs = pytree.tree_unflatten([_over_static(leaf, it) for leaf in leaves], spec)
-        targets = [t for t in inputs if t.requires_grad] + params
 
         def run() -> Tensor:
             return self.eager(*args, **kwargs)
@@ -211,29 +211,54 @@ class LayerGraphs:
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = run()
-            torch.autograd.grad(out, targets, torch.zeros_like(out), allow_unused=True)
-        torch.cuda.current_stream().wait_stream(side)
-        del out
-        torch.cuda.synchronize()
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with _te_capturing():
-            # The layer's own memory pool, shared by its forward and backward graphs only: TE frees some saved
-            # tensors inside its backward (its FP8 copies), so a pool shared with layers captured later would hand
-            # that memory to them while this layer's next forward still writes it (H100, FP8 current: NaN weight
-            # gradients in the first layer captured).
-            with torch.cuda.graph(forward):
-                output = run()
-            grad_output = torch.empty_like(output)
-            with torch.cuda.graph(backward, pool=forward.pool()):
-                # retain_graph: the saved activations stay allocated to the graphs that write and read them
-                grads = torch.autograd.grad(output, targets, grad_output, allow_unused=True, retain_graph=True)
+        with fresh_leaves(self.module, params) as leaves_now:
+            targets = [t for t in inputs if t.requires_grad] + leaves_now
+            with torch.cuda.stream(side):
+                out = run()
+                torch.autograd.grad(out, targets, torch.zeros_like(out), allow_unused=True)
+            del out
+            side.synchronize()
+            with _te_capturing():
+                # The layer's own memory pool, shared by its forward and backward graphs only: TE frees some saved
+                # tensors inside its backward (its FP8 copies), so a pool shared with layers captured later would
+                # hand that memory to them while this layer's next forward still writes it (H100, FP8 current: NaN
+                # weight gradients in the first layer captured).
+                with torch.cuda.graph(forward, stream=side):
+                    output = run()
+                grad_output = torch.empty_like(output)
+                with torch.cuda.graph(backward, pool=forward.pool(), stream=side):
+                    # retain_graph: the saved activations stay allocated to the graphs that write and read them
+                    grads = torch.autograd.grad(output, targets, grad_output, allow_unused=True, retain_graph=True)
+        torch.cuda.current_stream().wait_stream(side)
         return _Graph(forward, backward, inputs, output, grad_output, tuple(grads), params)
 
     def _event(self, kind: str, text: str, evidence: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(kind, text, evidence)
+
+
+@contextmanager
+def fresh_leaves(module: nn.Module, params: list[Tensor]) -> Iterator[list[Tensor]]:
+    """``module`` with each of ``params`` replaced by a new leaf over the same storage (a tied parameter by one leaf);
+    yields the new leaves in ``params`` order and puts the parameters back on exit.
+
+    A parameter's gradient-accumulation node is created once and reused while any autograd graph holds it: in a
+    plain loop the previous step's ``loss`` keeps it alive, with the stream of the eager step that made it (the
+    default stream). A backward captured against it would order that stream after the capture, which CUDA refuses
+    ("operation would make the legacy stream depend on a capturing blocking stream"). New leaves get their nodes on
+    the capturing stream; sharing the storage, the replays read the parameters' current values.
+    """
+    by_id = {id(p): nn.Parameter(p.detach(), requires_grad=True) for p in params}
+    swapped = [(m, name, p) for m in module.modules() for name, p in m._parameters.items()
+               if p is not None and id(p) in by_id]
+    for m, name, p in swapped:
+        m._parameters[name] = by_id[id(p)]
+    try:
+        yield [by_id[id(p)] for p in params]
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
 
 
 _UNKNOWN = object()
@@ -343,6 +368,13 @@ def graph_status(model: nn.Module) -> dict[str, Any]:
     skipped = sum((d.skipped for d in dispatchers), Counter())
     return {"layers": len(dispatchers), "graphed": sum(bool(d.graphs) for d in dispatchers), "refused": refused,
             "eager_calls": dict(skipped), "signatures": max((len(d.calls) for d in dispatchers), default=0)}
+
+
+def drop_graphs(model: nn.Module) -> None:
+    """Drop every graph of ``model``'s layers now, their memory pools with them (:func:`invalidate_graphs` drops them
+    lazily, at each layer's next call): e.g. before training at other shapes, whose graphs would sit beside them."""
+    for dispatcher in _dispatchers(model):
+        dispatcher.reset()
 
 
 def release_pending(model: nn.Module) -> None:

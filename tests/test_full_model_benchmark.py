@@ -303,3 +303,31 @@ def test_help_works_and_a_run_without_cuda_fails_clearly(tmp_path: Path) -> None
     bad = _script("--append", str(tmp_path / "none.json"))
     assert bad.returncode == 2 and "no such results file" in bad.stderr
     assert _script("--steps", "0").returncode == 2 and _script("--shapes", "2x1024").returncode == 2
+    few = _script("--rows", "flex", "plugin-default-graphs", "--warmup", "2")
+    assert few.returncode == 2 and "rows plugin-default-graphs capture their CUDA graphs at step 3" in few.stderr
+    assert _script("--rows", "flex", "--warmup", "2").returncode == 2  # no graph row: only the missing GPU stops it
+    assert "needs --warmup" not in _script("--rows", "flex", "--warmup", "2").stderr
+
+
+def test_graph_rows_get_their_own_targets_and_say_how_many_layers_replayed() -> None:
+    from lightning_te_moe import graphs
+
+    assert fm.GRAPH_WARMUP == graphs.WARMUP_CALLS + 1
+    graphed = [dict(_ok("plugin-default-graphs", s, ms, 45.0, busy=0.9)) for s, ms in
+               (("1x1024", 100.0), ("1x2048", 120.0), ("1x4096", 200.0), ("8x1024", 500.0))]
+    status = {"layers": 24, "graphed": 24, "refused": [], "eager_calls": {}, "signatures": 1}
+    for row in graphed:
+        row["graphs"] = status
+    graphed[3]["graphs"] = {**status, "graphed": 20, "refused": ["a host synchronization in its forward (x)"],
+                            "eager_calls": {"grad disabled": 2}}
+    rows = [*_run(), *graphed]
+    got = _targets(rows)
+    assert len(check_targets(rows)) == 12
+    assert got["default plan + CUDA graphs >= 1.5x the reference at 1 x 1,024"].status() == "met (+0.29x)"
+    assert got["default plan + CUDA graphs >= 2x the reference at 1 x 2,048"].status() == "met (+0.08x)"
+    assert got["default plan >= 2x the reference at 1 x 2,048"].status() == "missed (-0.08x)"  # the eager row apart
+    text = fm.render(_results(rows), "13.1")
+    assert (f"- plugin default plan + CUDA graphs, `{FT}`, 1 x 1,024: 24 of 24 decoder layers replayed as CUDA graphs"
+            in text.splitlines())
+    assert ("8 x 1,024: 20 of 24 decoder layers replayed as CUDA graphs; refused: a host synchronization in its "
+            "forward (x); eager calls: 2 (grad disabled)") in text

@@ -139,6 +139,41 @@ def test_layers_are_found_by_no_split_modules_and_keep_state_dict_and_function()
     assert not any("forward" in layer.__dict__ for layer in layers)
 
 
+def test_the_capture_runs_against_fresh_leaves_over_the_parameters() -> None:
+    """The capture computes gradients for new leaves over the parameters' storage (a parameter's old accumulation
+    node, kept alive by a previous step's loss, would tie the capture to the default stream): same gradients, the
+    parameters' own ``.grad`` untouched, a tied parameter one leaf, frozen ones as they are, updates to the
+    parameters seen through the leaves, and every parameter back in place afterwards, also after an error."""
+    model = Stack()
+    shared = model.layers[0].linear.weight
+    model.layers[2].linear.weight = shared  # tied
+    model.layers[1].linear.bias.requires_grad_(False)
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(4, 8)
+    want = torch.autograd.grad(model(x).square().sum(), params)
+    kept_alive = model(x).sum()  # a previous step's loss: its graph holds the parameters' accumulation nodes
+    with graphs.fresh_leaves(model, params) as leaves:
+        assert [leaf.data_ptr() for leaf in leaves] == [p.data_ptr() for p in params]
+        assert not any(leaf is p for leaf, p in zip(leaves, params)) and all(leaf.requires_grad for leaf in leaves)
+        assert model.layers[0].linear.weight is model.layers[2].linear.weight is leaves[params.index(shared)]
+        assert model.layers[1].linear.bias is before["layers.1.linear.bias"]  # frozen: not replaced
+        got = torch.autograd.grad(model(x).square().sum(), leaves)
+        with torch.no_grad():
+            shared.mul_(2.0)  # an optimizer step on the parameter: the leaf reads the same memory
+        assert torch.equal(model.layers[0].linear.weight, shared)
+        with torch.no_grad():
+            shared.div_(2.0)
+    assert all(rel_err(g, w) < 1e-6 for g, w in zip(got, want))
+    assert all(p.grad is None for p in params)
+    assert dict(model.named_parameters(remove_duplicate=False)) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with graphs.fresh_leaves(model, params):
+            raise RuntimeError("inside")
+    assert dict(model.named_parameters(remove_duplicate=False)) == before
+    assert kept_alive.grad_fn is not None
+
+
 def test_replays_compute_the_eager_outputs_and_gradients(cpu_graphs: list[list[str]]) -> None:
     """Steps 1-2 run eagerly (set-up, then the synchronization check), step 3 captures, later steps replay: the
     same outputs and gradients as the eager model, step by step, with the non-tensor arguments held static."""

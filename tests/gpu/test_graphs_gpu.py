@@ -4,7 +4,9 @@ layer makes no host synchronization, and a graphed fit trains as the eager one d
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,3 +49,45 @@ def test_a_layer_on_tes_split_path_is_refused_with_the_reason(tmp_path: Path) ->
     print("decisions:", decisions, "status:", graph_status(module))
     assert decisions and all("host synchronization" in reason for reason in decisions), decisions
     assert all(math.isfinite(v) for v in module.losses)
+
+
+def _plain_loop(cuda_graphs: bool, steps: int = 10) -> tuple[list[float], Any, list[str]]:
+    """The plugin without a Trainer, as a user's own loop runs it: each step's ``loss`` stays alive until the next
+    forward has run (so its autograd graph, and the parameters' gradient-accumulation nodes, are still held while
+    the third step captures). Returns the losses, the model and torch's warnings about AccumulateGrad streams."""
+    from lightning_te_moe import TEMoEPrecision
+
+    model = tiny_model("gpt_oss", **SIZES).cuda()
+    plugin = TEMoEPrecision(cuda_graphs=cuda_graphs, guard=False, print_plan=False)
+    model = plugin.convert_module(model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    ids = torch.randint(0, 64, (8, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    losses: list[float] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            with plugin.forward_context():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    streams = [str(w.message).splitlines()[0] for w in caught if "AccumulateGrad" in str(w.message)]
+    return losses, model, streams
+
+
+@pytest.mark.grouped_mm
+def test_a_plain_training_loop_is_graphed() -> None:
+    """Outside a Trainer the previous step's loss keeps the parameters' gradient-accumulation nodes (made on the
+    default stream) alive while the layer captures: the capture runs against fresh leaves over the parameters, so
+    both layers capture and the loop trains as the eager one does, without torch's stream-mismatch warning."""
+    graphed, model, streams = _plain_loop(cuda_graphs=True)
+    eager, _, _ = _plain_loop(cuda_graphs=False)
+    status = graph_status(model)
+    print("status:", status, "losses graphed:", [round(v, 4) for v in graphed], "eager:", [round(v, 4) for v in eager])
+    assert status["graphed"] == 2 and not status["refused"], status
+    assert not streams, streams
+    assert graphed[:2] == eager[:2]
+    assert all(math.isfinite(v) for v in graphed)
+    assert all(abs(g - e) <= 0.05 * abs(e) for g, e in zip(graphed[:5], eager[:5])), (graphed, eager)
+    assert graphed[-1] < 0.5 * graphed[0] and eager[-1] < 0.5 * eager[0]
