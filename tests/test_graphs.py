@@ -21,6 +21,8 @@ from lightning_te_moe import graphs
 from lightning_te_moe.graphs import LayerGraphs, _Graph
 
 CAPTURES: list[str] = []
+ORDER: list[str] = []  # forward and backward captures, in the order they happened
+LAYERS: list[nn.Module] = []  # the layers of the model under test, for the names in ORDER
 
 
 class _Replayable:
@@ -44,6 +46,7 @@ def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[
     output, grad_output = torch.empty_like(first), torch.empty_like(first)
     grads = tuple(torch.empty_like(t) for t in targets)
     live: dict[str, Tensor] = {}
+    name = f"{type(self.module).__name__}{_position(self)}"
 
     def forward() -> None:
         with torch.enable_grad():
@@ -54,8 +57,18 @@ def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[
         for static, grad in zip(grads, torch.autograd.grad(live["out"], targets, grad_output, allow_unused=True)):
             static.copy_(grad) if grad is not None else static.zero_()
 
+    def capture_backward(graph: _Graph) -> None:  # as the real one: at the first backward, in the model's order
+        ORDER.append(f"backward {name}")
+        graph.backward, graph.grads, graph.capture_backward = _Replayable(backward), grads, None
+
     CAPTURES.append(type(self.module).__name__)
-    return _Graph(_Replayable(forward), _Replayable(backward), inputs, output, grad_output, grads, params)
+    ORDER.append(f"forward {name}")
+    return _Graph(_Replayable(forward), None, inputs, output, grad_output, (), params, capture_backward=capture_backward)
+
+
+def _position(dispatcher: LayerGraphs) -> int:
+    """Which of its model's layers the dispatcher serves (the order the model runs them)."""
+    return next((i for i, module in enumerate(LAYERS) if module is dispatcher.module), -1)
 
 
 @pytest.fixture
@@ -64,6 +77,8 @@ def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     reports (append to make the next watched call synchronize)."""
     syncs: list[list[str]] = []
     CAPTURES.clear()
+    ORDER.clear()
+    LAYERS.clear()
     monkeypatch.setattr(LayerGraphs, "_capture", _cpu_capture)
     monkeypatch.setattr(graphs, "_on_cuda", lambda leaves: True)
     monkeypatch.setattr(graphs, "_watch_syncs", lambda fn: (fn(), syncs.pop(0) if syncs else []))
@@ -179,7 +194,7 @@ def test_replays_compute_the_eager_outputs_and_gradients(cpu_graphs: list[list[s
     same outputs and gradients as the eager model, step by step, with the non-tensor arguments held static."""
     eager, graphed = Stack(), Stack()
     graphed.load_state_dict(eager.state_dict())
-    graphs.install_cuda_graphs(graphed)
+    LAYERS.extend(graphs.install_cuda_graphs(graphed))
     xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     for i, x in enumerate(xs):
         (want,), want_grads = _steps(eager, [x])
@@ -189,6 +204,29 @@ def test_replays_compute_the_eager_outputs_and_gradients(cpu_graphs: list[list[s
             rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
         assert len(CAPTURES) == (3 if i >= 2 else 0), i
     assert not any("frozen" in n for n in got_grads)
+    # The order a shared pool needs (GraphPools): every forward in the forward pass, the backwards in reverse.
+    assert ORDER == ["forward Block0", "forward Block1", "forward Block2",
+                     "backward Block2", "backward Block1", "backward Block0"]
+
+
+def test_layers_share_one_pool_per_signature_until_a_backward_is_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pool per input signature for all of a model's layers; the first backward captured closes it to forwards
+    (a forward captured after it would take memory a backward freed, out of replay order), and a rung change or
+    anything else that drops the graphs starts new pools."""
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
+    pools = graphs.GraphPools()
+    a, b = ("1x1024",), ("1x2048",)
+    assert pools.for_forward(a) == pools.for_forward(a) == 0 and pools.for_forward(b) == 1
+    pools.backward_captured(a, 0)
+    assert pools.for_forward(a) == 2 and pools.for_forward(b) == 1
+    pools.backward_captured(a, 0)  # a backward of the closed pool: the open one stays open
+    assert pools.for_forward(a) == 2
+    graphs.invalidate_graphs()
+    assert pools.for_forward(a) == 3 and pools.for_forward(b) == 4
+    model = Stack()
+    layers = graphs.install_cuda_graphs(model)
+    assert len({id(layer.forward.pools) for layer in layers}) == 1
 
 
 def test_gradients_accumulate_over_micro_batches_as_without_graphs(cpu_graphs: list[list[str]]) -> None:
