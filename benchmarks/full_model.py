@@ -294,6 +294,7 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
                 drop_graphs(model)  # the next shape's graphs do not sit beside this one's
                 gc.collect()
                 torch.cuda.empty_cache()
+                result["graphs"]["allocated_after_drop_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
             print(f"[full_model] {impl.name} | {finetune} | {shape}: {outcome(result)}", flush=True)
             emit("shape", **result)
         emit("environment", environment=environment())

@@ -115,7 +115,9 @@ class _Replay(torch.autograd.Function):
     def forward(ctx: Any, graph: _Graph, num_inputs: int, *tensors: Tensor) -> Tensor:
         for static, value in zip(graph.inputs, tensors[:num_inputs]):
             if static.data_ptr() != value.data_ptr():
-                static.copy_(value)
+                # Through ``.data``: the static inputs are saved tensors of the captured forward, whose backward is
+                # captured later in this step; a version bump would fail autograd's in-place check there.
+                static.data.copy_(value)
         graph.forward.replay()
         graph.pending = True
         ctx.graph = graph

@@ -57,8 +57,9 @@ def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[
         for static, grad in zip(grads, torch.autograd.grad(live["out"], targets, grad_output, allow_unused=True)):
             static.copy_(grad) if grad is not None else static.zero_()
 
-    def capture_backward(graph: _Graph) -> None:  # as the real one: at the first backward, in the model's order
-        ORDER.append(f"backward {name}")
+    def capture_backward(graph: _Graph) -> None:  # as the real one: at the first backward, in the model's order,
+        ORDER.append(f"backward {name}")         # through the captured forward's autograd graph (its saved tensors)
+        torch.autograd.grad(first, targets, grad_output, allow_unused=True, retain_graph=True)
         graph.backward, graph.grads, graph.capture_backward = _Replayable(backward), grads, None
 
     CAPTURES.append(type(self.module).__name__)
