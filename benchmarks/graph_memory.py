@@ -1,0 +1,86 @@
+"""Where the memory of a full-size GPT-OSS-20B LoRA step goes, eager or with CUDA graphs (a diagnostic).
+
+Builds ``full_model.py``'s model and fine-tune (experts frozen, LoRA on attention) under the plugin's default plan,
+runs --steps steps of batch 1 x --seq, and prints per step the memory allocated before it and its peak. With torch's
+allocator history on, it then sums the live blocks at the end of the last step (or at an out-of-memory error) by
+memory pool (the general one, or a CUDA graphs' private pool) and by the innermost frame of this package, TE,
+transformers or PEFT that allocated them: what a graphed step holds that an eager one does not.
+
+    python3 benchmarks/graph_memory.py --seq 4096 --graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from typing import Any
+
+import torch
+from full_model import Implementation, apply_finetune, build_model, convert, gpt_oss_20b_config, training_step
+
+OWNERS = ("lightning_te_moe", "transformer_engine", "transformers", "peft", "torch/autograd", "torch/optim")
+
+
+def owner(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame in one of :data:`OWNERS`, as ``path:line name``."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        for key in OWNERS:
+            if key in name:
+                return f"{name[name.index(key):]}:{frame.get('line')} {frame.get('name')}"
+    return "other"
+
+
+def live_blocks(snapshot: dict[str, Any]) -> Counter[tuple[str, str]]:
+    """Bytes of live blocks by (pool, allocating frame)."""
+    out: Counter[tuple[str, str]] = Counter()
+    for segment in snapshot["segments"]:
+        pool = "general" if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0) else "graph pool"
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                out[(pool, owner(block.get("frames", [])))] += block["size"]
+    return out
+
+
+def report(snapshot: dict[str, Any], top: int) -> None:
+    blocks = live_blocks(snapshot)
+    pools: Counter[str] = Counter()
+    for (pool, _), size in blocks.items():
+        pools[pool] += size
+    print("live by pool:", {k: f"{v / 2**30:.2f} GiB" for k, v in pools.items()})
+    for (pool, where), size in blocks.most_common(top):
+        print(f"  {size / 2**30:7.2f} GiB  {pool:10s}  {where}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--graphs", action="store_true", help="the plugin's cuda_graphs=True")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    config = gpt_oss_20b_config(24)
+    model = apply_finetune(build_model(config, "eager"), "frozen-experts-lora-attn")
+    impl = Implementation("diag", "diagnostic", "eager", "auto", cuda_graphs=args.graphs)
+    context, info = convert(model, impl)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
+    step = training_step(model, context, optimizer)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq), device="cuda")
+    print("plan:", info["plan"], "| graphs:", args.graphs, "| seq:", args.seq)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
+    try:
+        for i in range(args.steps):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(ids)
+            torch.cuda.synchronize()
+            print(f"step {i + 1}: allocated before {before / 2**30:.2f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.2f}"
+                  f" GiB, after {torch.cuda.memory_allocated() / 2**30:.2f} GiB", flush=True)
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"out of memory at step {i + 1}: {str(err).splitlines()[0][:200]}")
+    report(torch.cuda.memory._snapshot(), args.top)
+
+
+if __name__ == "__main__":
+    main()
