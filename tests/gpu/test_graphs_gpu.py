@@ -51,45 +51,48 @@ def test_a_layer_on_tes_split_path_is_refused_with_the_reason(tmp_path: Path) ->
     assert all(math.isfinite(v) for v in module.losses)
 
 
-def _plain_loop(cuda_graphs: bool, steps: int = 10) -> tuple[list[float], Any, list[str]]:
+def _plain_loop(cuda_graphs: bool, lr: float, steps: int = 8) -> tuple[list[float], list[float], Any, list[str]]:
     """The plugin without a Trainer, as a user's own loop runs it: each step's ``loss`` stays alive until the next
     forward has run (so its autograd graph, and the parameters' gradient-accumulation nodes, are still held while
-    the third step captures). Returns the losses, the model and torch's warnings about AccumulateGrad streams."""
+    the third step captures). Returns the losses, the gradient norms, the model and torch's warnings about
+    AccumulateGrad streams."""
     from lightning_te_moe import TEMoEPrecision
 
     model = tiny_model("gpt_oss", **SIZES).cuda()
     plugin = TEMoEPrecision(cuda_graphs=cuda_graphs, guard=False, print_plan=False)
     model = plugin.convert_module(model).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
     ids = torch.randint(0, 64, (8, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     losses: list[float] = []
+    norms: list[float] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(steps):
             with plugin.forward_context():
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
+            norms.append(float(sum(p.grad.float().square().sum() for p in trainable if p.grad is not None)) ** 0.5)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
     streams = [str(w.message).splitlines()[0] for w in caught if "AccumulateGrad" in str(w.message)]
-    return losses, model, streams
+    return losses, norms, model, streams
 
 
 @pytest.mark.grouped_mm
 def test_a_plain_training_loop_is_graphed() -> None:
     """Outside a Trainer the previous step's loss keeps the parameters' gradient-accumulation nodes (made on the
     default stream) alive while the layer captures: the capture runs against fresh leaves over the parameters, so
-    both layers capture and the loop trains as the eager one does, without torch's stream-mismatch warning."""
-    graphed, model, streams = _plain_loop(cuda_graphs=True)
-    eager, _, _ = _plain_loop(cuda_graphs=False)
+    both layers capture, without torch's stream-mismatch warning. With the weights held (lr 0) every replayed step
+    computes the eager step's loss and gradient; with lr 3e-3 the loop trains."""
+    loss_g, norm_g, model, streams = _plain_loop(cuda_graphs=True, lr=0.0)
+    loss_e, norm_e, _, _ = _plain_loop(cuda_graphs=False, lr=0.0)
     status = graph_status(model)
-    print("status:", status, "losses graphed:", [round(v, 4) for v in graphed], "eager:", [round(v, 4) for v in eager])
+    print("status:", status, "graphed:", loss_g, norm_g, "eager:", loss_e, norm_e)
     assert status["graphed"] == 2 and not status["refused"], status
     assert not streams, streams
-    assert graphed[:2] == eager[:2]
-    assert all(math.isfinite(v) for v in graphed)
-    # Step 3 captures: from there TE's and cuBLAS's kernels may differ from the eager ones by BF16 rounding, which
-    # the fit amplifies a little (H100, 13.1: 2.3008 vs 2.3016 at step 3, 0.826 vs 0.785 at step 5).
-    assert all(abs(g - e) <= 0.1 * abs(e) for g, e in zip(graphed[:5], eager[:5])), (graphed, eager)
-    assert graphed[-1] < 0.5 * graphed[0] and eager[-1] < 0.5 * eager[0]
+    assert all(abs(g - e) <= 2e-3 * abs(e) for g, e in zip(loss_g, loss_e)), (loss_g, loss_e)
+    assert all(abs(g - e) <= 2e-2 * abs(e) for g, e in zip(norm_g, norm_e)), (norm_g, norm_e)
+    trained, _, _, _ = _plain_loop(cuda_graphs=True, lr=3e-3, steps=10)
+    assert all(math.isfinite(v) for v in trained) and trained[-1] < 0.5 * trained[0], trained
