@@ -180,7 +180,13 @@ class LayerGraphs:
         key = (spec, static, tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
                self.module.training)
         if self.epoch != graph_epoch():
-            self.reset()
+            # Graphs read what moved, a refusal may not hold any more (a new rung): start again. Without either the
+            # warm-up goes on: frozen experts held quantized at their first call invalidate every layer's graphs,
+            # and restarting the others' warm-up then would move every capture one step later (GPT-OSS-20B,
+            # cuBLASLt 13.10: the first timed step captured, 1,166 ms against 78).
+            if self.graphs or self.refused:
+                self.reset()
+            self.epoch = graph_epoch()
         graph = self.graphs.get(key)
         if graph is None or graph.pending:
             return self._eager_or_capture(key, leaves, spec, tensors, args, kwargs)

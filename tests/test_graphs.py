@@ -296,6 +296,18 @@ def test_what_moves_under_a_graph_makes_every_layer_capture_again(cpu_graphs: li
     assert "layers.0.linear.bias" not in grads and "layers.1.linear.bias" in grads
 
 
+def test_an_invalidation_before_any_capture_does_not_restart_the_warm_up(cpu_graphs: list[list[str]]) -> None:
+    """Frozen experts held quantized at their first call invalidate every graph; a layer that has none yet goes on
+    with its warm-up, so the capture still comes at the third step."""
+    model = Stack(layers=2)
+    graphs.install_cuda_graphs(model)
+    x = [torch.randn(4, 8) for _ in range(3)]
+    _steps(model, x[:1])
+    graphs.invalidate_graphs()  # as ResidentWeights.keep() does in the first step
+    _steps(model, x[1:])
+    assert len(CAPTURES) == 2
+
+
 def test_a_model_in_eval_mode_that_trains_is_graphed_by_mode(cpu_graphs: list[list[str]]) -> None:
     """Lightning keeps a pretrained transformers model in eval mode unless it is switched: with grad enabled its
     layers are graphed all the same; train and eval mode get a graph each."""
