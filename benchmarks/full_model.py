@@ -533,7 +533,7 @@ def render(results: dict[str, Any], label: str) -> str:
     plans = {(r["name"], r["finetune"]): r["plan"] for r in rows if r.get("plan")}
     lines += [f"- {name}, `{finetune}`: plan `{plan}`" for (name, finetune), plan in plans.items()]
     lines += [f"- {r['name']}, `{r['finetune']}`, {shape_label(r['shape'])}: {graphs_text(r['graphs'])}"
-              for r in rows if r.get("graphs")]
+              for r in rows if r.get("graphs") and r["status"] == "ok"]
     targets = check_targets(rows)
     lines += ["", "**Targets** (issue 12), checked on this stack's rows (`benchmarks/full_model_targets.py`):", "",
               *targets_markdown(targets), end]

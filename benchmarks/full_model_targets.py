@@ -125,7 +125,7 @@ def _busy(finetune: str, cells: Cells, plan: str, label: str) -> Target:
 
 
 def _memory(finetune: str, cells: Cells, plan: str, label: str) -> Target:
-    goal = f"{finetune}: {label}'s peak memory <= the reference's (shapes where both ran)"
+    goal = f"{finetune}: peak memory of the {label} <= the reference's (shapes where both ran)"
     pairs = {s: (cells[(plan, s)], cells[(REFERENCE, s)]) for s in SHAPES
              if speedup(cells.get((plan, s)), cells.get((REFERENCE, s))) is not None}
     if not pairs:
