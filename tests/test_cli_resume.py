@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,17 +108,26 @@ def test_real_ctrl_c_on_the_command_line(tmp_path):
     path = _write(tmp_path, config)
     process = subprocess.Popen([sys.executable, "-m", "lightning_te_moe.cli", "fit", "--config", str(path)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr drained meanwhile: a full pipe (warnings, decisions) would block the run while we wait on stdout
+    errors: list[str] = []
+    drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
+    drain.start()
     try:
         for line in process.stdout:
             if line.startswith("[progress] step 4"):
                 break
         else:
-            pytest.fail(f"no progress line; stderr:\n{process.stderr.read()}")
+            process.wait(timeout=60)
+            drain.join(timeout=10)
+            pytest.fail("no progress line; stderr:\n" + "".join(errors))
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        process.stdout.read()
+        process.wait(timeout=120)
+        drain.join(timeout=10)
     finally:
         if process.poll() is None:
             process.kill()
+    err = "".join(errors)
     assert process.returncode == 130, err
     saved = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert f"saved {saved}" in err and f"--config {path} --ckpt_path {saved}" in err
