@@ -106,24 +106,29 @@ def test_real_ctrl_c_on_the_command_line(tmp_path):
     checkpoint, the resume command and exit status 130."""
     config = main_job_config(tmp_path, max_steps=100_000, limit_val_batches=0, log_every_n_steps=2)
     path = _write(tmp_path, config)
+    # SIGINT back to its default in the child: a shell starting the tests in the background (`pytest ... &`) makes
+    # them ignore it, and an ignored SIGINT is inherited, so the run would never see the Ctrl-C
     process = subprocess.Popen([sys.executable, "-m", "lightning_te_moe.cli", "fit", "--config", str(path)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # stderr drained meanwhile: a full pipe (warnings, decisions) would block the run while we wait on stdout
     errors: list[str] = []
-    drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
-    drain.start()
+    drains = [threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)]
+    drains[0].start()
     try:
         for line in process.stdout:
             if line.startswith("[progress] step 4"):
                 break
         else:
             process.wait(timeout=60)
-            drain.join(timeout=10)
+            drains[0].join(timeout=10)
             pytest.fail("no progress line; stderr:\n" + "".join(errors))
         process.send_signal(signal.SIGINT)
-        process.stdout.read()
+        drains.append(threading.Thread(target=process.stdout.read, daemon=True))
+        drains[1].start()
         process.wait(timeout=120)
-        drain.join(timeout=10)
+        for drain in drains:
+            drain.join(timeout=10)
     finally:
         if process.poll() is None:
             process.kill()
