@@ -24,7 +24,6 @@ inside a capture TE quantizes them in the graph (:mod:`.experts.weight_cache`).
 
 from __future__ import annotations
 
-import gc
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -275,9 +274,6 @@ class LayerGraphs:
                 out = run()
                 torch.autograd.grad(out, targets, torch.zeros_like(out), allow_unused=True)
             del out
-            # What of the warm-up only Python's cycle collector frees would sit beside the capture's memory (torch's
-            # graph context collects only under a compiler flag); the layers capture one after another in one step.
-            gc.collect()
             side.synchronize()
             with _te_capturing(), torch.cuda.graph(forward, pool=pool, stream=side, capture_error_mode="thread_local"):
                 output = run()
