@@ -66,9 +66,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     step = training_step(model, context, optimizer)
     if args.graphs:  # memory after each layer's capture
-        from lightning_te_moe.graphs import _dispatchers
+        from lightning_te_moe.graphs import dispatchers
 
-        for index, dispatcher in enumerate(_dispatchers(model)):
+        for index, dispatcher in enumerate(dispatchers(model)):
             dispatcher.on_event = lambda kind, text, evidence, index=index: print(
                 f"  layer {index} {kind}: allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB", flush=True)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), device="cuda")

@@ -418,36 +418,36 @@ def install_cuda_graphs(model: nn.Module,
     return layers
 
 
-def _dispatchers(model: nn.Module) -> list[LayerGraphs]:
+def dispatchers(model: nn.Module) -> list[LayerGraphs]:
     """The dispatchers installed in ``model`` (its own included)."""
     return [d for m in model.modules() if isinstance(d := m.__dict__.get("forward"), LayerGraphs)]
 
 
 def remove_cuda_graphs(model: nn.Module) -> None:
-    for dispatcher in _dispatchers(model):
+    for dispatcher in dispatchers(model):
         del dispatcher.module.forward
 
 
 def graph_status(model: nn.Module) -> dict[str, Any]:
     """How many decoder layers have dispatchers, how many replay a graph now, and why the others do not."""
-    dispatchers = _dispatchers(model)
-    refused = sorted({reason for d in dispatchers for reason in d.refused.values()})
-    skipped = sum((d.skipped for d in dispatchers), Counter())
-    return {"layers": len(dispatchers), "graphed": sum(bool(d.graphs) for d in dispatchers), "refused": refused,
-            "eager_calls": dict(skipped), "signatures": max((len(d.calls) for d in dispatchers), default=0)}
+    found = dispatchers(model)
+    refused = sorted({reason for d in found for reason in d.refused.values()})
+    skipped = sum((d.skipped for d in found), Counter())
+    return {"layers": len(found), "graphed": sum(bool(d.graphs) for d in found), "refused": refused,
+            "eager_calls": dict(skipped), "signatures": max((len(d.calls) for d in found), default=0)}
 
 
 def drop_graphs(model: nn.Module) -> None:
     """Drop every graph of ``model``'s layers now, their memory pools with them (:func:`invalidate_graphs` drops them
     lazily, at each layer's next call): e.g. before training at other shapes, whose graphs would sit beside them."""
-    for dispatcher in _dispatchers(model):
+    for dispatcher in dispatchers(model):
         dispatcher.reset()
         dispatcher.pools.clear()
 
 
 def release_pending(model: nn.Module) -> None:
     """A new training step: a replayed forward whose backward never ran (a skipped ``backward``) is abandoned."""
-    for dispatcher in _dispatchers(model):
+    for dispatcher in dispatchers(model):
         for graph in dispatcher.graphs.values():
             graph.pending = False
 
