@@ -125,6 +125,8 @@ def lightning_module(args: argparse.Namespace) -> Any:
             with torch.device("meta" if meta else device):
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
             self.model.train()
+            if args.checkpointing:  # non-reentrant: recomputes under the plan's recipe (lightning_te_moe.recompute)
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if meta:
                 shard_model(self)
                 self.model.to_empty(device=device)
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> None:
     step_s = sorted(timer.times)[len(timer.times) // 2] if timer.times else None
     result: dict[str, Any] = {
         "name": args.name, "strategy": args.strategy, "devices": args.devices, "recipe": args.recipe,
-        "params_dtype": args.params_dtype,
+        "params_dtype": args.params_dtype, "checkpointing": args.checkpointing,
         "plan": plugin.state.plan.summary(), "rung": plugin.state.index, "global_step": trainer.global_step,
         "seq": args.seq, "batch_per_gpu": args.batch, "timed_steps": len(timer.times), "median_step_s": step_s,
         "tokens_per_s_per_gpu": tokens / step_s if step_s else None,
@@ -258,10 +260,15 @@ def export_check(module: Any, out: Path, rank: int, args: argparse.Namespace) ->
                                        2 * expected.intermediate_size]}
 
 
+#: The names of :func:`configurations`, in its order.
+CONFIGURATIONS = ("fsdp2-bf16", "fsdp2-default", "ddp-1", "ddp-2")
+
+
 def configurations(args: argparse.Namespace) -> list[list[str]]:
     """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), DDP 1 vs 2."""
     common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--params-dtype", args.params_dtype]
+    common += ["--checkpointing"] if args.checkpointing else []
     common += ["--tiny"] if args.tiny else []
     export = [] if args.skip_export else ["--export"]
     ddp_layers = ["--layers", "2"]
@@ -299,10 +306,18 @@ def summarize(name: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"environment": environment(), "reference": REFERENCE, "runs": {}, "failed": {}}
     args.out.mkdir(parents=True, exist_ok=True)
+    merged = args.out / "distributed.json"
+    results: dict[str, Any] = {"environment": environment(), "reference": REFERENCE, "runs": {}, "failed": {}}
+    if args.only and merged.exists():  # a later call adds its configurations to the earlier ones' results
+        earlier = json.loads(merged.read_text())
+        results["runs"], results["failed"] = earlier.get("runs", {}), earlier.get("failed", {})
     for config in configurations(args):
         name = config[1]
+        if args.only and name not in args.only:
+            continue
+        results["failed"].pop(name, None)
+        results["runs"].pop(name, None)
         command = [sys.executable, str(Path(__file__).resolve()), "run", "--out", str(args.out), *config]
         done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, capture_output=True,
                               text=True, timeout=args.timeout)
@@ -334,6 +349,10 @@ def parser() -> argparse.ArgumentParser:
                         " run: none unless given)")
     p.add_argument("--skip-export", action="store_true", help="all: no HF export (it gathers 84 GB on rank 0)")
     p.add_argument("--timeout", type=int, default=3600, help="all: seconds per configuration")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)")
+    p.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,
+                   help="all: just these configurations, merged into OUT/distributed.json's earlier results")
     p.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="master weights (and so AdamW state): float32 needs 16 bytes a parameter, 84 GB per GPU for"
                         " GPT-OSS-20B on 4 GPUs before activations (H200s, or 8 GPUs); bfloat16 needs 8")

@@ -28,9 +28,14 @@ def test_flops_per_token_of_gpt_oss_20b() -> None:
 
 @pytest.mark.slow
 def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "distributed.py"), "all", "--tiny", "--out", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # In two calls, as on a GPU machine whose command time is limited: the second merges into the first's results.
+    for only in (["fsdp2-bf16", "ddp-1", "ddp-2"], ["fsdp2-default"]):
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "distributed.py"), "all", "--tiny", "--out",
+                               str(tmp_path), "--only", *only], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        partial = json.loads((tmp_path / "distributed.json").read_text())
+        assert set(only) <= set(partial["runs"])
     result = json.loads((tmp_path / "distributed.json").read_text())
     assert result["failed"] == {} and set(result["runs"]) == {"fsdp2-bf16", "fsdp2-default", "ddp-1", "ddp-2"}
     for run in result["runs"].values():
