@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import subprocess
@@ -227,19 +228,30 @@ def run(args: argparse.Namespace) -> None:
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "decisions": decisions(plugin),
     }
+    rank = trainer.global_rank
+    path = args.out / f"{args.name}.rank{rank}.json"
+    path.write_text(json.dumps(result, indent=1))  # the training numbers survive a failure in what follows
     if args.checkpoint:
         ckpt = args.out / args.name / "ckpt"
         trainer.save_checkpoint(ckpt)
         if args.export:
-            result["export"] = export_check(module, args.out / args.name / "hf", trainer.global_rank, args)
+            result["export"] = export_check(module, args.out / args.name / "hf", rank, args)
+        saved_plan = plugin.state.plan.to_dict()
+        # The first run's model and optimizer state (GPU) and the guard's pinned host snapshots (two copies of each
+        # rank's shards and AdamW state: 64 GB a rank at full size) go before the resumed run makes its own.
+        del trainer, module, plugin, timer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            result["allocated_before_resume_gib"] = torch.cuda.memory_allocated() / 2**30
         resumed = precision(args)
         again = trainer_for(args, resumed, args.steps + 2, [])
         again.fit(lightning_module(args), loader(args, args.steps + 2), ckpt_path=ckpt)
         result["resume"] = {"global_step": again.global_step, "rung": resumed.state.index,
-                            "plan_equal": resumed.state.plan.to_dict() == plugin.state.plan.to_dict(),
+                            "plan_equal": resumed.state.plan.to_dict() == saved_plan,
                             "history_kept": decisions(resumed)[:len(result["decisions"])] == result["decisions"],
                             "decisions": decisions(resumed)}
-    (args.out / f"{args.name}.rank{trainer.global_rank}.json").write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))
 
 
 def export_check(module: Any, out: Path, rank: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -298,6 +310,7 @@ def environment() -> dict[str, Any]:
 def summarize(name: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One configuration's result: rank 0's, with the per-rank peaks and whether every rank decided alike."""
     merged = dict(ranks[0])
+    merged["ranks_reported"] = len(ranks)
     merged["peak_memory_gib_per_rank"] = [r["peak_memory_gib"] for r in ranks]
     merged["same_decisions_on_every_rank"] = all(r["decisions"] == ranks[0]["decisions"] for r in ranks)
     if "resume" in ranks[0]:
@@ -319,12 +332,19 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["failed"].pop(name, None)
         results["runs"].pop(name, None)
         command = [sys.executable, str(Path(__file__).resolve()), "run", "--out", str(args.out), *config]
-        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, capture_output=True,
-                              text=True, timeout=args.timeout)
+        for stale in args.out.glob(f"{name}.rank*.json"):
+            stale.unlink()
+        try:
+            done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, capture_output=True,
+                                  text=True, timeout=args.timeout)
+            failure = done.stderr[-4000:] if done.returncode != 0 else None
+        except subprocess.TimeoutExpired as expired:
+            stderr = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr
+            failure = f"timed out after {args.timeout} s\n" + (stderr or "")[-4000:]
         ranks = sorted(args.out.glob(f"{name}.rank*.json"))
-        if done.returncode != 0 or not ranks:
-            results["failed"][name] = done.stderr[-4000:]
-        else:
+        if failure is not None or not ranks:
+            results["failed"][name] = failure or "no rank wrote its results"
+        if ranks:  # what the ranks wrote before a failure (training numbers) is kept beside the failure
             results["runs"][name] = summarize(name, [json.loads(p.read_text()) for p in ranks])
         (args.out / "distributed.json").write_text(json.dumps(results, indent=1))
     runs = results["runs"]
