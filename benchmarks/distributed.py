@@ -238,11 +238,17 @@ def run(args: argparse.Namespace) -> None:
             result["export"] = export_check(module, args.out / args.name / "hf", rank, args)
         saved_plan = plugin.state.plan.to_dict()
         # The first run's model and optimizer state (GPU) and the guard's pinned host snapshots (two copies of each
-        # rank's shards and AdamW state: 64 GB a rank at full size) go before the resumed run makes its own.
+        # rank's shards and AdamW state: 2 x 32 GB a rank at full size) go before the resumed run makes its own: on
+        # 4 x H100 (503 GB of host memory) the resumed run was killed by the host's OOM killer while both were held.
+        plugin.guard.snapshots.release()
         del trainer, module, plugin, timer
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+            empty_host_cache = getattr(torch._C, "_host_emptyCache", None) or getattr(
+                torch._C, "_accelerator_emptyHostCache", None)  # the pinned-memory cache (torch 2.11 / 2.13 names)
+            if empty_host_cache is not None:
+                empty_host_cache()
             result["allocated_before_resume_gib"] = torch.cuda.memory_allocated() / 2**30
         resumed = precision(args)
         again = trainer_for(args, resumed, args.steps + 2, [])

@@ -126,6 +126,25 @@ def test_host_buffers_are_allocated_once_per_layout_for_both_copies_and_timed_ap
     assert store.alloc_ms == pytest.approx(allocated)
 
 
+def test_release_drops_both_host_copies_and_the_next_capture_allocates_anew() -> None:
+    """After a fit its host copies (tens of GB of pinned memory a rank for a sharded 20B model) can be given back."""
+    model = LoraLike()
+    optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
+    train(model, optimizer, 2)
+    store = SnapshotStore()
+    store.capture(2, model, [optimizer], [], None, verified=True)
+    train(model, optimizer, 1)
+    store.capture(3, model, [optimizer], [], None, verified=False)
+    assert store.nbytes > 0 and store.good is not None and store.candidate is not None
+    store.release()
+    assert store.nbytes == 0 and store.latest is None and store.good is None
+    before = state_of(model, optimizer)
+    again = store.capture(4, model, [optimizer], [], None, verified=True)
+    assert store.good is again and store.nbytes == 2 * again.flat.numel()  # its own copy and the spare, allocated anew
+    model.a.data.mul_(float("nan"))
+    assert store.restore(model, [optimizer], [], None)["step"] == 4
+    assert all(torch.equal(before[k], v) for k, v in state_of(model, optimizer).items())
+
 def test_rng_states_come_back() -> None:
     model = LoraLike()
     optimizer = torch.optim.SGD([model.a, model.b], lr=1e-2)

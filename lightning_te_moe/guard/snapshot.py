@@ -250,6 +250,13 @@ class SnapshotStore:
         self.good, self.candidate = self.candidate, None
         return True
 
+    def release(self) -> None:
+        """Drop every host copy (after a fit: a 20B model's shards and AdamW state are tens of GB of pinned memory a
+        rank, which a later fit in the same process would otherwise hold twice). The next capture allocates anew."""
+        if self._side is not None:
+            self._side.synchronize()  # no copy may still be writing into a buffer that goes
+        self.good, self.candidate, self._spare = None, None, []
+
     def discard_candidate(self) -> None:
         self._retire(self.candidate, keep=self.good)
         self.candidate = None
