@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from doc_section import write_section
+from moe_layer import loaded_cublaslt
 from te_state import fresh_te_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def versions() -> dict[str, str]:
     import transformers
 
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cublaslt": loaded_cublaslt()}
     try:
         import transformer_engine
         import transformer_engine.pytorch as te
@@ -160,14 +161,16 @@ def render(results: dict[str, Any], attention_core: Optional[dict[str, Any]] = N
     base = next((r for r in rows if r["name"].startswith("transformers default") and "median_ms" in r), None)
     lines = [BEGIN, "## Full training step (`benchmarks/train_step.py`)", "",
              f"{meta['device']}, {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-             f"TE {meta.get('te')}, cuDNN {meta.get('cudnn', '?')}. GPT-OSS-20B width cut to 4 layers (hidden 2880, "
+             f"TE {meta.get('te')}, cuDNN {meta.get('cudnn', '?')}, cuBLASLt {meta.get('cublaslt') or 'not recorded'}. GPT-OSS-20B width cut to 4 layers (hidden 2880, "
              "64 heads, 8 KV heads, head dim 64, 32 experts top-4, vocab 32,768, window 128 on alternate layers), "
              f"batch {BATCH} x {SEQ}, BF16 weights, fused AdamW; median of {rows[0].get('steps', '?')} steps after "
              f"{rows[0].get('warmup', 3)} warm-up steps (per-step times in the raw results); peak = `torch.cuda.max_memory_allocated` over the run. Plugin rows run its module swaps "
              "(the expert swap as committed when this ran, and the attention swap) and forward context without a "
              "Trainer; they run the dense layers (attention projections) on te.Linear unless the row says \"dense in "
              "BF16\" (`swap_dense=False`). Raw results: `benchmarks/train_step_h100.json`, "
-             "`benchmarks/attention_core_h100.json`.", "",
+             "`benchmarks/attention_core_h100.json`. A diagnostic: its transformers rows run eager attention, and the"
+             " headline is the full-size model against transformers with flex attention (the full-model sections).",
+             "",
              "| variant | step | tokens/s | vs transformers default | peak memory | loss (first -> last timed step) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
