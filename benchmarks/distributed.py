@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
         saved_plan = plugin.state.plan.to_dict()
         # The first run's model and optimizer state (GPU) and the guard's pinned host snapshots (two copies of each
         # rank's shards and AdamW state: 2 x 32 GB a rank at full size) go before the resumed run makes its own: on
-        # 4 x H100 (503 GB of host memory) the resumed run was killed by the host's OOM killer while both were held.
+        # 4 x H100 (503 GB of host memory) the resumed run was killed by the host's OOM killer, most likely for them.
         plugin.guard.snapshots.release()
         del trainer, module, plugin, timer
         gc.collect()
@@ -352,11 +352,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             results["failed"][name] = failure or "no rank wrote its results"
         if ranks:  # what the ranks wrote before a failure (training numbers) is kept beside the failure
             results["runs"][name] = summarize(name, [json.loads(p.read_text()) for p in ranks])
-        (args.out / "distributed.json").write_text(json.dumps(results, indent=1))
+        merged.write_text(json.dumps(results, indent=1))
     runs = results["runs"]
     if "ddp-1" in runs and "ddp-2" in runs and runs["ddp-1"]["tokens_per_s_per_gpu"]:
         results["ddp_scaling"] = 2 * runs["ddp-2"]["tokens_per_s_per_gpu"] / runs["ddp-1"]["tokens_per_s_per_gpu"]
-    (args.out / "distributed.json").write_text(json.dumps(results, indent=1))
+    merged.write_text(json.dumps(results, indent=1))
     return results
 
 
