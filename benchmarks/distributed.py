@@ -15,7 +15,9 @@ GPU. Per run: tokens/s and model TFLOP/s per GPU over the timed steps (after ``-
 plan, and each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at ``--nan-at`` (every
 rank must record the same decisions at the same step), saves a sharded checkpoint and resumes it for 2 more steps (plan,
 rung, guard state and decision history must come back), and exports to the HF layout and loads it back (unless
-``--skip-export``). DDP runs (``--strategy ddp``) train a 2-layer model of the same widths on 1 and on 2 GPUs.
+``--skip-export``). ``--profile N`` profiles N more steps after the timed ones: GPU kernel time per step (the union
+over streams), NCCL's share of it and the launches, so a slow step says whether it waits on the host, on the
+collectives or on compute. DDP runs (``--strategy ddp``) train a 2-layer model of the same widths on 1 and on 2 GPUs.
 
 Model FLOPs per token: 6 x the parameters a token passes through (embeddings excluded; experts counted at top-k of
 their number; the output head included) + attention 12 x heads x head dim x context per layer (context: the sequence
@@ -154,11 +156,11 @@ def loader(args: argparse.Namespace, steps: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=args.batch)
 
 
-def timer_callback(warmup: int) -> Any:
+def timer_callback(warmup: int, last: int) -> Any:
     from lightning.pytorch import Callback
 
     class StepTimer(Callback):
-        """Wall time of each optimizer step after ``warmup`` (device synchronised), and the peak memory."""
+        """Wall time of each optimizer step after ``warmup`` up to step ``last`` (device synchronised)."""
 
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -176,10 +178,60 @@ def timer_callback(warmup: int) -> Any:
 
         def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
             self._sync(trainer)
-            if trainer.global_step > warmup:
+            if warmup < trainer.global_step <= last:
                 self.times.append(time.perf_counter() - self._start)
 
     return StepTimer()
+
+
+def profile_callback(start: int, steps: int) -> Any:
+    """Profiles ``steps`` optimizer steps after step ``start`` on a GPU (after the timed ones: the profiler slows the
+    host): GPU kernel time (union over streams), NCCL's share of it, and launches, per step."""
+    from lightning.pytorch import Callback
+
+    class StepProfile(Callback):
+        def __init__(self) -> None:
+            self.result: dict[str, Any] = {"skipped": "not on a GPU"}
+            self._profiler: Any = None
+            self._begin: Any = None
+
+        def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
+            if trainer.global_step != start or trainer.strategy.root_device.type != "cuda" or self._profiler:
+                return
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self._profiler = profile(activities=[ProfilerActivity.CUDA])
+            self._profiler.__enter__()
+            self._begin = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            if self._profiler is None or trainer.global_step != start + steps:
+                return
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - self._begin) * 1e3 / steps
+            self._profiler.__exit__(None, None, None)
+            self.result = kernel_summary(self._profiler, steps, wall_ms)
+
+    return StepProfile()
+
+
+def kernel_summary(profiler: Any, steps: int, wall_ms: float) -> dict[str, Any]:
+    """Per step: kernel time (union over streams), NCCL kernel time, the rest, launches, the profiled wall time."""
+    import tempfile
+
+    from full_model import kernel_time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    busy_us, launches = kernel_time(events)
+    nccl_us, nccl_launches = kernel_time(events, only=lambda name: "nccl" in name.lower())
+    compute_us, _ = kernel_time(events, only=lambda name: "nccl" not in name.lower())
+    return {"steps": steps, "kernel_ms": busy_us / 1e3 / steps, "nccl_ms": nccl_us / 1e3 / steps,
+            "compute_ms": compute_us / 1e3 / steps, "launches": launches // steps,
+            "nccl_launches": nccl_launches // steps, "profiled_step_ms": wall_ms}
 
 
 def trainer_for(args: argparse.Namespace, plugin: Any, steps: int, callbacks: list) -> Any:
@@ -210,10 +262,12 @@ def precision(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> None:
     """One configuration; every rank writes ``OUT/NAME.rank<N>.json``."""
     plugin = precision(args)
-    timer = timer_callback(args.warmup)
-    trainer = trainer_for(args, plugin, args.steps, [timer])
+    timer = timer_callback(args.warmup, args.steps)
+    profiler = profile_callback(args.steps, args.profile)
+    total = args.steps + args.profile
+    trainer = trainer_for(args, plugin, total, [timer, profiler] if args.profile else [timer])
     module = lightning_module(args)
-    trainer.fit(module, loader(args, args.steps))
+    trainer.fit(module, loader(args, total))
     cuda = trainer.strategy.root_device.type == "cuda"
     tokens = args.batch * args.seq
     step_s = sorted(timer.times)[len(timer.times) // 2] if timer.times else None
@@ -228,6 +282,9 @@ def run(args: argparse.Namespace) -> None:
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "decisions": decisions(plugin),
     }
+    if args.profile:
+        result["profile"] = {**profiler.result, **({"gpu_busy": profiler.result["kernel_ms"] / 1e3 / step_s}
+                                                   if "kernel_ms" in profiler.result and step_s else {})}
     rank = trainer.global_rank
     path = args.out / f"{args.name}.rank{rank}.json"
     path.write_text(json.dumps(result, indent=1))  # the training numbers survive a failure in what follows
@@ -251,8 +308,8 @@ def run(args: argparse.Namespace) -> None:
                 empty_host_cache()
             result["allocated_before_resume_gib"] = torch.cuda.memory_allocated() / 2**30
         resumed = precision(args)
-        again = trainer_for(args, resumed, args.steps + 2, [])
-        again.fit(lightning_module(args), loader(args, args.steps + 2), ckpt_path=ckpt)
+        again = trainer_for(args, resumed, total + 2, [])
+        again.fit(lightning_module(args), loader(args, total + 2), ckpt_path=ckpt)
         result["resume"] = {"global_step": again.global_step, "rung": resumed.state.index,
                             "plan_equal": resumed.state.plan.to_dict() == saved_plan,
                             "history_kept": decisions(resumed)[:len(result["decisions"])] == result["decisions"],
@@ -287,6 +344,7 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
     common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--params-dtype", args.params_dtype]
     common += ["--checkpointing"] if args.checkpointing else []
+    common += ["--profile", str(args.profile)] if args.profile else []
     common += ["--tiny"] if args.tiny else []
     export = [] if args.skip_export else ["--export"]
     ddp_layers = ["--layers", "2"]
@@ -375,6 +433,8 @@ def parser() -> argparse.ArgumentParser:
                         " run: none unless given)")
     p.add_argument("--skip-export", action="store_true", help="all: no HF export (it gathers 84 GB on rank 0)")
     p.add_argument("--timeout", type=int, default=3600, help="all: seconds per configuration")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many steps after the timed ones (GPU kernel time, NCCL's share; 0: none)")
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)")
     p.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,

@@ -192,9 +192,11 @@ def time_steps(step: Callable[[Tensor], Tensor], ids: Tensor, steps: int, warmup
             "finite": math.isfinite(first) and math.isfinite(last)}
 
 
-def kernel_time(trace_events: list[dict[str, Any]]) -> tuple[float, int]:
-    """Microseconds some kernel ran (the union of kernel intervals: concurrent streams count once), and launches."""
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events if e.get("cat") == "kernel" and "dur" in e)
+def kernel_time(trace_events: list[dict[str, Any]], only: Optional[Callable[[str], bool]] = None) -> tuple[float, int]:
+    """Microseconds some kernel ran (the union of kernel intervals: concurrent streams count once), and launches;
+    ``only``: count just the kernels whose name it accepts (NCCL's, say)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events if e.get("cat") == "kernel" and "dur" in e
+                   and (only is None or only(e.get("name", ""))))
     busy, reach = 0.0, float("-inf")
     for start, end in spans:
         if end > reach:

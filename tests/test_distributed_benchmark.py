@@ -14,7 +14,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from distributed import flops_per_token, gpt_oss_config  # noqa: E402
+from distributed import flops_per_token, gpt_oss_config, kernel_summary  # noqa: E402
 
 
 def test_flops_per_token_of_gpt_oss_20b() -> None:
@@ -26,20 +26,38 @@ def test_flops_per_token_of_gpt_oss_20b() -> None:
     assert 6 * params == pytest.approx(21.7e9, rel=0.01)  # NeMo's 279 TFLOP/s at 13,058 tokens/s: 21.4 GFLOP a token
 
 
+def test_kernel_summary_splits_nccl_from_compute_per_step() -> None:
+    class Profiler:  # what torch.profiler's export writes: kernels of two steps, NCCL overlapping compute
+        def export_chrome_trace(self, path: str) -> None:
+            kernels = [("gemm", 0, 40), ("ncclDevKernel_AllGather", 30, 30), ("gemm", 100, 40),
+                       ("ncclDevKernel_ReduceScatter", 150, 20)]
+            events = [{"cat": "kernel", "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+            Path(path).write_text(json.dumps({"traceEvents": [*events, {"cat": "cuda_runtime", "ts": 0, "dur": 500}]}))
+
+    summary = kernel_summary(Profiler(), steps=2, wall_ms=1.0)
+    # union: 0-60 and 100-140 and 150-170 = 120 us; NCCL 50 us; compute 80 us; per step, in ms
+    assert summary == {"steps": 2, "kernel_ms": 0.06, "nccl_ms": 0.025, "compute_ms": 0.04, "launches": 2,
+                       "nccl_launches": 1, "profiled_step_ms": 1.0}
+
+
 @pytest.mark.slow
 def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
     # In two calls, as on a GPU machine whose command time is limited: the second merges into the first's results.
-    for only in (["fsdp2-bf16", "ddp-1", "ddp-2"], ["fsdp2-default"]):
+    # The first call also asks for a profile of one step after the timed ones (on the CPU it says why there is none).
+    for only, extra in ((["fsdp2-bf16", "ddp-1", "ddp-2"], ["--profile", "1"]), (["fsdp2-default"], [])):
         done = subprocess.run([sys.executable, str(BENCHMARKS / "distributed.py"), "all", "--tiny", "--out",
-                               str(tmp_path), "--only", *only], cwd=tmp_path, capture_output=True, text=True,
+                               str(tmp_path), "--only", *only, *extra], cwd=tmp_path, capture_output=True, text=True,
                               timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         partial = json.loads((tmp_path / "distributed.json").read_text())
         assert set(only) <= set(partial["runs"])
     result = json.loads((tmp_path / "distributed.json").read_text())
     assert result["failed"] == {} and set(result["runs"]) == {"fsdp2-bf16", "fsdp2-default", "ddp-1", "ddp-2"}
-    for run in result["runs"].values():
-        assert run["same_decisions_on_every_rank"] and run["global_step"] == 6 and run["tokens_per_s_per_gpu"] > 0
+    for name, run in result["runs"].items():
+        profiled = name != "fsdp2-default"
+        assert run["same_decisions_on_every_rank"] and run["tokens_per_s_per_gpu"] > 0
+        assert run["global_step"] == 6 + profiled and run["timed_steps"] == 5  # 6 steps, 1 untimed, then the profile's
+        assert run.get("profile") == ({"skipped": "not on a GPU"} if profiled else None)
     default = result["runs"]["fsdp2-default"]
     assert ["skip", 4, "step 4", "skipped"] in default["decisions"]  # the NaN at step 3 on rank 1, on both ranks
     assert default["same_resume_on_every_rank"]

@@ -262,6 +262,8 @@ def test_kernel_time_counts_overlapping_kernels_once() -> None:
               {"cat": "gpu_memcpy", "ts": 20.0, "dur": 50.0}, {"cat": "cuda_runtime", "ts": 0.0, "dur": 99.0},
               {"cat": "kernel", "ts": 30.0, "dur": 5.0}]
     assert fm.kernel_time(events) == (20.0, 4)
+    events[2]["name"], events[6]["name"] = "ncclDevKernel_ReduceScatter_Sum_f32", "ncclDevKernel_AllGather"
+    assert fm.kernel_time(events, only=lambda name: name.startswith("nccl")) == (15.0, 2)
 
 
 def test_versions_failures_and_weights() -> None:
