@@ -12,6 +12,9 @@ model is built once per fine-tune and trained by one ``Trainer.fit`` per run of 
 * ``every``: the guard with ``snapshot_every=1``, as often as it snapshots (every other step on CUDA, where a copy
   is verified by the values read a step later): the worst case.
 
+``--cuda-graphs`` runs every mode with the plugin's CUDA graphs: the step is then GPU-bound, so the guard's own
+per-step hooks show against it rather than drowning in a host-bound step's variation.
+
 ``off`` and ``guard`` alternate (--repeats times each; the first fits of a model run slower), then ``every`` runs
 once. Per mode: the step time (CUDA events at every batch start, so everything between two steps counts, the
 guard's hooks and snapshots included), median / min / max over the --steps steps after --warmup of each of its
@@ -41,6 +44,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from full_model import apply_finetune, fill_weights, gpt_oss_20b_config
+
+from lightning_te_moe.graphs import WARMUP_CALLS, drop_graphs, graph_status, remove_cuda_graphs
 
 #: The modes: (name, the plugin's guard arguments).
 MODES = {"off": {"guard": False}, "guard": {}, "every": {"snapshot_every": 1}}
@@ -126,7 +131,7 @@ def fit(module: FineTune, mode: str, args: argparse.Namespace) -> dict[str, Any]
 
     settings = MODES[mode]
     plugin = TEMoEPrecision(args.recipe, params_dtype="bfloat16", print_plan=False,
-                            guard=settings.get("guard", True),
+                            guard=settings.get("guard", True), cuda_graphs=args.cuda_graphs,
                             guard_config=GuardConfig(snapshot_every=settings.get("snapshot_every")))
     timer = StepTimes()
     trainer = L.Trainer(accelerator="auto", devices=1, plugins=[plugin], max_steps=args.warmup + args.steps,
@@ -152,6 +157,10 @@ def fit(module: FineTune, mode: str, args: argparse.Namespace) -> dict[str, Any]
             synchronize()
             out["restore_ms"] = (time.perf_counter() - begin) * 1e3
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if args.cuda_graphs:  # whether the steps replayed graphs; each fit captures its own (as a user's run does)
+        out["graphs"] = graph_status(module.model)
+        drop_graphs(module.model)
+        remove_cuda_graphs(module.model)
     for optimizer in trainer.optimizers:
         optimizer.state.clear()
     for param in module.parameters():
@@ -187,7 +196,8 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"{meta['device']}, {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, TE"
              f" {meta['te']}. {meta['model']}, BF16, experts frozen, batch 1 x {meta['seq']} tokens, fused AdamW,"
              f" {meta['steps']} steps a run after {meta['warmup']}, {meta['repeats']} runs without and with the"
-             f" guard alternated; `benchmarks/guard_snapshot.py`.", "",
+             f" guard alternated{', CUDA graphs on' if meta.get('cuda_graphs') else ''};"
+             " `benchmarks/guard_snapshot.py`.", "",
              "| fine-tune (plan) | trainable | snapshot | its cost (host + copy) | interval, its share of step time |"
              " step without the guard | with the guard | as often as possible | restore | pinned host memory"
              " (allocated in) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -234,12 +244,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="runs without and with the guard, alternated")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer small model (checks the script, e.g. on a CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="the plugin's CUDA graphs in every mode: a GPU-bound step, where the guard's own per-step"
+                             " cost shows (needs --warmup above the capture step)")
     args = parser.parse_args()
+    if args.cuda_graphs and args.warmup <= WARMUP_CALLS:
+        parser.error(f"--cuda-graphs needs --warmup {WARMUP_CALLS + 1} or more: the layers capture at step"
+                     f" {WARMUP_CALLS + 1}, which must not be timed (got --warmup {args.warmup})")
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = "A 2-layer small GPT-OSS" if args.tiny else "GPT-OSS-20B architecture"
     results: dict[str, Any] = {"versions": {**versions(device), "model": model, "seq": args.seq, "steps": args.steps,
-                                            "warmup": args.warmup, "repeats": args.repeats}, "rows": []}
+                                            "warmup": args.warmup, "repeats": args.repeats,
+                                            "cuda_graphs": args.cuda_graphs}, "rows": []}
     for finetune in args.finetunes:
         try:
             results["rows"].append(run(finetune, args, device))

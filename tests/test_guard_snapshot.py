@@ -416,11 +416,17 @@ def test_the_full_size_benchmark_runs_and_reports_what_the_docs_need(tmp_path: P
     """benchmarks/guard_snapshot.py on its small model (CPU): steps without and with the guard, the snapshot's bytes,
     cost, interval and share, and the table for docs/divergence-guard.md."""
     script = Path(__file__).parents[1] / "benchmarks" / "guard_snapshot.py"
+    refused = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--cuda-graphs",
+                              "--warmup", "2"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--cuda-graphs needs --warmup 3 or more" in refused.stderr
+    # --cuda-graphs on the CPU: the plan has no graphs there, and each mode says so (on a GPU: 24 layers graphed)
     done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--finetunes", "lora",
-                           "--seq", "32", "--steps", "3", "--warmup", "2", "--repeats", "1"],
+                           "--seq", "32", "--steps", "3", "--warmup", "3", "--repeats", "1", "--cuda-graphs"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads((tmp_path / "guard_snapshot.json").read_text())["rows"][0]
+    results = json.loads((tmp_path / "guard_snapshot.json").read_text())
+    row = results["rows"][0]
+    assert results["versions"]["cuda_graphs"] and all(m["graphs"]["layers"] == 0 for m in row["modes"].values())
     assert set(row["modes"]) == {"off", "guard", "every"} and "guard" not in row["modes"]["off"]
     for mode in row["modes"].values():
         assert mode["min_ms"] <= mode["median_ms"] <= mode["max_ms"] and len(mode["run_medians_ms"]) == 1
