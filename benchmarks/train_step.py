@@ -161,7 +161,8 @@ def render(results: dict[str, Any], attention_core: Optional[dict[str, Any]] = N
     base = next((r for r in rows if r["name"].startswith("transformers default") and "median_ms" in r), None)
     lines = [BEGIN, "## Full training step (`benchmarks/train_step.py`)", "",
              f"{meta['device']}, {meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-             f"TE {meta.get('te')}, cuDNN {meta.get('cudnn', '?')}, cuBLASLt {meta.get('cublaslt') or 'not recorded'}. GPT-OSS-20B width cut to 4 layers (hidden 2880, "
+             f"TE {meta.get('te')}, cuDNN {meta.get('cudnn', '?')}, cuBLASLt {meta.get('cublaslt') or 'not recorded'}. "
+             "GPT-OSS-20B width cut to 4 layers (hidden 2880, "
              "64 heads, 8 KV heads, head dim 64, 32 experts top-4, vocab 32,768, window 128 on alternate layers), "
              f"batch {BATCH} x {SEQ}, BF16 weights, fused AdamW; median of {rows[0].get('steps', '?')} steps after "
              f"{rows[0].get('warmup', 3)} warm-up steps (per-step times in the raw results); peak = `torch.cuda.max_memory_allocated` over the run. Plugin rows run its module swaps "

@@ -59,6 +59,7 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefer-stability", action="store_true")
     parser.add_argument("--no-strict", action="store_true", help="step down instead of failing on a forbidden recipe")
     parser.add_argument("--torch-compile", action="store_true", help="plan for a model run under torch.compile")
+    parser.add_argument("--cuda-graphs", action="store_true", help="plan for the plugin's cuda_graphs=True")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -81,7 +82,8 @@ def plan_command(argv: list[str]) -> int:
     args = plan_parser().parse_args(argv)
     request = PrecisionRequest(recipe=args.recipe, allow=tuple(args.allow), deny=tuple(args.deny),
                                auto_nvfp4=args.auto_nvfp4, prefer_stability=args.prefer_stability,
-                               strict=not args.no_strict, torch_compile=args.torch_compile)
+                               strict=not args.no_strict, torch_compile=args.torch_compile,
+                               cuda_graphs=args.cuda_graphs)
     try:
         plan = make_plan(environment_from_args(args), request)
     except PlanError as err:

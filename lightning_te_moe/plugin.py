@@ -116,7 +116,8 @@ class TEMoEPrecision(FSDPPrecision):
                          autotune=autotune, cuda_graphs=cuda_graphs)
         self.request = PrecisionRequest(recipe=recipe, allow=check_recipe_names(_OWNER, "allow", allow),
                                         deny=check_recipe_names(_OWNER, "deny", deny), auto_nvfp4=auto_nvfp4,
-                                        prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype)
+                                        prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype,
+                                        cuda_graphs=cuda_graphs)
         self.params_dtype = getattr(torch, params_dtype)
         self.print_plan = print_plan
         self._plan_printed = False
@@ -486,7 +487,8 @@ def _stack(env: Environment) -> tuple[Any, ...]:
 
 
 #: The arguments that make a plan; a resume with any of them changed follows the new ones.
-_PLAN_ARGUMENTS = ("recipe", "allow", "deny", "auto_nvfp4", "prefer_stability", "strict", "params_dtype")
+_PLAN_ARGUMENTS = ("recipe", "allow", "deny", "auto_nvfp4", "prefer_stability", "strict", "params_dtype",
+                   "cuda_graphs")
 
 
 def _changed_arguments(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -190,7 +190,7 @@ def test_a_cuda_plan_without_importable_te_records_why(monkeypatch: pytest.Monke
     from lightning_te_moe.policy.state import PrecisionState
 
     monkeypatch.setattr(swap_mod, "te_available", lambda: False)
-    state = PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2"), PrecisionRequest()))
+    state = PrecisionState(make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"), PrecisionRequest()))
     summary, details = swap_for_plugin(tiny_model("gpt_oss"), state)
     assert summary.endswith("Transformer Engine does not import in this process: dense layers stay torch nn.Linear")
     assert details["entries"] == []

@@ -116,3 +116,6 @@ def test_a_resume_before_setup_with_changed_arguments_plans_from_the_new_ones() 
     same = CpuLadderPrecision(print_plan=False)
     same.load_state_dict({"plan": saved.to_dict(), "rung": 1, "decisions": []})
     assert same.plan.summary() == "bf16 -> fp32" and same.state.index == 1
+    graphed = CpuLadderPrecision(print_plan=False, cuda_graphs=True)  # a rule may read cuda_graphs: a plan argument
+    graphed.load_state_dict({"plan": saved.to_dict(), "rung": 1, "decisions": []})
+    assert graphed.state.index == 0 and "cuda_graphs" in graphed.decisions.decisions[-1].reason

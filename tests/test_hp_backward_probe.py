@@ -43,6 +43,6 @@ def test_the_rule_can_be_gated_on_cublaslt(monkeypatch: pytest.MonkeyPatch) -> N
                   if r.id == "hp-backward-fp32-params" else r for r in rules.RULES)
     monkeypatch.setattr(rules, "RULES", gated)
     new = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"))
-    old = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.1.0"))
+    old = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.5.0"))  # FP8 dense (13.1: BF16 plan)
     assert new.ladder[1].dense.backward_override == "high_precision"
     assert old.ladder[1].dense.backward_override == "dequantized"

@@ -14,11 +14,12 @@ from lightning_te_moe.policy.rules import RULES
 RULE_IDS = {r.id for r in RULES}
 
 # (compute capability, TE version, expected ladder) for the default request (recipe="auto"), with the assumed GPU's
-# default cuBLASLt (13.0: TE's split path on Hopper, where the experts' measured fastest recipe is BF16).
+# default cuBLASLt (13.0: TE's split path on Hopper, where the experts' measured fastest recipe is BF16, and FP8 dense
+# layers measured slower than BF16: rule hopper-split-dense-bf16); other stacks: test_auto_plan_on_hopper_per_cuda_stack
 # Read each row as a claim about that machine; the reasons are checked in the tests below.
 SPARK = "nvfp4(disable_rht=True, disable_stochastic_rounding=True) / experts bf16"
 SPARK_LADDER = f"{SPARK} -> nvfp4+dq_bwd(disable_rht=True, disable_stochastic_rounding=True) / experts bf16 -> bf16"
-HOPPER_LADDER = "fp8_current / experts bf16 -> fp8_current+dq_bwd / experts bf16 -> bf16"
+HOPPER_NATIVE_LADDER = "fp8_current -> fp8_current+dq_bwd -> bf16"
 AUTO = [
     (None, None, 'fp32'),
     (None, '2.8', 'fp32'),
@@ -52,10 +53,10 @@ AUTO = [
     ('8.9', '2.20', 'fp8_current -> fp8_current+dq_bwd -> bf16'),
     ('9.0', None, 'bf16'),
     ('9.0', '2.8', 'bf16'),
-    ('9.0', '2.9', 'fp8_current -> bf16'),
-    ('9.0', '2.14', 'fp8_current -> bf16'),
-    ('9.0', '2.15', HOPPER_LADDER),
-    ('9.0', '2.20', HOPPER_LADDER),
+    ('9.0', '2.9', 'bf16'),
+    ('9.0', '2.14', 'bf16'),
+    ('9.0', '2.15', 'bf16'),
+    ('9.0', '2.20', 'bf16'),
     ('10.0', None, 'bf16'),
     ('10.0', '2.8', 'bf16'),
     ('10.0', '2.9', 'mxfp8 -> bf16'),
@@ -107,6 +108,26 @@ def test_auto_plan_per_device_and_te_version(cc, te, ladder):
         assert "te-below-floor" in rules and not plan.fused_attention
     if te in ("2.9", "2.14") and plan.dense.is_te:
         assert "backward-override-needs-2.15" in rules
+
+
+@pytest.mark.parametrize(("cublaslt", "ladder"), [("13.1.0", "bf16"), ("13.4.0", "bf16"),
+                                                  ("13.5.0", HOPPER_NATIVE_LADDER), ("13.10.0", HOPPER_NATIVE_LADDER)])
+def test_auto_plan_on_hopper_per_cuda_stack(cublaslt: str, ladder: str) -> None:
+    """Below cuBLASLt 13.5 (TE's split path for FP8 experts) FP8 dense layers and experts both measured slower than
+    BF16 (H100, 2026-11-27): auto runs BF16 and says why; a named FP8 recipe still runs FP8. On a current stack the
+    dense layers keep the rules' order and the experts their measured fastest, FP8 current."""
+    env = Environment.assume(cc="9.0", te="2.20.2", cublaslt=cublaslt)
+    plan = make_plan(env)
+    assert plan.summary() == ladder
+    rule = next((r for r in plan.reasons if r.rule == "hopper-split-dense-bf16"), None)
+    assert (rule is not None) is (ladder == "bf16")
+    if rule is not None:
+        assert "357.7 vs 291.5 ms" in rule.text and "1.15 vs 0.80 s" in rule.text
+        assert make_plan(env, PrecisionRequest(recipe="fp8_current")).dense.name == "fp8_current"
+    # measured eager only: with the plugin's CUDA graphs (a GPU-bound step) the dense layers keep FP8 current
+    graphed = make_plan(env, PrecisionRequest(cuda_graphs=True))
+    assert graphed.dense.name == "fp8_current" and graphed.request["cuda_graphs"] is True
+    assert "hopper-split-dense-bf16" not in {r.rule for r in graphed.reasons}
 
 
 @pytest.mark.parametrize("cudnn", ["9.14.0", "9.18.0", "9.18.1", "9.20.0"])
@@ -207,8 +228,9 @@ def test_prefer_stability_starts_with_high_precision_backward_and_skips_delayed(
 
 def test_allow_and_deny_lists():
     env = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.1.0")
-    assert make_plan(env, PrecisionRequest(allow=("bf16", "fp8_block"))).summary() == (
-        "fp8_block / experts bf16 -> fp8_block+dq_bwd / experts bf16 -> bf16")  # block measured slower than BF16
+    assert make_plan(env, PrecisionRequest(allow=("bf16", "fp8_block"))).summary() == "bf16"  # block measured slower
+    assert make_plan(env, PrecisionRequest(allow=("fp8_block", "fp8_current"))).summary() == (
+        "fp8_current / experts fp8_block -> fp8_current+dq_bwd / experts fp8_block+dq_bwd")  # each its own order
     assert make_plan(env, PrecisionRequest(allow=("fp8_block",))).summary() == (
         "fp8_block -> fp8_block+dq_bwd")  # the only measured recipe allowed; nothing below is allowed
     plan = make_plan(env, PrecisionRequest(allow=("fp8_current",)))

@@ -23,7 +23,8 @@ def te(monkeypatch: pytest.MonkeyPatch) -> te_standin.State:
     import lightning_te_moe.plugin as plugin_mod
 
     state = te_standin.install(monkeypatch)
-    monkeypatch.setattr(plugin_mod, "probe_environment", lambda device=None: Environment.assume(cc="9.0", te="2.20.2"))
+    hopper = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0")  # a stack whose auto plan runs FP8 dense
+    monkeypatch.setattr(plugin_mod, "probe_environment", lambda device=None: hopper)
     monkeypatch.setattr(swap_mod, "te_available", lambda: True)
     return state
 

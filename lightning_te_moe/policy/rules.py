@@ -35,10 +35,12 @@ class When:
     cublaslt_below: Optional[str] = None
     cpu_bf16: Optional[bool] = None
     torch_compile: Optional[bool] = None
+    cuda_graphs: Optional[bool] = None  # the plugin's cuda_graphs=True: a GPU-bound step, where host costs weigh less
     params_dtype: Optional[str] = None  # the dtype TEMoEPrecision keeps parameters in
     te_reports_unavailable: Optional[str] = None  # a family of TE's is_*_available checks
 
-    def matches(self, env: Environment, torch_compile: bool = False, params_dtype: str = "float32") -> bool:
+    def matches(self, env: Environment, torch_compile: bool = False, params_dtype: str = "float32",
+                cuda_graphs: bool = False) -> bool:
         if self.device is not None and env.device_type != self.device:
             return False
         if self.cc_min is not None and (env.cc is None or env.cc < self.cc_min):
@@ -67,6 +69,8 @@ class When:
         if self.cpu_bf16 is not None and env.cpu_bf16 != self.cpu_bf16:
             return False
         if self.torch_compile is not None and torch_compile != self.torch_compile:
+            return False
+        if self.cuda_graphs is not None and cuda_graphs != self.cuda_graphs:
             return False
         if self.params_dtype is not None and params_dtype != self.params_dtype:
             return False
@@ -100,6 +104,8 @@ class When:
             parts.append("CPU with native BF16" if self.cpu_bf16 else "CPU without native BF16")
         if self.torch_compile is not None:
             parts.append("under torch.compile" if self.torch_compile else "without torch.compile")
+        if self.cuda_graphs is not None:
+            parts.append("with CUDA graphs" if self.cuda_graphs else "without CUDA graphs")
         if self.params_dtype:
             parts.append(f"parameters in {self.params_dtype}")
         if self.te_reports_unavailable:
@@ -196,6 +202,19 @@ RULES: tuple[Rule, ...] = (
          When(device="cuda", cc_min=8.9, cc_below=9.0, cublaslt_below="12.1.3"),
          Effect(forbid=_QUANTIZED),
          "FP8 on Ada needs cuBLASLt >= 12.1.3."),
+    Rule("hopper-split-dense-bf16",
+         "measured (H100 80GB, TE 2.20.2, cuBLASLt 13.1, 2026-11-27): docs/dense.md 'Dense layers on TE at full size',"
+         " docs/distributed.md, docs/performance.md (benchmarks/full_model.py, distributed.py, train_step.py)",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_below="13.5", cuda_graphs=False),
+         Effect(prefer=("bf16", "fp8_current", "fp8_block", "fp8_delayed", "fp32")),
+         "Hopper below cuBLASLt 13.5: FP8 dense layers measured slower than BF16 in every GPT-OSS-20B training step"
+         " of 2026-11-27 on cuBLASLt 13.1 (TE's Linear adds quantize launches to a host-bound step; the"
+         " projections are small): full-size LoRA fine-tune on one H100 357.7 vs 291.5 ms at 1,024 tokens and 465.2"
+         " vs 338.0 ms at 4,096; full fine-tune on 4 x H100 (FSDP2) 1.15 vs 0.80 s a step; 4-layer step 126.4 vs"
+         " 117.8 ms, all eager. The experts measured fastest in BF16 on this stack too, so auto runs BF16 there; a"
+         " named recipe (recipe='fp8_current') still runs FP8. Not measured against BF16 with CUDA graphs (a"
+         " GPU-bound step: cuda_graphs=True keeps the FP8 plan, measured 1.84x the reference at 1,024 tokens) nor"
+         " on a current stack: the rule does not apply there."),
     Rule("hopper-fp8", "TE is_mxfp8_available / is_nvfp4_available: CC >= 10.0",
          When(device="cuda", cc_min=9.0, cc_below=10.0),
          Effect(forbid=("mxfp8", "nvfp4"), prefer=("fp8_current", "fp8_block", "fp8_delayed", "bf16", "fp32")),
@@ -351,5 +370,7 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def matching_rules(env: Environment, torch_compile: bool = False, params_dtype: str = "float32") -> list[Rule]:
-    return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile, params_dtype=params_dtype)]
+def matching_rules(env: Environment, torch_compile: bool = False, params_dtype: str = "float32",
+                   cuda_graphs: bool = False) -> list[Rule]:
+    return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile, params_dtype=params_dtype,
+                                                        cuda_graphs=cuda_graphs)]

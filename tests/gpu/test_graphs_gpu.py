@@ -34,7 +34,8 @@ def test_a_graphed_fit_trains(tmp_path: Path) -> None:
     assert sum("captured" in reason for reason in decisions) == 2, decisions
     assert not [d for d in graphed.decisions.decisions if d.kind in ("rollback", "step_down", "stop")]
     assert not _graph_decisions(eager)
-    assert g.losses[:2] == e.losses[:2]  # the warm-up steps run eagerly
+    if graphed.plan.summary() == eager.plan.summary():  # not below cuBLASLt 13.5: eager auto is BF16 there
+        assert g.losses[:2] == e.losses[:2]  # the warm-up steps run eagerly
     assert all(math.isfinite(v) for v in g.losses)
     assert g.losses[-1] < 0.2 * g.losses[0] and e.losses[-1] < 0.2 * e.losses[0]
 

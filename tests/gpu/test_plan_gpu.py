@@ -90,7 +90,8 @@ class TEProbe(L.LightningModule):
 
 
 def test_te_autocast_active_inside_training_step(tmp_path):
-    plugin, model = TEMoEPrecision(print_plan=False), TEProbe()
+    # a named FP8 recipe: auto runs BF16 on some stacks (hopper-split-dense-bf16), where no TE autocast is entered
+    plugin, model = TEMoEPrecision("fp8_current", print_plan=False), TEProbe()
     trainer = L.Trainer(plugins=[plugin], accelerator="gpu", devices=1, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
     trainer.fit(model)
@@ -116,4 +117,7 @@ def test_example_trains_30_steps_on_gpu(tmp_path):
     print("plan:", plugin.plan.summary(), "losses:", [round(x, 3) for x in history.losses])
     assert len(history.losses) == 30 and all(math.isfinite(x) for x in history.losses)
     assert sum(history.losses[-5:]) / 5 < 0.8 * sum(history.losses[:5]) / 5
-    assert plugin.plan.dense.is_te
+    if "hopper-split-dense-bf16" in {r.rule for r in plugin.plan.reasons}:  # Hopper below cuBLASLt 13.5, eager
+        assert plugin.plan.summary() == "bf16"
+    else:
+        assert plugin.plan.dense.is_te
