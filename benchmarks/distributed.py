@@ -218,14 +218,9 @@ def profile_callback(start: int, steps: int) -> Any:
 
 def kernel_summary(profiler: Any, steps: int, wall_ms: float) -> dict[str, Any]:
     """Per step: kernel time (union over streams), NCCL kernel time, the rest, launches, the profiled wall time."""
-    import tempfile
+    from full_model import kernel_time, trace_events
 
-    from full_model import kernel_time
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        profiler.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
+    events = trace_events(profiler)
     busy_us, launches = kernel_time(events)
     nccl_us, nccl_launches = kernel_time(events, only=lambda name: "nccl" in name.lower())
     compute_us, _ = kernel_time(events, only=lambda name: "nccl" not in name.lower())
@@ -298,7 +293,7 @@ def run(args: argparse.Namespace) -> None:
         # rank's shards and AdamW state: 2 x 32 GB a rank at full size) go before the resumed run makes its own: on
         # 4 x H100 (503 GB of host memory) the resumed run was killed by the host's OOM killer, most likely for them.
         plugin.guard.snapshots.release()
-        del trainer, module, plugin, timer
+        del trainer, module, plugin, timer, profiler
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -205,6 +205,14 @@ def kernel_time(trace_events: list[dict[str, Any]], only: Optional[Callable[[str
     return busy, len(spans)
 
 
+def trace_events(profiler: Any) -> list[dict[str, Any]]:
+    """The events of a finished ``torch.profiler`` run, as its Chrome trace holds them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        return json.loads(trace.read_text())["traceEvents"]
+
+
 def profile_steps(step: Callable[[Tensor], Tensor], ids: Tensor) -> dict[str, Any]:
     """Kernel time and launches per step over profiled steps (the profiler slows the host, so the busy share
     divides by the unprofiled median step instead of these steps' own time, kept as ``profiled_step_ms``)."""
@@ -218,10 +226,7 @@ def profile_steps(step: Callable[[Tensor], Tensor], ids: Tensor) -> dict[str, An
             step(ids)
         end.record()
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        busy_us, launches = kernel_time(json.loads(trace.read_text())["traceEvents"])
+    busy_us, launches = kernel_time(trace_events(prof))
     if not launches:  # CUPTI missing or refused: an empty profile must not read as an idle GPU
         raise RuntimeError("the profile recorded no CUDA kernel")
     return {"kernel_ms": busy_us / 1e3 / PROFILED_STEPS, "launches": launches // PROFILED_STEPS,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from full_model import (BY_KEY, FINETUNES, apply_finetune, build_model, convert, gpt_oss_20b_config, kernel_time,
-                        training_step)
+                        trace_events, training_step)
 
 
 def main() -> None:
@@ -54,10 +53,7 @@ def main() -> None:
         for _ in range(2):
             step(ids)
         torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        busy_us, launches = kernel_time(json.loads(trace.read_text())["traceEvents"])
+    busy_us, launches = kernel_time(trace_events(prof))
     result = {"row": args.row, "finetune": args.finetune, "seq": args.seq, "batch": args.batch, "layers": args.layers,
               "wall_ms": sorted(walls), "kernel_ms_per_step": busy_us / 1e3 / 2, "launches_per_step": launches // 2,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **info}
