@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
-from cpu_kinds import CPU_KINDS, pin_cpu
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (experts/bias_glu.py) run on the CPU in Triton's interpreter; it must be chosen before anything
+    # imports Triton (Lightning does). On a GPU machine they compile.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cpu_kinds import CPU_KINDS, pin_cpu  # noqa: E402
 
 
 @pytest.fixture(params=sorted(CPU_KINDS))

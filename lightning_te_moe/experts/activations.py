@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..policy.te_features import te_has
+from .bias_glu import GLUParams
 
 #: Activation classes whose ``act_fn(gate) * up`` TE's fused ``swiglu`` computes.
 _SILU_NAMES = ("SiLU", "SiLUActivation")
@@ -66,6 +67,10 @@ class GLU(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         return self.act_fn(gate) * up
 
+    def glu_params(self) -> Optional[GLUParams]:
+        """SwiGLU for the fused bias kernel (:mod:`.bias_glu`); None for another ``act_fn``."""
+        return GLUParams(None, 1.0, 0.0) if type(self.act_fn).__name__ in _SILU_NAMES else None
+
     def label(self) -> str:
         return f"glu({type(self.act_fn).__name__})"
 
@@ -85,6 +90,9 @@ class ClampedSwiGLU(nn.Module):
         gate = gate.clamp(min=None, max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def glu_params(self) -> Optional[GLUParams]:
+        return GLUParams(self.limit, self.alpha, 1.0)
 
     def label(self) -> str:
         return f"clamped_swiglu(alpha={self.alpha}, limit={self.limit})"
@@ -128,6 +136,12 @@ class HFGate(nn.Module):
 
     def label(self) -> str:
         return f"model's own {self._fn.__qualname__}"
+
+
+def glu_params(activation: nn.Module) -> Optional[GLUParams]:
+    """What the fused bias + GLU kernel computes for ``activation``; None where it does not (the model's own gate)."""
+    params: Any = getattr(activation, "glu_params", None)
+    return params() if callable(params) else None
 
 
 def activation_label(activation: nn.Module) -> str:

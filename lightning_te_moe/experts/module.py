@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..graphs import invalidate_graphs
 from ..policy.recipes import te_recipe_alignment
 from ..policy.state import PrecisionState
-from .activations import activation_label
+from .activations import activation_label, glu_params
+from .bias_glu import bias_glu, fused_bias_glu_runs
 from .gemm import (TEGroupedGemm, active_recipe, compute_dtype, grouped_mm_linear, grouped_mm_runs, native_grouped_gemm,
                    prefer_grouped_mm, te_applies_bias, te_available, torch_grouped_linear)
 from .layouts import ExpertWeights, WeightCodec
@@ -126,13 +127,17 @@ class GroupedExperts(nn.Module):
             grouped_mm = x.is_cuda and grouped_mm_runs(x.device, dtype, self._gemm_dims())
             auto = self.backend == "auto"  # backend="te" keeps TE's GEMMs at every size
             use_te = te_kernels and not (auto and grouped_mm and prefer_grouped_mm(x.size(0), recipe, native))
-            fc1_bias_in_te = use_te and te_applies_bias(self.fc1.weight, self.fc1.bias)
-            # On TE's native path the bias is a separate pass over every row plus a bias-gradient reduction; the
-            # down-projection's is cheaper added after the combine (:func:`routed_bias`, a [T, E] @ [E, H] product).
-            fc2_bias_in_te = use_te and not native and te_applies_bias(self.fc2.weight, self.fc2.bias)
-            rows_bias_outside = self.fc1.bias is not None and not fc1_bias_in_te
-            fc2_bias_outside = self.fc2.bias is not None and not fc2_bias_in_te
             align = self._alignment(recipe, native)
+            # On TE's native path a bias is a separate pass over every row plus a bias-gradient reduction: the
+            # up-projection's goes into the activation kernel (:mod:`.bias_glu`) and the down-projection's is added
+            # after the combine (:func:`routed_bias`, a [T, E] @ [E, H] product).
+            glu = glu_params(self.activation)
+            fc1_bias_in_glu = (native and use_te and self.fc1.bias is not None
+                               and fused_bias_glu_runs(x, glu, align))
+            fc1_bias_in_te = use_te and not fc1_bias_in_glu and te_applies_bias(self.fc1.weight, self.fc1.bias)
+            fc2_bias_in_te = use_te and not native and te_applies_bias(self.fc2.weight, self.fc2.bias)
+            rows_bias_outside = self.fc1.bias is not None and not (fc1_bias_in_te or fc1_bias_in_glu)
+            fc2_bias_outside = self.fc2.bias is not None and not fc2_bias_in_te
             fused = None
             if use_te and not rows_bias_outside and x.size(0) and fused_permutation_available():
                 fused = fused_routing(index, weights, self.num_experts, align, host_splits=not native)
@@ -145,10 +150,14 @@ class GroupedExperts(nn.Module):
                 rows = permute(x.to(dtype), route)
             h = self._gemm("fc1", self.fc1, rows, route, use_te, fc1_bias_in_te, recipe, native)
             h = self._lora("fc1", rows, h, route, use_te)
-            if self.fc1.bias is not None and not fc1_bias_in_te:
-                assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
-                h = add_expert_bias(h, self.fc1.bias, route)
-            act = self.activation(h, fused=te_kernels)
+            if fc1_bias_in_glu:
+                assert glu is not None and self.fc1.bias is not None
+                act = bias_glu(h, self.fc1.bias, route.device_splits, glu, align)
+            else:
+                if rows_bias_outside:
+                    assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing
+                    h = add_expert_bias(h, self.fc1.bias, route)
+                act = self.activation(h, fused=te_kernels)
             h = self._gemm("fc2", self.fc2, act, route, use_te, fc2_bias_in_te, recipe, native)
             h = self._lora("fc2", act, h, route, use_te)
         # The routing weight multiplies each row after its fc2 bias (inside the rows when TE added it).

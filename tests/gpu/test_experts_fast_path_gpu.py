@@ -211,6 +211,46 @@ def test_native_grouped_gemm_where_te_takes_it(recipe: str, frozen: bool, monkey
     assert max(vs_split.values()) <= (1e-2 if recipe == "bf16" else 5e-2), vs_split
 
 
+@pytest.mark.parametrize("case", ["trainable", "frozen-experts", "frozen-weights-trainable-biases"])
+def test_up_projection_bias_in_the_activation_kernel(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On TE's native path (forced where this cuBLASLt is too old: TE then runs its split path on the same device
+    splits) the fc1 bias is added inside the fused GLU kernel (experts/bias_glu.py) instead of TE's separate bias
+    pass: the kernel runs, and the layer computes what it computes with TE adding the bias (or, for frozen weights
+    with trainable biases, the torch routing adding it), outputs and every gradient."""
+    from lightning_te_moe.experts import bias_glu
+
+    calls: list[int] = []
+    original = bias_glu._BiasGLU.apply
+
+    def counted(*args: Any) -> Any:
+        calls.append(args[0].size(0))
+        return original(*args)
+
+    monkeypatch.setattr(bias_glu._BiasGLU, "apply", counted)
+    monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: True)
+    _, fused = _swap(cuda_experts_layer("gpt_oss"), "fp8_current")
+    plain = copy.deepcopy(fused)
+    for module in (fused, plain):
+        if case != "trainable":
+            module.fc1.weight.requires_grad_(False)
+            module.fc2.weight.requires_grad_(False)
+        if case == "frozen-experts":
+            module.requires_grad_(False)
+    data = cuda_topk_routing(999, seed=5)
+    a = layer_step(fused, *data)
+    assert calls, "the fused bias + GLU kernel did not run"
+    monkeypatch.setattr(experts_module, "fused_bias_glu_runs", lambda *args: False)
+    b = layer_step(plain, *data)
+    a.update({n: p.grad.float() for n, p in fused.named_parameters() if p.grad is not None})
+    b.update({n: p.grad.float() for n, p in plain.named_parameters() if p.grad is not None})
+    assert a.keys() == b.keys()
+    errors = {k: rel_err(a[k], b[k]) for k in a}
+    print(case, f"cuBLASLt {_cublaslt()}", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(torch.isfinite(v).all() for v in a.values())
+    # One BF16 rounding moves (TE rounds the GEMM output after its bias, the kernel before it), then FP8 casts.
+    assert max(errors.values()) <= 2e-2, errors
+
+
 def _flags(module: GroupedExperts) -> list[Optional[bool]]:
     """Record every ``is_first_microbatch`` the module's engines hand to TE."""
     seen: list[Optional[bool]] = []
