@@ -45,11 +45,12 @@ def _reference(activation: nn.Module, h, bias, splits, grad):
 @pytest.mark.parametrize("activation", [ClampedSwiGLU(alpha=1.702, limit=7.0), GLU(nn.SiLU())],
                          ids=["clamped_swiglu", "swiglu"])
 def test_kernel_matches_the_activation_on_biased_rows(activation: nn.Module) -> None:
-    # 300 columns a half: a full and a partial column block; expert 1 has no rows; the last holds slack rows.
-    h, bias, splits, grad = _case(300, [32, 0, 16, 48])
+    # 300 columns a half: full and partial column blocks; experts of 33 (more than one row tile, unaligned) and 7
+    # rows; expert 1 has no rows; the last one holds more rows than its programs' first tiles.
+    h, bias, splits, grad = _case(300, [33, 0, 7, 150])
     h.requires_grad_()
     bias.requires_grad_()
-    out = bg.bias_glu(h, bias, splits, glu_params(activation), align=16)
+    out = bg.bias_glu(h, bias, splits, glu_params(activation))
     out.backward(grad)
     ref_out, ref_dh, ref_db = _reference(activation, h, bias, splits, grad)
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=1e-5, atol=1e-5)
@@ -66,7 +67,7 @@ def test_clamps_pass_gradients_as_te_does() -> None:
     h = torch.cat([gate, up], dim=1).to(DEVICE).requires_grad_()
     bias = torch.zeros(1, 32, device=DEVICE, requires_grad=True)
     act = ClampedSwiGLU(alpha=1.702, limit=limit)
-    out = bg.bias_glu(h, bias, torch.tensor([16], device=DEVICE), glu_params(act), align=16)
+    out = bg.bias_glu(h, bias, torch.tensor([16], device=DEVICE), glu_params(act))
     out.sum().backward()
     dgate, dup = h.grad[0, :16].cpu(), h.grad[0, 16:].cpu()
     assert (dgate[gate[0] > limit] == 0).all() and (dgate[gate[0] <= limit] != 0).all()
@@ -80,7 +81,7 @@ def test_padding_rows_reach_no_bias_gradient() -> None:
     h[8:16] = 0
     grad[8:16] = 0
     bias.requires_grad_()
-    out = bg.bias_glu(h, bias, splits, glu_params(ClampedSwiGLU(1.702, 7.0)), align=16)
+    out = bg.bias_glu(h, bias, splits, glu_params(ClampedSwiGLU(1.702, 7.0)))
     out.backward(grad)
     _, _, ref_db = _reference(ClampedSwiGLU(1.702, 7.0), h[:8], bias[:1], torch.tensor([8]), grad[:8])
     torch.testing.assert_close(bias.grad[0].cpu().double(), ref_db[0], rtol=1e-4, atol=1e-4)
@@ -91,7 +92,7 @@ def test_bf16_rounds_once() -> None:
     h.requires_grad_()
     bias.requires_grad_()
     act = ClampedSwiGLU(1.702, 7.0)
-    out = bg.bias_glu(h, bias, splits, glu_params(act), align=16)
+    out = bg.bias_glu(h, bias, splits, glu_params(act))
     out.backward(grad)
     ref_out, ref_dh, ref_db = _reference(act, h, bias, splits, grad)
     assert out.dtype == h.grad.dtype == bias.grad.dtype == torch.bfloat16
@@ -103,30 +104,32 @@ def test_bf16_rounds_once() -> None:
 def test_frozen_bias_gets_no_gradient_and_frozen_input_none() -> None:
     h, bias, splits, grad = _case(32, [16])
     h.requires_grad_()
-    out = bg.bias_glu(h, bias, splits, glu_params(GLU(nn.SiLU())), align=16)
+    out = bg.bias_glu(h, bias, splits, glu_params(GLU(nn.SiLU())))
     out.backward(grad)
     assert bias.grad is None and h.grad is not None
     h2, bias2, _, _ = _case(32, [16])
     bias2.requires_grad_()
-    bg.bias_glu(h2, bias2, splits, glu_params(GLU(nn.SiLU())), align=16).sum().backward()
+    bg.bias_glu(h2, bias2, splits, glu_params(GLU(nn.SiLU()))).sum().backward()
     assert h2.grad is None and bias2.grad is not None
 
 
-def test_block_experts_follow_the_device_splits() -> None:
-    splits = torch.tensor([32, 0, 16, 64], device=DEVICE)  # the last block holds the routing's slack rows
-    assert bg.block_experts(splits, 112, 16).tolist() == [0, 0, 2, 3, 3, 3, 3]
-    assert bg.block_experts(torch.tensor([128, 256], device=DEVICE), 384, 128).tolist() == [0, 1, 1]
-
-
-def test_block_rows_and_refusals() -> None:
-    assert bg.block_rows(16) == 16 and bg.block_rows(128) == 128 and bg.block_rows(256) == 128
-    assert bg.block_rows(1) == 0 and bg.block_rows(8) == 0 and bg.block_rows(32) == 32
+def test_refusals() -> None:
     params = glu_params(GLU(nn.SiLU()))
-    assert not bg.fused_bias_glu_runs(torch.zeros(1), params, 16)  # a CPU input: the activation adds no bias
-    with pytest.raises(ValueError, match="multiples of 16"):
-        bg.bias_glu(torch.zeros(16, 8), torch.zeros(1, 8), torch.tensor([16]), params, align=1)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        bg.bias_glu(torch.zeros(24, 8), torch.zeros(1, 8), torch.tensor([24]), params, align=16)
+    assert not bg.fused_bias_glu_runs(torch.zeros(1), params)  # a CPU input: TE or the torch routing adds the bias
+    with pytest.raises(ValueError, match=r"bias \[E, 2I\]"):
+        bg.bias_glu(torch.zeros(16, 8), torch.zeros(2, 8), torch.tensor([16]), params)
+    with pytest.raises(ValueError, match=r"h \[rows, 2I\]"):
+        bg.bias_glu(torch.zeros(16, 7), torch.zeros(1, 7), torch.tensor([16]), params)
+
+
+def test_deterministic_mode_keeps_the_bias_out_of_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = glu_params(GLU(nn.SiLU()))
+    x = torch.zeros(1)
+    monkeypatch.setattr(x.__class__, "is_cuda", property(lambda self: True))
+    assert bg.fused_bias_glu_runs(x, params)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not bg.fused_bias_glu_runs(x, params)
+    assert not bg.fused_bias_glu_runs(x, None)
 
 
 def test_only_silu_glu_and_clamped_swiglu_have_params() -> None:

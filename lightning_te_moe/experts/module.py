@@ -133,7 +133,7 @@ class GroupedExperts(nn.Module):
             # after the combine (:func:`routed_bias`, a [T, E] @ [E, H] product).
             glu = glu_params(self.activation)
             fc1_bias_in_glu = (native and use_te and self.fc1.bias is not None
-                               and fused_bias_glu_runs(x, glu, align))
+                               and fused_bias_glu_runs(x, glu))
             fc1_bias_in_te = use_te and not fc1_bias_in_glu and te_applies_bias(self.fc1.weight, self.fc1.bias)
             fc2_bias_in_te = use_te and not native and te_applies_bias(self.fc2.weight, self.fc2.bias)
             rows_bias_outside = self.fc1.bias is not None and not (fc1_bias_in_te or fc1_bias_in_glu)
@@ -152,7 +152,7 @@ class GroupedExperts(nn.Module):
             h = self._lora("fc1", rows, h, route, use_te)
             if fc1_bias_in_glu:
                 assert glu is not None and self.fc1.bias is not None
-                act = bias_glu(h, self.fc1.bias, route.device_splits, glu, align)
+                act = bias_glu(h, self.fc1.bias, route.device_splits, glu)
             else:
                 if rows_bias_outside:
                     assert isinstance(route, Dispatch)  # biases outside TE always take the torch routing

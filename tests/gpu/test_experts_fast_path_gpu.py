@@ -141,8 +141,10 @@ def test_native_path_routing_computes_the_same_function(recipe: str, monkeypatch
     assert all(torch.isfinite(v).all() for v in b.values())
     # BF16: 1e-2, as the native path adds the down-projection bias after the combine (routed_bias), the split
     # path inside TE's GEMM: another BF16 rounding of the output, the routing-weight and fc2-bias gradients
-    # (<= 4e-3, H100, cuBLASLt 13.1, 2026-11-27); the weight and input gradients stay exact.
-    assert max(errors.values()) <= (1e-2 if recipe == "bf16" else 2e-2), errors
+    # (<= 4e-3, H100, cuBLASLt 13.1, 2026-11-27); the weight and input gradients stay exact. FP8: 3e-2, as the native
+    # path adds the up-projection bias in the activation kernel (bias_glu), the split path in TE's GEMM: a BF16
+    # rounding moved before an FP8 cast (2^-3 relative steps) flips some casts (<= 2.1e-2, same day).
+    assert max(errors.values()) <= (1e-2 if recipe == "bf16" else 3e-2), errors
 
 
 def _cublaslt() -> str:
@@ -212,7 +214,8 @@ def test_native_grouped_gemm_where_te_takes_it(recipe: str, frozen: bool, monkey
 
 
 @pytest.mark.parametrize("case", ["trainable", "frozen-experts", "frozen-weights-trainable-biases"])
-def test_up_projection_bias_in_the_activation_kernel(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("recipe", ["bf16", "fp8_current"])
+def test_up_projection_bias_in_the_activation_kernel(recipe: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On TE's native path (forced where this cuBLASLt is too old: TE then runs its split path on the same device
     splits) the fc1 bias is added inside the fused GLU kernel (experts/bias_glu.py) instead of TE's separate bias
     pass: the kernel runs, and the layer computes what it computes with TE adding the bias (or, for frozen weights
@@ -228,7 +231,7 @@ def test_up_projection_bias_in_the_activation_kernel(case: str, monkeypatch: pyt
 
     monkeypatch.setattr(bias_glu._BiasGLU, "apply", counted)
     monkeypatch.setattr(experts_module, "native_grouped_gemm", lambda recipe, dtype: True)
-    _, fused = _swap(cuda_experts_layer("gpt_oss"), "fp8_current")
+    _, fused = _swap(cuda_experts_layer("gpt_oss"), recipe)
     plain = copy.deepcopy(fused)
     for module in (fused, plain):
         if case != "trainable":
@@ -245,10 +248,11 @@ def test_up_projection_bias_in_the_activation_kernel(case: str, monkeypatch: pyt
     b.update({n: p.grad.float() for n, p in plain.named_parameters() if p.grad is not None})
     assert a.keys() == b.keys()
     errors = {k: rel_err(a[k], b[k]) for k in a}
-    print(case, f"cuBLASLt {_cublaslt()}", {k: f"{v:.1e}" for k, v in errors.items()})
+    print(recipe, case, f"cuBLASLt {_cublaslt()}", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(torch.isfinite(v).all() for v in a.values())
-    # One BF16 rounding moves (TE rounds the GEMM output after its bias, the kernel before it), then FP8 casts.
-    assert max(errors.values()) <= 2e-2, errors
+    # One BF16 rounding moves (TE rounds the GEMM output after adding the bias, the kernel before), and under FP8
+    # that flips some of the next FP8 casts (2^-3 relative steps): <= 2.1e-2 on 13.1, 2026-11-27.
+    assert max(errors.values()) <= (1e-2 if recipe == "bf16" else 3e-2), errors
 
 
 def _flags(module: GroupedExperts) -> list[Optional[bool]]:
