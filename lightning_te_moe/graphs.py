@@ -85,11 +85,25 @@ class GraphPools:
     captured later (another shape, a layer refused at first) opens a new pool. TE frees its FP8 copies of saved inputs
     inside its backward; captured in this order, no graph that runs between a layer's forward and backward holds that
     memory.
+
+    All captures (and their warm-ups) run on one side stream, :meth:`capture_stream`: the caching allocator reuses a
+    freed block only for the stream it was allocated on, so with a stream per layer each layer's capture kept its own
+    freed blocks (about 0.62 GiB per stream, 49 (pool, stream) pairs holding 19.8 GiB reserved but free when the
+    graphed GPT-OSS-20B step ran out of memory at 4,096 tokens: H100, cuBLASLt 13.1, 2026-11-27,
+    ``benchmarks/graph_memory.py``) and the shared pool reused nothing across layers. torch's own
+    ``torch.cuda.graph`` shares one default capture stream for the same reason.
     """
 
     def __init__(self) -> None:
         self._open: dict[Hashable, Any] = {}
         self.epoch = graph_epoch()
+        self._stream: Optional[torch.cuda.Stream] = None
+
+    def capture_stream(self) -> torch.cuda.Stream:
+        """The side stream every capture of these pools runs on (created at the first capture)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
 
     def for_forward(self, key: Hashable) -> Any:
         self._renew()
@@ -252,8 +266,8 @@ class LayerGraphs:
         self._event("skip", f"no CUDA graph for {type(self.module).__name__}: {reason}", evidence)
 
     def _capture(self, leaves: list[Any], spec: Any, tensors: list[Tensor], params: list[Tensor]) -> _Graph:
-        """Warm up, then capture the forward into the signature's shared pool (:class:`GraphPools`), on a side stream
-        and against fresh leaves over the parameters (:func:`fresh_leaves`); the backward is captured at its first
+        """Warm up, then capture the forward into the signature's shared pool (:class:`GraphPools`), on the pools' side
+        stream and against fresh leaves over the parameters (:func:`fresh_leaves`); the backward is captured at its first
         call (:meth:`_capture_backward`)."""
         inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         it = iter(inputs)
@@ -263,7 +277,7 @@ class LayerGraphs:
             return self.eager(*args, **kwargs)
 
         torch.cuda.synchronize()
-        side = torch.cuda.Stream()
+        side = self.pools.capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         forward = torch.cuda.CUDAGraph()
         pool_key = tuple((t.shape, t.dtype, t.requires_grad) for t in tensors), self.module.training
