@@ -217,11 +217,15 @@ def profile_callback(start: int, steps: int) -> Any:
 
 
 def kernel_summary(profiler: Any, steps: int, wall_ms: float) -> dict[str, Any]:
-    """Per step: kernel time (union over streams), NCCL kernel time, the rest, launches, the profiled wall time."""
+    """Per step: kernel time (union over streams), NCCL kernel time, the rest, launches, the profiled wall time; an
+    error instead where the profile holds no kernel (CUPTI missing or refused), which must not read as an idle GPU."""
     from full_model import kernel_time, trace_events
 
     events = trace_events(profiler)
     busy_us, launches = kernel_time(events)
+    if not launches:
+        return {"steps": steps, "profiled_step_ms": wall_ms,
+                "error": "the profile recorded no CUDA kernel (CUPTI missing or refused): no kernel figures"}
     nccl_us, nccl_launches = kernel_time(events, only=lambda name: "nccl" in name.lower())
     compute_us, _ = kernel_time(events, only=lambda name: "nccl" not in name.lower())
     return {"steps": steps, "kernel_ms": busy_us / 1e3 / steps, "nccl_ms": nccl_us / 1e3 / steps,

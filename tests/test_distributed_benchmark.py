@@ -40,6 +40,15 @@ def test_kernel_summary_splits_nccl_from_compute_per_step() -> None:
                        "nccl_launches": 1, "profiled_step_ms": 1.0}
 
 
+def test_kernel_summary_of_an_empty_profile_is_an_error_not_an_idle_gpu() -> None:
+    class Profiler:  # CUPTI missing: the trace holds host events only
+        def export_chrome_trace(self, path: str) -> None:
+            Path(path).write_text(json.dumps({"traceEvents": [{"cat": "cuda_runtime", "ts": 0, "dur": 500}]}))
+
+    summary = kernel_summary(Profiler(), steps=2, wall_ms=1.0)
+    assert "kernel_ms" not in summary and "no CUDA kernel" in summary["error"]
+
+
 @pytest.mark.slow
 def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
     # In two calls, as on a GPU machine whose command time is limited: the second merges into the first's results.
