@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -47,7 +48,9 @@ class GLUParams:
     offset: float
 
 
+@lru_cache(maxsize=1)
 def triton_available() -> bool:
+    """Looked up once: every expert layer asks on every forward."""
     return importlib.util.find_spec("triton") is not None
 
 
