@@ -22,7 +22,6 @@ the gradient's clamp masks as TE's ``clamped_dswiglu``), applied to ``h + bias``
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
@@ -115,7 +114,3 @@ def _kernels() -> tuple[Any, Any]:
     from . import bias_glu_triton
 
     return bias_glu_triton.bias_glu_fwd, bias_glu_triton.bias_glu_bwd
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
