@@ -4,8 +4,10 @@ the activation-recompute phases), implemented in torch.
 
 Its ``Linear`` runs a quantized recipe as FP8 would change the numbers: input and weight go through a per-tensor
 E4M3 round trip (straight-through gradients), so a layer that runs outside the recipe (or on a stale cached
-weight) computes visibly different values. With ``is_first_microbatch`` it caches the quantized weight as TE does
-(True: quantize and keep, False: reuse the kept copy, None: quantize, keep nothing).
+weight) computes visibly different values. With ``is_first_microbatch`` it caches the quantized weight as TE does,
+in ``_fp8_workspaces["weight"]`` as a :class:`QuantizedTensor` (True: quantize and keep, False: reuse the kept copy,
+None: quantize, keep nothing); a :class:`QuantizedTensor` given as the weight is used as it is (TE's primary
+quantized weights).
 """
 
 from __future__ import annotations
@@ -130,6 +132,10 @@ def fake_fp8(t: Tensor) -> Tensor:
     return t + (q - t.detach())
 
 
+class QuantizedTensor(Tensor):
+    """TE's quantized tensor type (a ``torch.Tensor`` subclass): here the rounded values themselves."""
+
+
 class Linear(nn.Module):
     """``te.Linear(in_features, out_features, bias, params_dtype, device)``; ``forward(inp, is_first_microbatch)``."""
 
@@ -140,7 +146,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype, device="cpu"))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=params_dtype, device="cpu")) if bias else None
         nn.init.normal_(self.weight, std=0.02)
-        self.cached: Optional[Tensor] = None
+        self._fp8_workspaces: dict[str, Tensor] = {}
         self.quantized = 0  # how many times the weight was quantized
 
     def forward(self, inp: Tensor, is_first_microbatch: Optional[bool] = None) -> Tensor:
@@ -149,13 +155,17 @@ class Linear(nn.Module):
                                 STATE.phase == "recompute", inp.numel() // self.in_features))
         if recipe is None:
             return F.linear(inp, self.weight, self.bias)
-        if is_first_microbatch is False:
-            assert self.cached is not None, "is_first_microbatch=False before any cached weight"
-            weight = self.weight + (self.cached - self.weight.detach())
+        if isinstance(self.weight, QuantizedTensor):
+            weight = self.weight.as_subclass(Tensor)
+        elif is_first_microbatch is False:
+            cached = self._fp8_workspaces.get("weight")
+            assert cached is not None, "is_first_microbatch=False before any cached weight"
+            weight = self.weight + (cached.as_subclass(Tensor) - self.weight.detach())
         else:
             weight = fake_fp8(self.weight)
             self.quantized += 1
-            self.cached = weight.detach() if is_first_microbatch else None
+            if is_first_microbatch:
+                self._fp8_workspaces["weight"] = weight.detach().as_subclass(QuantizedTensor)
         if recipe.backward_override is None:
             inp = fake_fp8(inp)
         return F.linear(inp, weight, self.bias)

@@ -95,15 +95,54 @@ def test_trainable_weight_is_quantized_once_per_step_and_reused_across_micro_bat
     assert layer._engines["cpu"].module.quantized == 3
 
 
-def test_frozen_weight_is_quantized_once_for_the_run_and_stays_right(te: te_standin.State) -> None:
+def test_frozen_weight_is_quantized_once_and_its_quantized_copy_replaces_tes_cache(te: te_standin.State) -> None:
+    """A LoRA base: quantized at the first call, then TE takes the held copy as a primary quantized weight (no
+    ``is_first_microbatch``, no quantization, no second copy in TE's cache)."""
     layer, ref = _layer()
     layer.weight.requires_grad_(False)
     _steps(layer, micro_batches=1, steps=4)
-    assert [c.first_microbatch for c in te.calls] == [True, False, False, False]
-    assert layer._engines["cpu"].module.quantized == 1
+    assert [c.first_microbatch for c in te.calls] == [True, None, None, None]
+    engine = layer._engines["cpu"].module
+    assert engine.quantized == 1 and not engine._fp8_workspaces
     x = torch.randn(16, 32)
-    with autocast(recipe=Float8CurrentScaling()):  # the bias trained, the cached weight is the frozen one
+    with autocast(recipe=Float8CurrentScaling()):  # the bias trained, the held weight is the frozen one
         assert torch.equal(layer(x), F.linear(fake_fp8(x), fake_fp8(ref.weight), layer.bias))
+    assert layer.weight.device.type == "cpu" and torch.equal(layer.weight, ref.weight)  # the values, unchanged
+
+
+def test_held_copy_is_dropped_by_a_plain_call_a_changed_weight_or_a_backward_override(te: te_standin.State) -> None:
+    layer, ref = _layer()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(16, 32)
+    with autocast(recipe=Float8CurrentScaling()):
+        layer(x)
+    assert layer._resident._quantized is not None
+    assert torch.equal(layer(x), ref(x)) and layer._resident._quantized is None  # a BF16 rung: the plain weight
+    with autocast(recipe=Float8CurrentScaling()):
+        layer(x)
+        layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # e.g. load_state_dict
+    with autocast(recipe=Float8CurrentScaling()):
+        assert torch.equal(layer(x), F.linear(fake_fp8(x), fake_fp8(layer.weight), layer.bias))
+    with autocast(recipe=Float8CurrentScaling(backward_override="dequantized")):
+        layer(x)  # a backward override needs the high-precision weight: TE's own cache again
+    assert [c.first_microbatch for c in te.calls] == [True, True, None, True, True]
+    assert layer._resident._quantized is None
+
+
+def test_a_copy_made_for_a_forward_only_is_made_again_when_a_backward_follows(te: te_standin.State) -> None:
+    """Without an input gradient TE makes no transposed copy: a later call whose input needs one quantizes again."""
+    layer, _ = _layer()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(16, 32)
+    with autocast(recipe=Float8CurrentScaling()):
+        layer(x)  # the first layer of a LoRA model: its input needs no gradient
+        layer(x.requires_grad_(True))
+        with torch.no_grad():
+            layer(x)
+        layer(x)
+    assert [c.first_microbatch for c in te.calls] == [True, True, None, None]
 
 
 def test_cache_off_quantizes_on_every_call(te: te_standin.State) -> None:

@@ -63,17 +63,31 @@ class TELinearEngine:
         if bias:
             del self.module._parameters["bias"]
 
-    def __call__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], recipe: Any) -> Tensor:
-        """``x @ weight.T + bias`` on TE; ``recipe``: the quantized recipe TE's autocast has active."""
+    def __call__(self, x: Tensor, weight: Any, bias: Optional[Tensor], recipe: Any, held: bool = False,
+                 fresh: bool = False) -> Tensor:
+        """``x @ weight.T + bias`` on TE; ``recipe``: the quantized recipe TE's autocast has active; ``held``:
+        ``weight`` is a quantized copy held for a frozen weight (:mod:`~lightning_te_moe.experts.resident`; TE takes
+        it as a primary quantized weight); ``fresh``: quantize now and keep the copy for :meth:`take_quantized`."""
         if (bias is not None) != self.bias:
             raise ValueError(f"engine built with bias={self.bias} called with bias={bias is not None}")
         names = self.module.__dict__
         names["weight"] = weight
         if bias is not None:
             names["bias"] = bias
+        if held:
+            first = None  # already quantized: TE uses it as it is
+        elif fresh:
+            first = True
+            self.weight_cache.invalidate()  # the copy leaves TE's cache with take_quantized()
+        else:
+            first = self.weight_cache.first_microbatch(weight, recipe)
         try:
-            return self.module(x, is_first_microbatch=self.weight_cache.first_microbatch(weight, recipe))
+            return self.module(x, is_first_microbatch=first)
         finally:
             names.pop("weight", None)
             if bias is not None:
                 names.pop("bias", None)
+
+    def take_quantized(self) -> Any:
+        """TE's quantized copy of the weight of the last ``fresh`` call, handed over: TE keeps none."""
+        return self.module._fp8_workspaces.pop("weight")

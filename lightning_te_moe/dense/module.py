@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..experts.gemm import active_recipe
+from ..experts.resident import ResidentWeights
 from ..graphs import invalidate_graphs
 from .engine import TELinearEngine, dim_multiple, row_alignment, te_runs
 
@@ -26,6 +27,8 @@ class TEDenseLinear(nn.Linear):
     count is not a multiple of the recipe's alignment gets zero rows appended (and cut off the output): zero rows
     change no scale, output row or gradient. Weight dimensions TE cannot run under the active recipe fall back to
     ``F.linear`` (counted in :attr:`calls`, warned once). Under ``torch.compile`` the TE call runs eagerly.
+    A frozen weight (a LoRA base) is held on the GPU only as TE's quantized copy while a stateless quantized
+    recipe runs (:mod:`~lightning_te_moe.experts.resident`); any other call brings its values back first.
 
     ``calls`` counts the TE calls and every fallback by its reason.
     """
@@ -37,6 +40,7 @@ class TEDenseLinear(nn.Linear):
         self.calls: Counter = Counter()
         self._engines: dict[str, TELinearEngine] = {}
         self._warned: set[str] = set()
+        self._resident = ResidentWeights(cache_quantized_weights)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cache_quantized_weights: bool = True) -> TEDenseLinear:
@@ -53,6 +57,10 @@ class TEDenseLinear(nn.Linear):
             recipe = active_recipe()
             if recipe is not None:
                 return self._te_forward(input, recipe)
+        return self._plain(input)
+
+    def _plain(self, input: Tensor) -> Tensor:
+        self._resident.release(self.weight)  # values parked on the host come back first
         return F.linear(input, self.weight, self.bias)
 
     @torch.compiler.disable
@@ -61,20 +69,34 @@ class TEDenseLinear(nn.Linear):
         if self.in_features % multiple or self.out_features % multiple:
             self._fall_back(f"{type(recipe).__name__} needs in/out features that are multiples of {multiple}"
                             f" (this layer: {self.in_features}/{self.out_features})")
-            return F.linear(input, self.weight, self.bias)
+            return self._plain(input)
         rows = input.numel() // self.in_features
         if rows == 0:
             self._fall_back("no rows")
-            return F.linear(input, self.weight, self.bias)
+            return self._plain(input)
         pad = -rows % row_alignment(recipe)
         engine = self._engine(input.device)
         self.calls["te"] += 1
         if not pad:
-            return engine(input, self.weight, self.bias, recipe)
+            return self._run(engine, input, recipe)
         self.calls["te, rows padded"] += 1
         flat = F.pad(input.reshape(rows, self.in_features), (0, 0, 0, pad))
-        out = engine(flat, self.weight, self.bias, recipe)[:rows]
+        out = self._run(engine, flat, recipe)[:rows]
         return out.reshape(*input.shape[:-1], self.out_features)
+
+    def _run(self, engine: TELinearEngine, x: Tensor, recipe: Any) -> Tensor:
+        """TE's GEMM, on the held quantized copy of a frozen weight where there is one (kept at its first call)."""
+        resident, weight = self._resident, self.weight
+        if not resident.eligible(weight, recipe):
+            resident.release(weight)
+            return engine(x, weight, self.bias, recipe)
+        backward = torch.is_grad_enabled() and x.requires_grad  # TE then makes the transposed copy too
+        held = resident.quantized(weight, recipe, backward)
+        if held is not None:
+            return engine(x, held[0], self.bias, recipe, held=True)
+        out = engine(x, resident.source(weight, x.device), self.bias, recipe, fresh=True)
+        resident.keep(weight, recipe, [engine.take_quantized()], x.device, backward)
+        return out
 
     def _engine(self, device: torch.device) -> TELinearEngine:
         key = str(device)
@@ -95,6 +117,11 @@ class TEDenseLinear(nn.Linear):
         for engine in self._engines.values():
             engine.weight_cache.invalidate()
         invalidate_graphs()  # a captured graph reads the weights by address
+        self._resident.release(self.weight)
+
+    def release_quantized_weights(self) -> None:
+        """Bring a frozen weight held only in quantized form back to the GPU in high precision (unswap, merge)."""
+        self._resident.release(self.weight)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

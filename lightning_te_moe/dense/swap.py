@@ -117,6 +117,7 @@ def swap_dense(model: nn.Module, config: Optional[DenseSwapConfig] = None, *, pl
 
 
 def _merged(method: Callable[..., Any], layer: TEDenseLinear, *args: Any, **kwargs: Any) -> Any:
+    layer.release_quantized_weights()  # a frozen base parked on the host comes back to take the merge
     try:
         return method(*args, **kwargs)
     finally:
@@ -142,6 +143,7 @@ def unswap_dense(model: nn.Module) -> int:
         if not isinstance(module, TEDenseLinear) or origin is None:
             continue
         original = origin.original
+        module.release_quantized_weights()  # a frozen weight parked on the host comes back first
         original.weight = module.weight
         original.bias = module.bias
         original.train(module.training)

@@ -1,12 +1,14 @@
-"""Frozen expert weights held on the GPU only in quantized form; their high-precision values wait on the host.
+"""Frozen weights held on the GPU only in quantized form; their high-precision values wait on the host.
 
-Fine-tuning freezes the experts: 19 of GPT-OSS-20B's 21B parameters. Under FP8, TE's weight cache
-(:mod:`.weight_cache`) keeps a quantized copy of each frozen weight *beside* its BF16 parameter, so the base takes
-twice its size (an FP8 copy for the forward and a transposed one for the gradient of the input: as many bytes as
-BF16). Here the quantized copies *replace* the BF16 values on the GPU: after the first quantization the parameter's
+Fine-tuning freezes the experts (19 of GPT-OSS-20B's 21B parameters) and, under LoRA, the dense layers' base
+weights. Under FP8, TE's weight cache (:mod:`.weight_cache`) keeps a quantized copy of each frozen weight *beside*
+its BF16 parameter, so the base takes twice its size (an FP8 copy for the forward and a transposed one for the
+gradient of the input: as many bytes as BF16), and a CUDA graph captured over it quantizes a third copy into its
+pool. Here the quantized copies *replace* the BF16 values on the GPU: after the first quantization the parameter's
 data moves to host memory, and TE takes the quantized tensors as primary quantized weights (its
-``quantized_model_init`` path) on every later call. The parameter stays where it was, so ``state_dict`` and
-checkpoints still hold the exact BF16 values (from the host).
+``quantized_model_init`` path) on every later call, a graph's replays included. The parameter stays where it was,
+so ``state_dict`` and checkpoints still hold the exact BF16 values (from the host). Used by the grouped experts
+(:mod:`.module`) and the dense layers on TE (:mod:`lightning_te_moe.dense.module`).
 
 Only for recipes whose scales come from the tensor itself (current and block scaling, MXFP8, NVFP4): delayed
 scaling's weight scale follows an amax history that the first forward has not filled yet. A backward override, a
@@ -44,27 +46,29 @@ class ResidentWeights:
                 and type(recipe).__name__ not in STATEFUL_RECIPES
                 and getattr(recipe, "backward_override", None) is None)
 
-    def quantized(self, weight: Tensor, recipe: Any) -> Optional[list[Any]]:
+    def quantized(self, weight: Tensor, recipe: Any, backward: Optional[bool] = None) -> Optional[list[Any]]:
         """The held quantized copies, if they are still those of ``weight`` under ``recipe`` (with the
-        input-gradient copies when grad mode needs them); else None."""
+        input-gradient copies when ``backward`` needs them: default, grad mode); else None."""
         if self._quantized is None or self._key != self._make_key(weight, recipe):
             return None
-        if torch.is_grad_enabled() and not self._with_grad:
-            return None  # quantized under no_grad: the transposed copies for the backward are missing
+        if _backward(backward) and not self._with_grad:
+            return None  # quantized for a forward only: the transposed copies for the backward are missing
         return self._quantized
 
     def source(self, weight: Tensor, device: torch.device) -> Tensor:
         """``weight`` on the compute device: the parameter itself, or a temporary copy of its parked values."""
         return weight.detach().to(device) if weight.device != device else weight
 
-    def keep(self, weight: Tensor, recipe: Any, quantized: Sequence[Any], device: torch.device) -> None:
-        """Hold ``quantized`` as ``weight``'s copy on ``device`` under ``recipe``; park its values on the host."""
+    def keep(self, weight: Tensor, recipe: Any, quantized: Sequence[Any], device: torch.device,
+             backward: Optional[bool] = None) -> None:
+        """Hold ``quantized`` as ``weight``'s copy on ``device`` under ``recipe`` (made for a call that ``backward``
+        follows: default, grad mode); park its values on the host."""
         if weight.device != self.host:
             weight.data = weight.data.to(self.host, copy=True)
         invalidate_graphs()  # graphs captured before read other tensors for this weight
         self._home = device
         self._quantized = list(quantized)
-        self._with_grad = torch.is_grad_enabled()
+        self._with_grad = _backward(backward)
         self._key = self._make_key(weight, recipe)
 
     def release(self, weight: Tensor) -> None:
@@ -83,3 +87,8 @@ class ResidentWeights:
     @staticmethod
     def _make_key(weight: Tensor, recipe: Any) -> Hashable:
         return weight._version, weight.data_ptr(), type(recipe).__name__, repr(recipe)
+
+
+def _backward(backward: Optional[bool]) -> bool:
+    """Whether an input-gradient GEMM follows the call (it needs the transposed copies); None: grad mode says."""
+    return torch.is_grad_enabled() if backward is None else backward

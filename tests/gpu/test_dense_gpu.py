@@ -134,9 +134,9 @@ def test_a_step_down_changes_the_dense_recipe_from_the_next_step(monkeypatch: py
     seen: list[tuple[str, object]] = []
     call = TELinearEngine.__call__
 
-    def spy(self, x, weight, bias, recipe):
+    def spy(self, x, weight, bias, recipe, **kwargs):
         seen.append((type(recipe).__name__, recipe.backward_override))
-        return call(self, x, weight, bias, recipe)
+        return call(self, x, weight, bias, recipe, **kwargs)
 
     monkeypatch.setattr(TELinearEngine, "__call__", spy)
     plugin = TEMoEPrecision(recipe="fp8_current", print_plan=False, guard=False)  # auto is BF16 on some stacks
@@ -206,3 +206,56 @@ def test_fit_with_gradient_checkpointing_and_dense_on_te(tmp_path: Path) -> None
     assert any(r.startswith("gradient checkpointing of") for r in swaps)
     assert all(math.isfinite(v) for v in module.losses)
     assert sum(module.losses[-5:]) / 5 < 0.7 * sum(module.losses[:5]) / 5
+
+
+@pytest.mark.parametrize("recipe", [r for r in fp8_recipes_here() if r != "fp8_delayed"])  # delayed: TE's cache
+def test_frozen_dense_weights_live_on_the_gpu_only_quantized(recipe: str) -> None:
+    """A LoRA base (frozen dense weights) under a stateless FP8 recipe: after the first step only TE's quantized
+    copies stay on the GPU (the BF16 values on the host), with the numbers of TE's own weight cache; the state dict
+    keeps the exact values, and a BF16 rung brings them back to the GPU."""
+    sizes = dict(SIZES, hidden=512, intermediate=256)  # q/o 512x512: enough bytes for the memory to show
+
+    def model(resident: bool) -> torch.nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        m = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt_oss", **sizes)).cuda().bfloat16().train()
+        swap_dense(m)
+        for layer in m.modules():
+            if isinstance(layer, TEDenseLinear):
+                layer.weight.requires_grad_(False)
+                layer._resident.enabled = resident
+        return m
+
+    def dense_bytes(m: torch.nn.Module) -> int:
+        return sum(lin.weight.numel() * 2 for lin in m.modules() if isinstance(lin, TEDenseLinear))
+
+    ids = torch.randint(0, 64, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results, allocated = {}, {}
+    for resident in (False, True):
+        m = model(resident)
+        original = {k: v.clone() for k, v in m.state_dict().items()}
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        steps = [_step(m, ids, _context(recipe)) for _ in range(2)]
+        for p in m.parameters():
+            p.grad = None
+        torch.cuda.synchronize()
+        allocated[resident] = torch.cuda.memory_allocated() - base
+        results[resident] = [(logits.cpu(), {k: g.cpu() for k, g in grads.items()}) for logits, grads in steps]
+        layers = [lin for lin in m.modules() if isinstance(lin, TEDenseLinear)]
+        if resident:
+            assert all(lin.weight.device.type == "cpu" and lin.calls["te"] == 2 for lin in layers)
+            state = m.state_dict()
+            assert all(torch.equal(state[k].cpu(), v.cpu()) for k, v in original.items())
+            _step(m, ids, _context("bf16"))  # a BF16 rung: the plain weights, back on the GPU
+            assert all(lin.weight.device.type == "cuda" and lin._resident._quantized is None for lin in layers)
+        del m, steps
+    print(recipe, "GPU bytes kept after two steps: TE cache + BF16", allocated[False], "quantized only",
+          allocated[True], "BF16 dense weights", dense_bytes(model(False)))
+    assert allocated[False] - allocated[True] >= 0.9 * dense_bytes(model(False))
+    for (got, got_grads), (want, want_grads) in zip(results[True], results[False]):  # the same quantized weights
+        assert got_grads.keys() == want_grads.keys()
+        errors = {"logits": rel_err(got, want), **{k: rel_err(got_grads[k], want_grads[k]) for k in want_grads}}
+        print(recipe, "held vs TE's cache, largest difference:", max(errors.values()))
+        assert max(errors.values()) <= 1e-3, errors
