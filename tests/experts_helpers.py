@@ -159,3 +159,16 @@ def gpu_fit(model: nn.Module, root: Any, seq_len: int = 64, steps: int = 30, **p
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
     return plugin, module
 
+
+def te_row_id_map_on_cpu(routing_map: torch.Tensor, num_tokens: int, num_experts: int) -> torch.Tensor:
+    """TE's ``make_row_id_map`` on the CPU, in its format: each token's destination rows (experts in order, tokens in
+    order within an expert, no padding), then those rows' experts, then how many; unset entries hold garbage."""
+    mask = routing_map.long()
+    counts = mask.sum(0)
+    dest = torch.cumsum(counts, 0) - counts + torch.cumsum(mask, 0) - mask
+    out = torch.full((num_tokens, 2 * num_experts + 1), 12345, dtype=torch.int32)
+    for t in range(num_tokens):
+        experts = routing_map[t].nonzero().flatten()
+        n = experts.numel()
+        out[t, :n], out[t, num_experts:num_experts + n], out[t, -1] = dest[t, experts], experts, n
+    return out

@@ -7,11 +7,13 @@ torch path's (:func:`make_dispatch`), so both paths feed the GEMMs identical buf
 
 from __future__ import annotations
 
+import pytest
 import torch
+from experts_helpers import te_row_id_map_on_cpu
 
 from lightning_te_moe.experts.routing import make_dispatch
-from lightning_te_moe.experts.te_routing import (fused_routing, pad_offsets, padded_counts, routing_map_and_probs,
-                                                 upper_bound_rows)
+from lightning_te_moe.experts.te_routing import (fused_routing, pad_offsets, padded_counts, padded_row_id_map,
+                                                 routing_map_and_probs, upper_bound_rows, zero_padding_rows)
 
 
 def _routing(tokens: int = 37, experts: int = 8, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,3 +112,40 @@ def test_device_splits_without_a_host_sync_cover_an_upper_bound() -> None:
     assert upper_bound_rows(5, 4, 2, 16) == 48  # k > E: a token fills at most E rows (10 + 30, rounded up)
     counts = torch.tensor([0, 3, 16, 17])
     assert padded_counts(counts, 16).tolist() == [0, 16, 16, 32]
+
+
+def test_the_padded_row_map_puts_every_slot_on_the_torch_dispatch_row() -> None:
+    """TE's row map (its format, built on the CPU) with the padding added to each destination: the row TE's kernel
+    writes with ``pad_offsets``, i.e. the torch dispatch's row; experts and counts are untouched."""
+    index, weights = _routing()
+    for align in (1, 16, 128):
+        route = fused_routing(index, weights, 8, align, host_splits=False)
+        assert route is not None
+        plain = te_row_id_map_on_cpu(route.routing_map, 37, 8)
+        padded = padded_row_id_map(plain, route.pad_offsets, 8)
+        dispatch = make_dispatch(index, 8, align)
+        assert padded.dtype == torch.int32 and torch.equal(padded[:, 8:], plain[:, 8:])
+        for t in range(37):
+            rows = {int(padded[t, j]): int(padded[t, 8 + j]) for j in range(int(padded[t, -1]))}
+            want = {int(dispatch.slot_row[t * 2 + j]): int(index[t, j]) for j in range(2) if 0 <= index[t, j] < 8}
+            assert rows == want
+
+
+def test_zero_padding_rows_zeroes_exactly_the_rows_after_each_experts_tokens() -> None:
+    """Triton (its interpreter on the CPU): rows ``bounds[e] + counts[e] .. bounds[e + 1]`` become zero, the others
+    keep their values; empty experts, a tail longer than one tile (an upper-bound buffer's slack) and a width that
+    is not a multiple of the column tile."""
+    counts = torch.tensor([3, 0, 16, 1, 5])
+    splits = torch.tensor([16, 0, 16, 16, 80])  # the last block: 5 tokens, 75 rows of padding and slack
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(splits, 0)])
+    buffer = torch.randn(int(splits.sum()), 300)
+    before = buffer.clone()
+    assert zero_padding_rows(buffer, bounds, counts) is buffer
+    padding = torch.zeros(len(buffer), dtype=torch.bool)
+    for e in range(5):
+        padding[int(bounds[e] + counts[e]):int(bounds[e + 1])] = True
+    assert int(padding.sum()) == 128 - 25
+    assert torch.equal(buffer[padding], torch.zeros(int(padding.sum()), 300))
+    assert torch.equal(buffer[~padding], before[~padding])
+    with pytest.raises(ValueError, match=r"contiguous \[rows, H\] buffer, E \+ 1 bounds and E counts"):
+        zero_padding_rows(buffer, bounds[:-1], counts)

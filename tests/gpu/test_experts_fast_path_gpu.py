@@ -121,6 +121,37 @@ def test_routing_without_host_splits_never_syncs() -> None:
     assert torch.isfinite(x.grad).all() and torch.isfinite(weights.grad).all()
 
 
+@pytest.mark.parametrize("host_splits", [True, False], ids=["host-splits", "upper-bound"])
+def test_padding_rows_are_zero_in_reused_memory(host_splits: bool) -> None:
+    """TE's kernels run without ``pad_offsets`` (uninitialised buffers) and only the padding rows are zeroed: with the
+    allocator's cache full of NaN, the permuted rows and the gradient reaching the expert rows are still zero on every
+    padding row, and the tokens' rows are TE's own (its kernels with ``pad_offsets``, zero-filled buffers)."""
+    from transformer_engine.pytorch import moe_unpermute
+
+    x, index, weights, grad = cuda_topk_routing(1000)
+    route = te_routing.fused_routing(index, weights, 8, 16, host_splits=host_splits)
+    assert route is not None and route.pad_offsets is not None
+    poison = torch.full((4 * route.rows, x.size(1)), float("nan"), device="cuda", dtype=x.dtype)
+    del poison  # its blocks go back to the allocator's cache, NaN inside
+    x_ours = x.detach().clone().requires_grad_(True)
+    rows = route.permute(x_ours)
+    rows.retain_grad()
+    route.combine(rows * 2).backward(grad)
+    bounds, counts = route.bounds.tolist(), route.counts.tolist()
+    padding = torch.zeros(route.rows, dtype=torch.bool, device="cuda")
+    for e in range(8):
+        padding[bounds[e] + counts[e]:bounds[e + 1]] = True
+    assert padding.any() and not rows[padding].any() and not rows.grad[padding].any()
+    theirs, row_id_map, _ = torch.ops.te_moe.permute_mask_map_fwd(x.detach(), route.routing_map, route.rows, None,
+                                                                  route.pad_offsets)
+    assert torch.equal(rows.detach(), theirs)  # TE's placement, TE's zero padding
+    rows_te = theirs.clone().requires_grad_(True)
+    out = moe_unpermute(rows_te * 2, row_id_map, merging_probs=route.probs.detach(),
+                        restore_shape=(1000, x.size(1)), pad_offsets=route.pad_offsets)
+    out.backward(grad)
+    assert torch.equal(rows.grad, rows_te.grad) and torch.isfinite(x_ours.grad).all()
+
+
 @pytest.mark.parametrize("recipe", ["bf16", *fp8_recipes_here()])
 def test_native_path_routing_computes_the_same_function(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The module as it runs where TE's native grouped GEMM is available: routing without a host sync, engines
