@@ -18,8 +18,9 @@ graphs launches each as one call. A layer is graphed only where replaying is the
 
 A parameter's gradient leaves the graph as its static buffer (autograd then keeps it as ``.grad``, no copy); where
 ``.grad`` still is that buffer at the next backward (gradient accumulation, ``zero_grad(set_to_none=False)``) it
-moves to a copy first, so accumulation behaves as without graphs. Quantized weights are never cached across replays:
-inside a capture TE quantizes them in the graph (:mod:`.experts.weight_cache`).
+moves to a copy first, so accumulation behaves as without graphs. Trainable weights are never cached quantized across
+replays: inside a capture TE quantizes them in the graph (:mod:`.experts.weight_cache`); frozen weights held only as
+TE's quantized copies (:mod:`.experts.resident`) are read by address, and holding or releasing them invalidates.
 """
 
 from __future__ import annotations

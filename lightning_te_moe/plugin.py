@@ -79,7 +79,9 @@ class TEMoEPrecision(FSDPPrecision):
         cuda_graphs: on a CUDA plan, replay each decoder layer's training forward and backward as CUDA graphs
             where the layer makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops
             waiting on the host's kernel launches. Layers that synchronize run eagerly, with the reason recorded.
-            Off by default while it is proven only inside a Trainer (docs/cuda-graphs.md).
+            Off by default: each input shape keeps a memory pool of its own, a step too large for the GPU graphed is
+            too large eagerly as well with no automatic fallback yet, and DDP with graphs is not measured
+            (docs/cuda-graphs.md).
 
     Strategies (docs/distributed.md): single device, DDP, ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2: call
     :func:`lightning_te_moe.distributed.shard_model` in ``configure_model``); any other is an error at setup. The class
