@@ -138,33 +138,44 @@ def apply_finetune(model: nn.Module, finetune: str) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION_LORA, **extra))
 
 
-def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], AbstractContextManager], dict[str, Any]]:
-    """The plugin's swaps and forward context, as Lightning would run them; plain transformers runs as it is.
+Runner = Callable[[Callable[[], Tensor]], Tensor]
+
+
+def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], AbstractContextManager], dict[str, Any],
+                                                             Runner, list[str]]:
+    """The plugin's swaps, forward context and out-of-memory fallback (its ``optimizer_step`` runs the step's closure
+    through it), as Lightning would run them; plain transformers runs as it is. Also returns the memory rungs taken
+    (a live list).
 
     The plugin keeps its defaults: the trainable adapters become FP32 master weights, the frozen BF16 base stays
     BF16 (``params_dtype`` applies to trainable parameters).
     """
     if impl.recipe is None:
-        return nullcontext, {}
+        return nullcontext, {}, lambda closure: closure(), []
     from lightning_te_moe import TEMoEPrecision
 
     plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense,
                             cuda_graphs=impl.cuda_graphs)
     plugin.convert_module(model)
     assert plugin.plan is not None
-    return plugin.forward_context, {"plan": plugin.plan.summary(),
-                                    "swaps": [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]}
+    info = {"plan": plugin.plan.summary(), "swaps": [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]}
+    return plugin.forward_context, info, lambda closure: plugin.memory.run(closure, model), plugin.memory.taken
 
 
-def training_step(model: nn.Module, context: Callable[[], AbstractContextManager],
-                  optimizer: torch.optim.Optimizer) -> Callable[[Tensor], Tensor]:
+def training_step(model: nn.Module, context: Callable[[], AbstractContextManager], optimizer: torch.optim.Optimizer,
+                  run: Runner) -> Callable[[Tensor], Tensor]:
+    """One optimizer step; forward and backward run as a closure through ``run`` (the plugin's memory fallback)."""
     def step(ids: Tensor) -> Tensor:
-        with context():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)  # inside: a step run again after out of memory starts clean
+            with context():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.detach()
+
+        loss = run(closure)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     return step
 
@@ -281,7 +292,7 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
             model = apply_finetune(build_model(config, impl.attention), finetune)
             if impl.checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            context, info = convert(model, impl)
+            context, info, run, memory = convert(model, impl)
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
         except Exception as err:  # noqa: BLE001 - the parent records it for every shape
@@ -291,9 +302,12 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
         torch.cuda.synchronize()
         emit("setup", device=device, setup_s=round(time.perf_counter() - begin, 1),
              setup_gib=torch.cuda.memory_allocated() / 2**30, trainable=sum(p.numel() for p in trainable), **info)
-        step = training_step(model, context, optimizer)
+        step = training_step(model, context, optimizer, run)
         for shape in shapes:
+            taken = len(memory)
             result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size)
+            if len(memory) > taken:
+                result["memory"] = memory[taken:]  # out of memory at this shape: the rungs the plugin took
             if impl.cuda_graphs:
                 from lightning_te_moe.graphs import drop_graphs, graph_status
 
@@ -541,6 +555,9 @@ def render(results: dict[str, Any], label: str) -> str:
     lines += [f"- {name}, `{finetune}`: plan `{plan}`" for (name, finetune), plan in plans.items()]
     lines += [f"- {r['name']}, `{r['finetune']}`, {shape_label(r['shape'])}: {graphs_text(r['graphs'])}"
               for r in rows if r.get("graphs") and r["status"] == "ok"]
+    lines += [f"- {r['name']}, `{r['finetune']}`, {shape_label(r['shape'])}: out of GPU memory; "
+              f"the plugin's memory fallback took {', '.join(r['memory'])} and the step ran again (timed after)"
+              for r in rows if r.get("memory")]
     targets = check_targets(rows)
     lines += ["", "**Targets** (issue 12), checked on this stack's rows (`benchmarks/full_model_targets.py`):", "",
               *targets_markdown(targets), end]

@@ -18,6 +18,7 @@ from .console import print_rank_zero
 from .distributed.sharding import fsdp_mixed_precision, fsdp_wrap_policy, is_sharded, use_grouped_layout
 from .distributed.strategies import amax_reduction_group, distributed_reasons, strategy_support
 from .guard import DecisionLog, DivergenceGuard, GuardConfig, attach_sinks
+from .memory import MemoryFallback
 from .policy import (
     Environment,
     Plan,
@@ -79,9 +80,11 @@ class TEMoEPrecision(FSDPPrecision):
         cuda_graphs: on a CUDA plan, replay each decoder layer's training forward and backward as CUDA graphs
             where the layer makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops
             waiting on the host's kernel launches. Layers that synchronize run eagerly, with the reason recorded.
-            Off by default: each input shape keeps a memory pool of its own, a step too large for the GPU graphed is
-            too large eagerly as well with no automatic fallback yet, and DDP with graphs is not measured
+            Off by default: each input shape keeps a memory pool of its own, and DDP with graphs is not measured
             (docs/cuda-graphs.md).
+        memory_fallback: a training step out of GPU memory drops the CUDA graphs, then turns on activation
+            checkpointing, and runs again on the same batch, each change a recorded decision
+            (:mod:`lightning_te_moe.memory`; one process, no gradient accumulation); False lets the error end the run.
 
     Strategies (docs/distributed.md): single device, DDP, ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2: call
     :func:`lightning_te_moe.distributed.shard_model` in ``configure_model``); any other is an error at setup. The class
@@ -111,11 +114,12 @@ class TEMoEPrecision(FSDPPrecision):
         autotune: bool = False,
         autotune_tokens: int = 16384,
         cuda_graphs: bool = False,
+        memory_fallback: bool = True,
     ) -> None:
         _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
                          strict=strict, print_plan=print_plan, swap_experts=swap_experts,
                          cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention, guard=guard,
-                         autotune=autotune, cuda_graphs=cuda_graphs)
+                         autotune=autotune, cuda_graphs=cuda_graphs, memory_fallback=memory_fallback)
         self.request = PrecisionRequest(recipe=recipe, allow=check_recipe_names(_OWNER, "allow", allow),
                                         deny=check_recipe_names(_OWNER, "deny", deny), auto_nvfp4=auto_nvfp4,
                                         prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype,
@@ -133,6 +137,7 @@ class TEMoEPrecision(FSDPPrecision):
         self._sinks_trainer: Any = None
         self.state: Optional[PrecisionState] = None
         self.decisions = DecisionLog()
+        self.memory = MemoryFallback(self.decisions, memory_fallback)
         self._device_type = "cpu"
         self._amp: Optional[MixedPrecision] = None
         self._trainer: Any = None
@@ -374,6 +379,7 @@ class TEMoEPrecision(FSDPPrecision):
         return Precision.pre_backward(self, tensor, module)
 
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        closure = functools.partial(self.memory.run, closure, model, self._trainer)  # out of memory: less, again
         if self._scaler_active():
             return self._amp.optimizer_step(optimizer, model, closure, **kwargs)
         return Precision.optimizer_step(self, optimizer, model=model, closure=closure, **kwargs)

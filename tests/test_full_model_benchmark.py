@@ -335,3 +335,32 @@ def test_graph_rows_get_their_own_targets_and_say_how_many_layers_replayed() -> 
             in text.splitlines())
     assert ("8 x 1,024: 20 of 24 decoder layers replayed as CUDA graphs; refused: a host synchronization in its "
             "forward (x); eager calls: 2 (grad disabled)") in text
+
+
+def test_a_shape_the_memory_fallback_rescued_says_which_rungs_it_took() -> None:
+    row = dict(_ok("plugin-default-graphs", "8x1024", 850.0, 58.8), memory=["cuda_graphs_off",
+                                                                            "activation_checkpointing"])
+    text = fm.render(_results([*_run(), row]), "13.1")
+    assert (f"- plugin default plan + CUDA graphs, `{FT}`, 8 x 1,024: out of GPU memory; the plugin's memory fallback "
+            "took cuda_graphs_off, activation_checkpointing and the step ran again (timed after)") in text.splitlines()
+
+
+def test_the_plugin_step_runs_its_closure_through_the_memory_fallback() -> None:
+    """The benchmark's step: the closure zeroes the gradients before its forward, so running it again after out of
+    memory (as the plugin's fallback does) starts clean; the optimizer steps once."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    calls = []
+
+    class _Model(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Any:
+            return argparse.Namespace(loss=model(input_ids.float()).square().sum())
+
+    def run(closure: Any) -> torch.Tensor:
+        calls.append(closure())
+        return closure()  # again, as after an out-of-memory error
+
+    loss = fm.training_step(_Model(), lambda: torch.enable_grad(), optimizer, run)(torch.ones(2, 4))
+    assert len(calls) == 1 and torch.equal(loss, calls[0])
+    single = torch.autograd.grad(model(torch.ones(2, 4)).square().sum(), model.weight)[0]
+    assert torch.equal(model.weight.grad, single)  # not twice the gradient

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 DecisionKind = Literal["plan", "swap", "shard", "skip", "step_down", "rollback", "hold", "stop", "resume", "promote",
-                       "autotune", "snapshot"]
+                       "autotune", "snapshot", "memory"]
 
 
 @dataclass(frozen=True)

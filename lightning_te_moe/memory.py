@@ -1,0 +1,126 @@
+"""Out of GPU memory in a training step: free memory the next way the model allows, and run the step again.
+
+A step that does not fit used to end the run. The plugin's ``optimizer_step`` runs Lightning's closure (the training
+step, ``zero_grad`` and the backward) through :class:`MemoryFallback`: on ``torch.cuda.OutOfMemoryError`` it takes the
+next rung of :data:`MEMORY_LADDER` that applies to the model, records the decision (kind ``memory``) and runs the
+closure again on the same batch:
+
+1. CUDA graphs off: their pools hold every layer's saved activations between steps, and a capture needs the eager
+   warm-up's memory beside them;
+2. activation checkpointing on the model's decoder layers (transformers' ``gradient_checkpointing_enable``,
+   non-reentrant; the recompute runs under the forward's precision, :mod:`.recompute`): GPT-OSS-20B with LoRA at
+   8 x 1,024 tokens ran at 58.8 GiB with it where the step without ran out of memory on an 80 GB H100 (cuBLASLt 13.10,
+   2026-11-28, ``benchmarks/full_model.py``).
+
+When no rung is left the error is raised as it was. Running the closure again is the same step: Lightning zeroes the
+gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
+cleared. That holds without gradient accumulation only (a micro-batch's gradients from before would be lost), and on
+one process (the other ranks would wait in a collective): elsewhere the error is raised as is, with a decision saying
+why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run finds them again, one failed
+step each.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .graphs import dispatchers, drop_graphs, remove_cuda_graphs
+from .guard.decisions import DecisionLog
+
+
+@dataclass(frozen=True)
+class MemoryRung:
+    """One way to need less memory: whether it applies to a model, and applying it (returns what it changed)."""
+
+    name: str
+    applies: Callable[[nn.Module], bool]
+    apply: Callable[[nn.Module], str]
+
+
+def _graphed(model: nn.Module) -> bool:
+    return bool(dispatchers(model))
+
+
+def _graphs_off(model: nn.Module) -> str:
+    layers = len(dispatchers(model))
+    drop_graphs(model)
+    remove_cuda_graphs(model)
+    return f"CUDA graphs removed from {layers} decoder layers (their memory pools freed); they run eagerly"
+
+
+def _checkpointable(model: nn.Module) -> Optional[nn.Module]:
+    """The outermost transformers model in ``model`` that supports checkpointing and does not checkpoint yet."""
+    for module in model.modules():
+        if getattr(module, "supports_gradient_checkpointing", False) and callable(
+                getattr(module, "gradient_checkpointing_enable", None)):
+            return None if getattr(module, "is_gradient_checkpointing", False) else module
+    return None
+
+
+def _checkpointing_on(model: nn.Module) -> str:
+    target = _checkpointable(model)
+    assert target is not None
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return (f"activation checkpointing on for {type(target).__name__} (non-reentrant; the decoder layers recompute "
+            "their forward in the backward, under the forward's precision)")
+
+
+#: The rungs, in the order they are taken: the first frees memory at no cost in compute once the step is GPU-bound,
+#: the second costs a recompute of every layer's forward (+38-65% step time at 1,024-4,096 tokens, GPT-OSS-20B on one
+#: H100, cuBLASLt 13.1, 2026-11-27).
+MEMORY_LADDER: tuple[MemoryRung, ...] = (
+    MemoryRung("cuda_graphs_off", _graphed, _graphs_off),
+    MemoryRung("activation_checkpointing", lambda m: _checkpointable(m) is not None, _checkpointing_on),
+)
+
+
+class MemoryFallback:
+    """Runs a training step's closure; on out-of-memory takes the next applicable :data:`MEMORY_LADDER` rung and runs
+    it again (see the module doc). ``taken``: the rungs taken so far, by name."""
+
+    def __init__(self, decisions: DecisionLog, enabled: bool = True) -> None:
+        self.decisions = decisions
+        self.enabled = enabled
+        self.taken: list[str] = []
+
+    def run(self, closure: Callable[[], Any], model: nn.Module, trainer: Any = None) -> Any:
+        while True:
+            try:
+                return closure()
+            except torch.cuda.OutOfMemoryError as err:
+                step = getattr(trainer, "global_step", 0)
+                error = str(err).strip().splitlines()[0][:300] if str(err).strip() else "out of memory"
+                why_not = self._not_recoverable(trainer)
+                rung = None if why_not else self._next(model)
+                if rung is None:
+                    reason = why_not or f"no way left to need less memory (taken: {', '.join(self.taken) or 'none'})"
+                    self.decisions.record("memory", f"out of GPU memory at step {step}, not recovered: {reason}",
+                                          rule="memory-fallback", step=step, evidence={"error": error})
+                    raise
+            # Outside the handler: the failed step's frames (and the tensors they hold) went with the exception.
+            gc.collect()
+            torch.cuda.empty_cache()
+            change = rung.apply(model)
+            self.taken.append(rung.name)
+            self.decisions.record("memory", f"out of GPU memory at step {step}: {change}; the step runs again",
+                                  rule="memory-fallback", step=step, to=rung.name,
+                                  evidence={"error": error, "taken": list(self.taken)})
+
+    def _not_recoverable(self, trainer: Any) -> Optional[str]:
+        if not self.enabled:
+            return "memory_fallback=False"
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            return "several processes (the other ranks would wait for this one in a collective)"
+        if trainer is not None and getattr(trainer, "accumulate_grad_batches", 1) > 1:
+            return ("gradient accumulation (the step's earlier micro-batches' gradients cannot be told from the failed "
+                    "backward's)")
+        return None
+
+    @staticmethod
+    def _next(model: nn.Module) -> Optional[MemoryRung]:
+        return next((rung for rung in MEMORY_LADDER if rung.applies(model)), None)

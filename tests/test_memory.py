@@ -1,0 +1,141 @@
+"""Out of memory in a training step (``lightning_te_moe/memory.py``): CUDA graphs off, then activation checkpointing,
+then the error; the step runs again on the same batch and trains as if it had fit.
+
+The CPU has no GPU memory to run out of: the tests raise ``torch.cuda.OutOfMemoryError`` themselves while the model is
+in a state that would not fit (graphs installed, no checkpointing), in the forward or half-way through the backward.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from experts_helpers import tiny_model
+from lightning.pytorch import LightningModule, Trainer
+
+from lightning_te_moe import TEMoEPrecision
+from lightning_te_moe.graphs import dispatchers, install_cuda_graphs
+from lightning_te_moe.guard.decisions import DecisionLog
+from lightning_te_moe.memory import MemoryFallback
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+
+
+def test_each_out_of_memory_takes_the_next_rung_then_the_error_stands() -> None:
+    model = tiny_model("gpt_oss").train()
+    install_cuda_graphs(model)
+    log = DecisionLog()
+    fallback = MemoryFallback(log)
+    failures = iter([1, 1, 0])
+    states = []
+
+    def closure() -> str:
+        states.append((len(dispatchers(model)), model.is_gradient_checkpointing))
+        if next(failures):
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return "loss"
+
+    assert fallback.run(closure, model) == "loss"
+    assert states == [(2, False), (0, False), (0, True)]  # graphs off, then checkpointing, then it fits
+    assert fallback.taken == ["cuda_graphs_off", "activation_checkpointing"]
+    memory = [d for d in log.decisions if d.kind == "memory"]
+    assert [d.to for d in memory] == fallback.taken and all(d.rule == "memory-fallback" for d in memory)
+    assert memory[0].evidence["error"] == OOM and "runs again" in memory[1].reason
+
+    def always() -> None:
+        raise torch.cuda.OutOfMemoryError(OOM)
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate 2.00 GiB"):
+        fallback.run(always, model)
+    assert "not recovered: no way left to need less memory (taken: cuda_graphs_off, activation_checkpointing)" in (
+        log.decisions[-1].reason)
+
+
+@pytest.mark.parametrize("trainer, reason", [
+    (SimpleNamespace(world_size=2, accumulate_grad_batches=1, global_step=7), "several processes"),
+    (SimpleNamespace(world_size=1, accumulate_grad_batches=4, global_step=7), "gradient accumulation"),
+    (None, "memory_fallback=False"),
+])
+def test_out_of_memory_it_cannot_recover_is_raised_as_it_was(trainer: Any, reason: str) -> None:
+    model = tiny_model("gpt_oss").train()
+    log = DecisionLog()
+    fallback = MemoryFallback(log, enabled=trainer is not None)
+
+    def closure() -> None:
+        raise torch.cuda.OutOfMemoryError(OOM)
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fallback.run(closure, model, trainer)
+    assert not model.is_gradient_checkpointing and fallback.taken == []
+    assert log.decisions[-1].kind == "memory" and reason in log.decisions[-1].reason
+
+
+class _LM(LightningModule):
+    """The tiny GPT-OSS model on fixed batches; ``oom_from``: from this step on, a step without activation
+    checkpointing runs out of memory half-way through its backward (after the head's gradients exist)."""
+
+    def __init__(self, oom_from: int | None) -> None:
+        super().__init__()
+        self.model = tiny_model("gpt_oss").train()
+        self.oom_from = oom_from
+        self.failures = 0
+        self.model.model.layers[0].register_full_backward_hook(self._backward_hook)
+
+    def _backward_hook(self, *_: Any) -> None:
+        if self.oom_from is not None and self.trainer.global_step >= self.oom_from and (
+                not self.model.is_gradient_checkpointing):
+            self.failures += 1
+            raise torch.cuda.OutOfMemoryError(OOM)
+
+    def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.log("loss", loss)
+        return loss
+
+    def train_dataloader(self) -> Any:
+        data = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _fit(tmp_path: Path, oom_from: int | None, **trainer_args: Any) -> tuple[_LM, TEMoEPrecision]:
+    torch.manual_seed(0)
+    module = _LM(oom_from)
+    plugin = TEMoEPrecision("fp32", print_plan=False)
+    trainer = Trainer(max_steps=6, plugins=[plugin], accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, **trainer_args)
+    trainer.fit(module)
+    return module, plugin
+
+
+def test_a_fit_that_runs_out_of_memory_mid_backward_goes_on_and_trains_as_if_it_fit(tmp_path: Path) -> None:
+    """The failed backward left gradients on the layers after the first: the step ran again from a clean slate
+    (Lightning's zero_grad sits inside the closure), so the weights are exactly those of a run that never failed."""
+    want, _ = _fit(tmp_path / "fits", None)
+    got, plugin = _fit(tmp_path / "oom", 3)
+    assert got.failures == 1 and got.model.is_gradient_checkpointing and plugin.memory.taken == [
+        "activation_checkpointing"]
+    memory = [d for d in plugin.decisions.decisions if d.kind == "memory"]
+    assert len(memory) == 1 and memory[0].step == 3 and "activation checkpointing on for GptOssForCausalLM" in (
+        memory[0].reason)
+    for (name, a), b in zip(got.named_parameters(), want.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_with_gradient_accumulation_the_error_ends_the_run(tmp_path: Path) -> None:
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _fit(tmp_path, 1, accumulate_grad_batches=2)
+
+
+def test_memory_fallback_false_is_a_checked_argument() -> None:
+    assert TEMoEPrecision(memory_fallback=False).memory.enabled is False
+    with pytest.raises(TypeError, match="memory_fallback must be True or False"):
+        TEMoEPrecision(memory_fallback="yes")  # type: ignore[arg-type]
+    assert copy.deepcopy(TEMoEPrecision()).memory.enabled
