@@ -554,7 +554,7 @@ def render(results: dict[str, Any], label: str) -> str:
     plans = {(r["name"], r["finetune"]): r["plan"] for r in rows if r.get("plan")}
     lines += [f"- {name}, `{finetune}`: plan `{plan}`" for (name, finetune), plan in plans.items()]
     lines += [f"- {r['name']}, `{r['finetune']}`, {shape_label(r['shape'])}: {graphs_text(r['graphs'])}"
-              for r in rows if r.get("graphs") and r["status"] == "ok"]
+              for r in rows if r.get("graphs") and r["graphs"]["layers"] and r["status"] == "ok"]
     lines += [f"- {r['name']}, `{r['finetune']}`, {shape_label(r['shape'])}: out of GPU memory; "
               f"the plugin's memory fallback took {', '.join(r['memory'])} and the step ran again (timed after)"
               for r in rows if r.get("memory")]

@@ -343,6 +343,8 @@ def test_a_shape_the_memory_fallback_rescued_says_which_rungs_it_took() -> None:
     text = fm.render(_results([*_run(), row]), "13.1")
     assert (f"- plugin default plan + CUDA graphs, `{FT}`, 8 x 1,024: out of GPU memory; the plugin's memory fallback "
             "took cuda_graphs_off, activation_checkpointing and the step ran again (timed after)") in text.splitlines()
+    row["graphs"] = {"layers": 0, "graphed": 0, "refused": [], "eager_calls": {}, "signatures": 0}
+    assert "0 of 0 decoder layers" not in fm.render(_results([*_run(), row]), "13.1")  # graphs removed: no claim
 
 
 def test_the_plugin_step_runs_its_closure_through_the_memory_fallback() -> None:
