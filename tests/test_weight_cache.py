@@ -79,3 +79,12 @@ def test_no_recipe_disabled_and_invalidate() -> None:
     assert cache.first_microbatch(w, recipe) is True
     off = QuantizedWeightCache(enabled=False)
     assert off.first_microbatch(w, recipe) is None and off.first_microbatch(w, recipe) is None
+
+
+def test_for_call_a_held_copy_takes_none_and_a_fresh_one_is_forgotten() -> None:
+    """A held quantized copy is TE's primary weight (no ``is_first_microbatch``); a fresh quantization whose copies
+    leave TE is True and forgets the cache, so the next plain call of the same weight quantizes again."""
+    cache, weight, recipe = QuantizedWeightCache(), torch.nn.Parameter(torch.ones(4, 4)), _Recipe()
+    assert cache.for_call(weight, recipe) is True and cache.for_call(weight, recipe) is False
+    assert cache.for_call(weight, recipe, held=True) is None and cache.for_call(weight, recipe) is False
+    assert cache.for_call(weight, recipe, fresh=True) is True and cache.for_call(weight, recipe) is True

@@ -74,15 +74,8 @@ class TELinearEngine:
         names["weight"] = weight
         if bias is not None:
             names["bias"] = bias
-        if held:
-            first = None  # already quantized: TE uses it as it is
-        elif fresh:
-            first = True
-            self.weight_cache.invalidate()  # the copy leaves TE's cache with take_quantized()
-        else:
-            first = self.weight_cache.first_microbatch(weight, recipe)
         try:
-            return self.module(x, is_first_microbatch=first)
+            return self.module(x, is_first_microbatch=self.weight_cache.for_call(weight, recipe, held, fresh))
         finally:
             names.pop("weight", None)
             if bias is not None:

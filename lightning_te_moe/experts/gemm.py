@@ -196,14 +196,7 @@ class TEGroupedGemm:
             names.update(zip(self._bias_names, bias.unbind(0)))
         try:
             m_splits = device_splits if self.native else splits
-            if held:
-                first = None  # already quantized: TE uses them as they are
-            elif fresh:
-                first = True
-                self.weight_cache.invalidate()  # the copies leave TE's cache with take_quantized()
-            else:
-                first = self.weight_cache.first_microbatch(weight, recipe)
-            return self.module(x, m_splits, is_first_microbatch=first)
+            return self.module(x, m_splits, is_first_microbatch=self.weight_cache.for_call(weight, recipe, held, fresh))
         finally:
             for name in self._names + self._bias_names:
                 names.pop(name, None)

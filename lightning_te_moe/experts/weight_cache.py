@@ -65,6 +65,17 @@ class QuantizedWeightCache:
         self._key = key
         return first
 
+    def for_call(self, weight: Any, recipe: Any, held: bool = False, fresh: bool = False) -> Optional[bool]:
+        """TE's ``is_first_microbatch`` for one engine call: None for a held quantized copy (TE takes it as it is,
+        :mod:`.resident`), True for a fresh quantization whose copies the caller takes away (so this cache forgets
+        them), else :meth:`first_microbatch`."""
+        if held:
+            return None
+        if fresh:
+            self.invalidate()
+            return True
+        return self.first_microbatch(weight, recipe)
+
     def invalidate(self) -> None:
         """Forget the cached copy: the next quantized call quantizes the weight again."""
         self._key = None
