@@ -14,9 +14,9 @@ closure again on the same batch:
 
 When no rung is left the error is raised as it was. Running the closure again is the same step: Lightning zeroes the
 gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
-cleared. That holds without gradient accumulation only (a micro-batch's gradients from before would be lost), and on
-one process (the other ranks would wait in a collective): elsewhere the error is raised as is, with a decision saying
-why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run finds them again, one failed
+cleared. That holds under automatic optimization without gradient accumulation only (a micro-batch's gradients from
+before would be lost), and on one process (the other ranks would wait in a collective): elsewhere the error is raised
+as is, with a decision saying why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run finds them again, one failed
 step each.
 """
 
@@ -119,6 +119,9 @@ class MemoryFallback:
         if trainer is not None and getattr(trainer, "accumulate_grad_batches", 1) > 1:
             return ("gradient accumulation (the step's earlier micro-batches' gradients cannot be told from the failed "
                     "backward's)")
+        if trainer is not None and not getattr(getattr(trainer, "lightning_module", None), "automatic_optimization",
+                                               True):
+            return "manual optimization (only Lightning's own closure zeroes the gradients before its backward)"
         return None
 
     @staticmethod

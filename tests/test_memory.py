@@ -58,6 +58,8 @@ def test_each_out_of_memory_takes_the_next_rung_then_the_error_stands() -> None:
 @pytest.mark.parametrize("trainer, reason", [
     (SimpleNamespace(world_size=2, accumulate_grad_batches=1, global_step=7), "several processes"),
     (SimpleNamespace(world_size=1, accumulate_grad_batches=4, global_step=7), "gradient accumulation"),
+    (SimpleNamespace(world_size=1, accumulate_grad_batches=1, global_step=7,
+                     lightning_module=SimpleNamespace(automatic_optimization=False)), "manual optimization"),
     (None, "memory_fallback=False"),
 ])
 def test_out_of_memory_it_cannot_recover_is_raised_as_it_was(trainer: Any, reason: str) -> None:

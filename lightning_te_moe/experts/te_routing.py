@@ -30,7 +30,7 @@ dropped, as on the torch path.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Optional
 
 import torch
@@ -114,7 +114,7 @@ class FusedRouting:
         """Cumulative rows per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants them."""
         return torch.cumsum(self.device_splits, 0).to(torch.int32)
 
-    @property
+    @cached_property
     def bounds(self) -> Tensor:
         """Where each expert's block starts, and the end (``E + 1`` values, int64, on the device)."""
         return torch.cat([self.device_splits.new_zeros(1), torch.cumsum(self.device_splits, 0)]).long()
