@@ -60,3 +60,5 @@ def main(out: Path, kind: str, recipe: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    if torch.distributed.is_initialized():  # gloo's threads joined before exit: without it one rank aborted
+        torch.distributed.destroy_process_group()  # at exit once ("terminate called without an active exception")

@@ -35,3 +35,5 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():  # gloo's threads joined before exit: without it one rank aborted
+        torch.distributed.destroy_process_group()  # at exit once ("terminate called without an active exception")

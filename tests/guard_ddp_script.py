@@ -61,3 +61,5 @@ def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), *(sys.argv[2:] + ["cpu", "host", "plain", "every"][len(sys.argv) - 2:]))
+    if torch.distributed.is_initialized():  # gloo's threads joined before exit: without it one rank aborted
+        torch.distributed.destroy_process_group()  # at exit once ("terminate called without an active exception")
