@@ -94,7 +94,8 @@ class MemoryFallback:
                 return closure()
             except torch.cuda.OutOfMemoryError as err:
                 step = getattr(trainer, "global_step", 0)
-                error = str(err).strip().splitlines()[0][:300] if str(err).strip() else "out of memory"
+                text = str(err).strip()
+                error = text.splitlines()[0][:300] if text else "out of memory"
                 why_not = self._not_recoverable(trainer)
                 rung = None if why_not else self._next(model)
                 if rung is None:

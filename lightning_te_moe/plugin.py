@@ -84,7 +84,8 @@ class TEMoEPrecision(FSDPPrecision):
             (docs/cuda-graphs.md).
         memory_fallback: a training step out of GPU memory drops the CUDA graphs, then turns on activation
             checkpointing, and runs again on the same batch, each change a recorded decision
-            (:mod:`lightning_te_moe.memory`; one process, no gradient accumulation); False lets the error end the run.
+            (:mod:`lightning_te_moe.memory`; one process, automatic optimization, no gradient accumulation); False
+            lets the error end the run.
 
     Strategies (docs/distributed.md): single device, DDP, ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2: call
     :func:`lightning_te_moe.distributed.shard_model` in ``configure_model``); any other is an error at setup. The class
