@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .routing import split_bounds
+
 #: Rows and columns (of each half) a kernel program handles at a time, programs per expert and column block, and
 #: warps per program: the fastest backward of 50 configurations timed on an H100 (benchmarks/bias_glu_kernels.py).
 #: Triton's software-pipelining stages for the row loop changed nothing (1-4 stages: backward 0.882-0.884 ms against
@@ -68,8 +70,7 @@ def bias_glu(h: Tensor, bias: Tensor, device_splits: Tensor, params: GLUParams) 
     if h.dim() != 2 or h.size(1) % 2 or bias.shape != (device_splits.numel(), h.size(1)):
         raise ValueError(f"bias_glu takes h [rows, 2I], bias [E, 2I] and E split sizes; got h {tuple(h.shape)}, "
                          f"bias {tuple(bias.shape)}, {device_splits.numel()} split sizes")
-    bounds = torch.cat([device_splits.new_zeros(1), torch.cumsum(device_splits, 0)]).long()
-    return _BiasGLU.apply(h, bias, bounds, params)
+    return _BiasGLU.apply(h, bias, split_bounds(device_splits), params)
 
 
 class _BiasGLU(torch.autograd.Function):

@@ -94,6 +94,11 @@ def make_dispatch(top_k_index: Tensor, num_experts: int, align: int = 1, host_sp
                     block_rows.long())
 
 
+def split_bounds(device_splits: Tensor) -> Tensor:
+    """Where each expert's block of rows starts, and the end: ``E + 1`` values (int64, on the splits' device)."""
+    return torch.cat([device_splits.new_zeros(1), torch.cumsum(device_splits, 0)]).long()
+
+
 def upper_bound_rows(num_tokens: int, top_k: int, num_experts: int, align: int, merges_repeats: bool = True) -> int:
     """Most padded rows a routing can need, a multiple of ``align`` (so the slack keeps the last expert's block
     aligned): each token fills at most ``min(k, E)`` expert rows where a repeated expert merges into one row (TE's

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .gemm import te_available
-from .routing import upper_bound_rows
+from .routing import split_bounds, upper_bound_rows
 
 
 #: TE's Triton permutation wrappers this module calls (TE internals, in ``transformer_engine.pytorch.triton``).
@@ -117,7 +117,7 @@ class FusedRouting:
     @cached_property
     def bounds(self) -> Tensor:
         """Where each expert's block starts, and the end (``E + 1`` values, int64, on the device)."""
-        return torch.cat([self.device_splits.new_zeros(1), torch.cumsum(self.device_splits, 0)]).long()
+        return split_bounds(self.device_splits)
 
     def permute(self, hidden: Tensor) -> Tensor:
         """``hidden [T, H]`` -> ``[rows, H]`` in padded expert order, padding rows zero."""
