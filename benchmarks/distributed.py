@@ -12,8 +12,9 @@ FSDP2 runs (``--strategy fsdp2``): the model is built on the meta device in ``co
 by :func:`lightning_te_moe.distributed.shard_model`, then materialized shard by shard on the GPU (random init: norms
 1, biases 0, other weights N(0, 0.02)); all parameters train (AdamW, FP32 master weights), batch 1 x ``--seq`` per
 GPU. Per run: tokens/s and model TFLOP/s per GPU over the timed steps (after ``--warmup``), peak memory per GPU, the
-plan, and each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at ``--nan-at`` (every
-rank must record the same decisions at the same step), saves a sharded checkpoint and resumes it for 2 more steps (plan,
+seconds of its phases (setup up to the first step, the whole fit, the checkpoint's save, the resume), the plan, and each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at the steps
+``--nan-at`` (on a GPU 12 and 13: a repeat within the guard's window, so a step-down from an FP8 plan; on the CPU one
+skipped batch: its plan has no lower rung), and every rank must record the same decisions at the same step; it saves a sharded checkpoint and resumes it for 2 more steps (plan,
 rung, guard state and decision history must come back), and exports to the HF layout and loads it back (unless
 ``--skip-export``). ``--profile N`` profiles N more steps after the timed ones: GPU kernel time per step (the union
 over streams), NCCL's share of it and the launches, so a slow step says whether it waits on the host, on the
@@ -131,7 +132,7 @@ def lightning_module(args: argparse.Namespace) -> Any:
             if args.checkpointing:  # non-reentrant: recomputes under the plan's recipe (lightning_te_moe.recompute)
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if meta:
-                shard_model(self)
+                shard_model(self, reduce_dtype=getattr(torch, args.reduce_dtype))
                 self.model.to_empty(device=device)
                 restore_buffers(self.model, device)
             fill_weights(self.model)
@@ -139,7 +140,7 @@ def lightning_module(args: argparse.Namespace) -> Any:
         def training_step(self, batch: torch.Tensor, index: int) -> torch.Tensor:
             loss = self.model(input_ids=batch, labels=batch).loss
             last_rank = self.global_rank == self.trainer.world_size - 1
-            if args.nan_at is not None and self.global_step == args.nan_at and last_rank:
+            if args.nan_at and self.global_step in args.nan_at and last_rank:
                 loss = loss * float("nan")
             return loss
 
@@ -165,6 +166,7 @@ def timer_callback(warmup: int, last: int) -> Any:
         def __init__(self) -> None:
             self.times: list[float] = []
             self._start = 0.0
+            self.first_step_at: Optional[float] = None  # perf_counter at the first step: setup's end
 
         def _sync(self, trainer: Any) -> None:
             if trainer.strategy.root_device.type == "cuda":
@@ -175,6 +177,8 @@ def timer_callback(warmup: int, last: int) -> Any:
             if trainer.global_step == warmup and trainer.strategy.root_device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             self._start = time.perf_counter()
+            if self.first_step_at is None:
+                self.first_step_at = self._start
 
         def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
             self._sync(trainer)
@@ -266,20 +270,22 @@ def run(args: argparse.Namespace) -> None:
     total = args.steps + args.profile
     trainer = trainer_for(args, plugin, total, [timer, profiler] if args.profile else [timer])
     module = lightning_module(args)
+    begin = time.perf_counter()
     trainer.fit(module, loader(args, total))
+    seconds = {"setup": (timer.first_step_at or begin) - begin, "fit": time.perf_counter() - begin}
     cuda = trainer.strategy.root_device.type == "cuda"
     tokens = args.batch * args.seq
     step_s = sorted(timer.times)[len(timer.times) // 2] if timer.times else None
     result: dict[str, Any] = {
         "name": args.name, "strategy": args.strategy, "devices": args.devices, "recipe": args.recipe,
-        "params_dtype": args.params_dtype, "checkpointing": args.checkpointing,
+        "params_dtype": args.params_dtype, "reduce_dtype": args.reduce_dtype, "checkpointing": args.checkpointing,
         "plan": plugin.state.plan.summary(), "rung": plugin.state.index, "global_step": trainer.global_step,
         "seq": args.seq, "batch_per_gpu": args.batch, "timed_steps": len(timer.times), "median_step_s": step_s,
         "tokens_per_s_per_gpu": tokens / step_s if step_s else None,
         "tflops_per_gpu": tokens * flops_per_token(module.config, args.seq) / step_s / 1e12 if step_s else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "decisions": decisions(plugin),
+        "decisions": decisions(plugin), "seconds": seconds,
     }
     if args.profile:
         result["profile"] = {**profiler.result, **({"gpu_busy": profiler.result["kernel_ms"] / 1e3 / step_s}
@@ -289,7 +295,9 @@ def run(args: argparse.Namespace) -> None:
     path.write_text(json.dumps(result, indent=1))  # the training numbers survive a failure in what follows
     if args.checkpoint:
         ckpt = args.out / args.name / "ckpt"
+        begin = time.perf_counter()
         trainer.save_checkpoint(ckpt)
+        seconds["save"] = time.perf_counter() - begin
         if args.export:
             result["export"] = export_check(module, args.out / args.name / "hf", rank, args)
         saved_plan = plugin.state.plan.to_dict()
@@ -308,7 +316,9 @@ def run(args: argparse.Namespace) -> None:
             result["allocated_before_resume_gib"] = torch.cuda.memory_allocated() / 2**30
         resumed = precision(args)
         again = trainer_for(args, resumed, total + 2, [])
+        begin = time.perf_counter()
         again.fit(lightning_module(args), loader(args, total + 2), ckpt_path=ckpt)
+        seconds["resume"] = time.perf_counter() - begin
         result["resume"] = {"global_step": again.global_step, "rung": resumed.state.index,
                             "plan_equal": resumed.state.plan.to_dict() == saved_plan,
                             "history_kept": decisions(resumed)[:len(result["decisions"])] == result["decisions"],
@@ -341,7 +351,7 @@ CONFIGURATIONS = ("fsdp2-bf16", "fsdp2-default", "ddp-1", "ddp-2")
 def configurations(args: argparse.Namespace) -> list[list[str]]:
     """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), DDP 1 vs 2."""
     common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--params-dtype", args.params_dtype]
+              "--params-dtype", args.params_dtype, "--reduce-dtype", args.reduce_dtype]
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--profile", str(args.profile)] if args.profile else []
     common += ["--tiny"] if args.tiny else []
@@ -350,7 +360,7 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
     return [
         ["--name", "fsdp2-bf16", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "bf16", *common],
         ["--name", "fsdp2-default", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "auto",
-         "--nan-at", str(args.nan_at if args.nan_at is not None else 3 if args.tiny else 12), "--checkpoint", *export,
+         "--nan-at", *map(str, args.nan_at or ([3] if args.tiny else [12, 13])), "--checkpoint", *export,
          *common],
         ["--name", "ddp-1", "--strategy", "ddp", "--devices", "1", "--recipe", "auto", *ddp_layers, *common],
         ["--name", "ddp-2", "--strategy", "ddp", "--devices", "2", "--recipe", "auto", *ddp_layers, *common],
@@ -427,8 +437,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 24; --tiny 6)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 4; --tiny 1)")
-    p.add_argument("--nan-at", type=int, default=None,
-                   help="step of the NaN loss on the last rank (all: in fsdp2-default, default 12, --tiny 3;"
+    p.add_argument("--nan-at", type=int, nargs="+", default=None,
+                   help="steps of the NaN loss on the last rank (all: in fsdp2-default, default 12 13, --tiny 3;"
                         " run: none unless given)")
     p.add_argument("--skip-export", action="store_true", help="all: no HF export (it gathers 84 GB on rank 0)")
     p.add_argument("--timeout", type=int, default=3600, help="all: seconds per configuration")
@@ -438,6 +448,8 @@ def parser() -> argparse.ArgumentParser:
                    help="activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)")
     p.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,
                    help="all: just these configurations, merged into OUT/distributed.json's earlier results")
+    p.add_argument("--reduce-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the dtype FSDP2 reduces gradients in (float32: torchtitan's default; bfloat16: half the bytes)")
     p.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="master weights (and so AdamW state): float32 needs 16 bytes a parameter, 84 GB per GPU for"
                         " GPT-OSS-20B on 4 GPUs before activations (H200s, or 8 GPUs); bfloat16 needs 8")

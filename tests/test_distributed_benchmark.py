@@ -67,9 +67,10 @@ def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
         assert run["same_decisions_on_every_rank"] and run["tokens_per_s_per_gpu"] > 0
         assert run["global_step"] == 6 + profiled and run["timed_steps"] == 5  # 6 steps, 1 untimed, then the profile's
         assert run.get("profile") == ({"skipped": "not on a GPU"} if profiled else None)
+        assert 0 < run["seconds"]["setup"] < run["seconds"]["fit"]
     default = result["runs"]["fsdp2-default"]
     assert ["skip", 4, "step 4", "skipped"] in default["decisions"]  # the NaN at step 3 on rank 1, on both ranks
-    assert default["same_resume_on_every_rank"]
+    assert default["same_resume_on_every_rank"] and default["seconds"]["save"] > 0 and default["seconds"]["resume"] > 0
     assert {k: default["resume"][k] for k in ("global_step", "plan_equal", "history_kept")} == {
         "global_step": 8, "plan_equal": True, "history_kept": True}
     assert default["export"]["loaded"] and default["export"]["experts_shape"] == default["export"][

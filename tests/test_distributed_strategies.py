@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 
 from lightning_te_moe import Plan, RecipeSpec, Rung, TEMoEPrecision, probe_environment
 from lightning_te_moe.distributed import fsdp_wrap_policy, shard_units, strategy_support
-from lightning_te_moe.distributed.sharding import gather_dtype, layer_classes
+from lightning_te_moe.distributed.sharding import fully_shard_units, gather_dtype, is_sharded, layer_classes
 from lightning_te_moe.distributed.strategies import amax_reduction_group, distributed_reasons
 from lightning_te_moe.experts import GroupedExperts, swap_experts
 
@@ -124,6 +124,23 @@ def test_a_model_sharded_before_the_swaps_is_a_clear_error(one_process_group: No
     with pytest.raises(RuntimeError, match=r"was sharded .* before TEMoEPrecision could plan, swap and cast it.*"
                                            r"lightning_te_moe.distributed.shard_model\(self\)"):
         TEMoEPrecision(print_plan=False).convert_module(model)
+
+
+def test_fsdp2_reduces_gradients_in_the_dtype_asked_for_and_refuses_others_before_sharding(
+        one_process_group: None) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    plan = Plan(ladder=(BF16,), environment=probe_environment(torch.device("cpu")))
+    mesh = init_device_mesh("cpu", (1,))
+    model = tiny_model("gpt_oss")
+    swap_experts(model)
+    with pytest.raises(ValueError, match=r"reduce_dtype=torch.float16 is not supported: FSDP2 reduces gradients in"
+                                         r" one of torch.float32, torch.bfloat16"):
+        fully_shard_units(model, plan, [model], mesh, reduce_dtype=torch.float16)
+    assert not is_sharded(model) and all(m.original_layout for m in model.modules() if isinstance(m, GroupedExperts))
+    _, summary, details = fully_shard_units(model, plan, [model], mesh, reduce_dtype=torch.bfloat16)
+    assert details["reduce_dtype"] == "torch.bfloat16" and summary.endswith("gradients reduced in bfloat16")
+    assert model.model.layers[0]._get_fsdp_state()._mp_policy.reduce_dtype == torch.bfloat16
 
 
 def test_plain_precision_hooks_still_clip_by_norm_outside_fsdp() -> None:

@@ -80,11 +80,25 @@ def fsdp_mixed_precision(plan: Plan) -> Any:
     return MixedPrecision(param_dtype=gather_dtype(plan), reduce_dtype=torch.float32)
 
 
-def fsdp2_mixed_precision(plan: Plan) -> Any:
-    """FSDP2's ``MixedPrecisionPolicy`` for ``plan`` (see :func:`fsdp_mixed_precision`)."""
+#: The dtypes FSDP2 may reduce gradients in: FP32 (the default, torchtitan's) or BF16 (half the reduce-scatter's
+#: bytes: a full fine-tune of GPT-OSS-20B reduces 84 GB of FP32 gradients a step over its ranks).
+REDUCE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_reduce_dtype(reduce_dtype: torch.dtype) -> None:
+    """One error, before anything is swapped or sharded, for a reduce dtype FSDP2 is not given here."""
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"reduce_dtype={reduce_dtype} is not supported: FSDP2 reduces gradients in one of"
+                         f" {', '.join(map(str, REDUCE_DTYPES))}")
+
+
+def fsdp2_mixed_precision(plan: Plan, reduce_dtype: torch.dtype = torch.float32) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for ``plan`` (see :func:`fsdp_mixed_precision`), reducing gradients in
+    ``reduce_dtype`` (one of :data:`REDUCE_DTYPES`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=gather_dtype(plan), reduce_dtype=torch.float32)
+    check_reduce_dtype(reduce_dtype)
+    return MixedPrecisionPolicy(param_dtype=gather_dtype(plan), reduce_dtype=reduce_dtype)
 
 
 def plugin_of(module: nn.Module) -> TEMoEPrecision:
@@ -111,16 +125,18 @@ def prepare_model(module: nn.Module) -> TEMoEPrecision:
 
 
 def shard_model(module: nn.Module, mesh: Any = None, layers: Optional[Iterable[type[nn.Module]]] = None,
-                reshard_after_forward: bool = True) -> list[nn.Module]:
+                reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32) -> list[nn.Module]:
     """For ``ModelParallelStrategy``: call in ``configure_model``. Prepares ``module`` (:func:`prepare_model`), then
     shards it with :func:`fully_shard_units`, the roots being each child of the LightningModule that holds
-    parameters. ``mesh`` defaults to the strategy's data-parallel mesh.
+    parameters. ``mesh`` defaults to the strategy's data-parallel mesh; ``reduce_dtype`` is the gradients'
+    reduce dtype (:data:`REDUCE_DTYPES`), checked before anything is swapped.
 
     Returns the sharded modules (none when ``module`` is sharded already); the plugin records them as a ``shard``
     decision.
     """
     if is_sharded(module):  # configure_model runs again for each fit/validate/test
         return []
+    check_reduce_dtype(reduce_dtype)
     plugin = prepare_model(module)
     assert plugin.state is not None
     if mesh is None:
@@ -128,16 +144,17 @@ def shard_model(module: nn.Module, mesh: Any = None, layers: Optional[Iterable[t
         mesh = device_mesh["data_parallel"] if device_mesh is not None else None
     roots = [child for child in module.children() if any(True for _ in child.parameters())]
     sharded, summary, details = fully_shard_units(module, plugin.state.plan, roots, mesh, layers,
-                                                  reshard_after_forward)
+                                                  reshard_after_forward, reduce_dtype)
     plugin.record_sharding(summary, details)
     return sharded
 
 
 def fully_shard_units(module: nn.Module, plan: Plan, roots: list[nn.Module], mesh: Any = None,
                       layers: Optional[Iterable[type[nn.Module]]] = None,
-                      reshard_after_forward: bool = True) -> tuple[list[nn.Module], str, dict[str, Any]]:
-    """Apply FSDP2's ``fully_shard`` with ``plan``'s casts to every :func:`shard_units` module of the (swapped)
-    ``module``, innermost first, then to ``roots``; the experts write the grouped layout from now on
+                      reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32,
+                      ) -> tuple[list[nn.Module], str, dict[str, Any]]:
+    """Apply FSDP2's ``fully_shard`` with ``plan``'s casts (gradients reduced in ``reduce_dtype``) to every
+    :func:`shard_units` module of the (swapped) ``module``, innermost first, then to ``roots``; the experts write the grouped layout from now on
     (:func:`use_grouped_layout`). Returns the sharded modules, and the summary and details of a ``shard`` decision.
 
     Under Fabric's ``ModelParallelStrategy`` call it from the ``parallelize_fn`` (Fabric converts the module first):
@@ -145,21 +162,23 @@ def fully_shard_units(module: nn.Module, plan: Plan, roots: list[nn.Module], mes
     """
     from torch.distributed.fsdp import fully_shard
 
+    check_reduce_dtype(reduce_dtype)
     use_grouped_layout(module)
-    policy = fsdp2_mixed_precision(plan)
+    policy = fsdp2_mixed_precision(plan, reduce_dtype)
     units = shard_units(module, layers)
     for unit in [*units, *roots]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     experts = sum(isinstance(u, GroupedExperts) for u in units)
     size = mesh.size() if mesh is not None else torch.distributed.get_world_size()
     summary = (f"FSDP2 fully_shard over {size} rank(s): {experts} GroupedExperts module(s), {len(units) - experts}"
-               f" decoder layer(s) and {len(roots)} root(s) as units; {_gather_text(policy.param_dtype)}")
+               f" decoder layer(s) and {len(roots)} root(s) as units;"
+               f" {_gather_text(policy.param_dtype, reduce_dtype)}")
     details = {"strategy": "fsdp2", "ranks": size, "experts_units": experts, "layer_units": len(units) - experts,
                "roots": len(roots), "param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype)}
     return [*units, *roots], summary, details
 
 
-def _gather_text(param_dtype: Optional[torch.dtype]) -> str:
+def _gather_text(param_dtype: Optional[torch.dtype], reduce_dtype: torch.dtype) -> str:
     gather = str(param_dtype).removeprefix("torch.") if param_dtype is not None else "the parameters' dtype (a rung"
     gather += " computes in FP32)" if param_dtype is None else ""
-    return f"parameters all-gathered in {gather}, gradients reduced in float32"
+    return f"parameters all-gathered in {gather}, gradients reduced in {str(reduce_dtype).removeprefix('torch.')}"
