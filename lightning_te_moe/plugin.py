@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .compiled import compiled_modules
 from .console import print_rank_zero
-from .distributed.sharding import fsdp_mixed_precision, fsdp_wrap_policy, is_sharded, use_grouped_layout
+from .distributed.sharding import fsdp_mixed_precision, fsdp_wrap_policy, is_sharded, ready_for_sharding
 from .distributed.strategies import amax_reduction_group, distributed_reasons, strategy_support
 from .guard import DecisionLog, DivergenceGuard, GuardConfig, attach_sinks
 from .memory import MemoryFallback
@@ -242,7 +242,7 @@ class TEMoEPrecision(FSDPPrecision):
             self._print_plan(module)
         self._cast_parameters(module)
         if support is not None and support.kind == "fsdp":
-            use_grouped_layout(module)
+            ready_for_sharding(module)
             self._set_fsdp_wrapping(trainer.strategy, module)
         self._converted = module
         return module
@@ -252,7 +252,7 @@ class TEMoEPrecision(FSDPPrecision):
         :func:`lightning_te_moe.distributed.prepare_model`); the strategy's later ``convert_module`` keeps it."""
         if self._converted is not module:
             self.convert_module(module)
-        use_grouped_layout(module)
+        ready_for_sharding(module)
 
     def record_sharding(self, summary: str, details: dict[str, Any]) -> None:
         """Record how the model was sharded (a ``shard`` decision)."""

@@ -95,6 +95,26 @@ def test_trainable_weight_is_quantized_once_per_step_and_reused_across_micro_bat
     assert layer._engines["cpu"].module.quantized == 3
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_layer_ready_for_sharding_quantizes_on_every_call_and_keeps_no_copy(te: te_standin.State,
+                                                                                frozen: bool) -> None:
+    """Sharded (FSDP): each rank gathers the whole weight for a call; a quantized copy kept between calls would be
+    the whole weight on every rank. After a first cached step, ``ready_for_sharding`` drops it: from then on TE gets
+    ``is_first_microbatch=None`` (no cache), micro-batches included, and a frozen weight is no longer held quantized."""
+    from lightning_te_moe.distributed.sharding import ready_for_sharding
+
+    layer, ref = _layer()
+    layer.weight.requires_grad_(not frozen)
+    _steps(layer, micro_batches=2, steps=1)
+    assert [c.first_microbatch for c in te.calls] == ([True, None] if frozen else [True, False])
+    ready_for_sharding(nn.Sequential(layer))
+    assert not layer._engines and layer.weight.device.type == "cpu"
+    assert torch.equal(layer.weight, ref.weight) == frozen  # a frozen weight's values come back from the host
+    _steps(layer, micro_batches=2, steps=2)
+    assert [c.first_microbatch for c in te.calls][2:] == [None] * 4
+    assert not layer._engines["cpu"].module._fp8_workspaces
+
+
 def test_frozen_weight_is_quantized_once_and_its_quantized_copy_replaces_tes_cache(te: te_standin.State) -> None:
     """A LoRA base: quantized at the first call, then TE takes the held copy as a primary quantized weight (no
     ``is_first_microbatch``, no quantization, no second copy in TE's cache)."""

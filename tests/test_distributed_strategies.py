@@ -139,7 +139,11 @@ def test_fsdp2_reduces_gradients_in_the_dtype_asked_for_and_refuses_others_befor
         fully_shard_units(model, plan, [model], mesh, reduce_dtype=torch.float16)
     assert not is_sharded(model) and all(m.original_layout for m in model.modules() if isinstance(m, GroupedExperts))
     _, summary, details = fully_shard_units(model, plan, [model], mesh, reduce_dtype=torch.bfloat16)
-    assert details["reduce_dtype"] == "torch.bfloat16" and summary.endswith("gradients reduced in bfloat16")
+    assert details["reduce_dtype"] == "torch.bfloat16" and "gradients reduced in bfloat16;" in summary
+    assert summary.endswith("quantized weights not kept between calls")
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    assert experts and not any(m.cache_quantized_weights or m.original_layout for m in experts)
+    assert not any(r.enabled for m in experts for r in m._resident.values())
     assert model.model.layers[0]._get_fsdp_state()._mp_policy.reduce_dtype == torch.bfloat16
 
 

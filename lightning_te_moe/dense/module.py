@@ -123,6 +123,14 @@ class TEDenseLinear(nn.Linear):
         """Bring a frozen weight held only in quantized form back to the GPU in high precision (unswap, merge)."""
         self._resident.release(self.weight)
 
+    def keep_no_quantized_weights(self) -> None:
+        """Quantize on every call and keep no quantized copy between calls (a sharded weight: see
+        :meth:`~lightning_te_moe.experts.GroupedExperts.keep_no_quantized_weights`)."""
+        self.invalidate_quantized_weights()
+        self.cache_quantized_weights = False
+        self._engines.clear()
+        self._resident.enabled = False
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_engines"] = {}  # TE engines hold no weights; rebuilt on the next CUDA call

@@ -35,12 +35,17 @@ def is_sharded(module: nn.Module) -> bool:
             or any(isinstance(p, DTensor) for p in module.parameters()))
 
 
-def use_grouped_layout(module: nn.Module) -> None:
-    """Make every ``GroupedExperts`` in ``module`` write its ``state_dict`` in the grouped layout, whose keys are its
-    parameters' names, as torch's distributed checkpoint and FSDP's state dicts require."""
+def ready_for_sharding(module: nn.Module) -> None:
+    """Set the swapped modules of ``module`` up for sharded weights: every ``GroupedExperts`` writes its
+    ``state_dict`` in the grouped layout, whose keys are its parameters' names (as torch's distributed checkpoint and
+    FSDP's state dicts require), and no swapped module keeps quantized weights between calls (each would be a whole,
+    unsharded copy on every rank)."""
     for m in module.modules():
         if isinstance(m, GroupedExperts):
             m.original_layout = False
+        keep_none = getattr(m, "keep_no_quantized_weights", None)
+        if keep_none is not None:
+            keep_none()
 
 
 def layer_classes(module: nn.Module) -> set[type[nn.Module]]:
@@ -154,8 +159,8 @@ def fully_shard_units(module: nn.Module, plan: Plan, roots: list[nn.Module], mes
                       reshard_after_forward: bool = True, reduce_dtype: torch.dtype = torch.float32,
                       ) -> tuple[list[nn.Module], str, dict[str, Any]]:
     """Apply FSDP2's ``fully_shard`` with ``plan``'s casts (gradients reduced in ``reduce_dtype``) to every
-    :func:`shard_units` module of the (swapped) ``module``, innermost first, then to ``roots``; the experts write the grouped layout from now on
-    (:func:`use_grouped_layout`). Returns the sharded modules, and the summary and details of a ``shard`` decision.
+    :func:`shard_units` module of the (swapped) ``module``, innermost first, then to ``roots``, after
+    :func:`ready_for_sharding`. Returns the sharded modules, and the summary and details of a ``shard`` decision.
 
     Under Fabric's ``ModelParallelStrategy`` call it from the ``parallelize_fn`` (Fabric converts the module first):
     ``fully_shard_units(model, precision.plan, [model], mesh["data_parallel"])``.
@@ -163,7 +168,7 @@ def fully_shard_units(module: nn.Module, plan: Plan, roots: list[nn.Module], mes
     from torch.distributed.fsdp import fully_shard
 
     check_reduce_dtype(reduce_dtype)
-    use_grouped_layout(module)
+    ready_for_sharding(module)
     policy = fsdp2_mixed_precision(plan, reduce_dtype)
     units = shard_units(module, layers)
     for unit in [*units, *roots]:
@@ -172,7 +177,7 @@ def fully_shard_units(module: nn.Module, plan: Plan, roots: list[nn.Module], mes
     size = mesh.size() if mesh is not None else torch.distributed.get_world_size()
     summary = (f"FSDP2 fully_shard over {size} rank(s): {experts} GroupedExperts module(s), {len(units) - experts}"
                f" decoder layer(s) and {len(roots)} root(s) as units;"
-               f" {_gather_text(policy.param_dtype, reduce_dtype)}")
+               f" {_gather_text(policy.param_dtype, reduce_dtype)}; quantized weights not kept between calls")
     details = {"strategy": "fsdp2", "ranks": size, "experts_units": experts, "layer_units": len(units) - experts,
                "roots": len(roots), "param_dtype": str(policy.param_dtype), "reduce_dtype": str(policy.reduce_dtype)}
     return [*units, *roots], summary, details

@@ -286,6 +286,17 @@ class GroupedExperts(nn.Module):
         for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)):
             self._resident[name].release(layer.weight)
 
+    def keep_no_quantized_weights(self) -> None:
+        """Quantize on every call and keep no quantized copy between calls, frozen weights included: what a sharded
+        module needs (FSDP gathers the whole weight for a call and frees it after; a copy kept between calls is the
+        whole weight on every rank: 38 GB a rank for GPT-OSS-20B's experts in FP8 on 4 x H100, which ran out of
+        memory on the first step, 2026-11-28)."""
+        self.invalidate_quantized_weights()
+        self.cache_quantized_weights = False
+        self._engines.clear()  # TE's cached copies go with them; rebuilt, caching nothing, on the next CUDA forward
+        for resident in self._resident.values():
+            resident.enabled = False
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_engines"] = {}  # TE engines hold no weights; rebuilt on the next CUDA forward
