@@ -12,10 +12,12 @@ FSDP2 runs (``--strategy fsdp2``): the model is built on the meta device in ``co
 by :func:`lightning_te_moe.distributed.shard_model`, then materialized shard by shard on the GPU (random init: norms
 1, biases 0, other weights N(0, 0.02)); all parameters train (AdamW, FP32 master weights), batch 1 x ``--seq`` per
 GPU. Per run: tokens/s and model TFLOP/s per GPU over the timed steps (after ``--warmup``), peak memory per GPU, the
-seconds of its phases (setup up to the first step, the whole fit, the checkpoint's save, the resume), the plan, and each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at the steps
-``--nan-at`` (on a GPU 12 and 13: a repeat within the guard's window, so a step-down from an FP8 plan; on the CPU one
-skipped batch: its plan has no lower rung), and every rank must record the same decisions at the same step; it saves a sharded checkpoint and resumes it for 2 more steps (plan,
-rung, guard state and decision history must come back), and exports to the HF layout and loads it back (unless
+seconds of its phases (setup up to the first step, the whole fit, the checkpoint's save, the resume), the plan, and
+each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at the steps ``--nan-at`` (on a
+GPU 12 and 13: a repeat within the guard's window, so a step-down from an FP8 plan; on the CPU one
+skipped batch: its plan has no lower rung), and every rank must record the same decisions at the same step; it saves
+a sharded checkpoint and resumes it in a fresh process (as a restarted job does) for 2 more steps (plan, rung, guard
+state and decision history must come back), and exports to the HF layout and loads it back (unless
 ``--skip-export``). ``--profile N`` profiles N more steps after the timed ones: GPU kernel time per step (the union
 over streams), NCCL's share of it and the launches, so a slow step says whether it waits on the host, on the
 collectives or on compute. DDP runs (``--strategy ddp``) train a 2-layer model of the same widths on 1 and on 2 GPUs.
@@ -31,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -285,7 +286,7 @@ def run(args: argparse.Namespace) -> None:
         "tflops_per_gpu": tokens * flops_per_token(module.config, args.seq) / step_s / 1e12 if step_s else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "decisions": decisions(plugin), "seconds": seconds,
+        "decisions": decisions(plugin), "seconds": seconds, "plan_dict": plugin.state.plan.to_dict(),
     }
     if args.profile:
         result["profile"] = {**profiler.result, **({"gpu_busy": profiler.result["kernel_ms"] / 1e3 / step_s}
@@ -294,36 +295,36 @@ def run(args: argparse.Namespace) -> None:
     path = args.out / f"{args.name}.rank{rank}.json"
     path.write_text(json.dumps(result, indent=1))  # the training numbers survive a failure in what follows
     if args.checkpoint:
-        ckpt = args.out / args.name / "ckpt"
         begin = time.perf_counter()
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(checkpoint_dir(args))
         seconds["save"] = time.perf_counter() - begin
+        # The guard's pinned host snapshots (two copies of each rank's shards and AdamW state: 2 x 32 GB a rank at
+        # full size, 256 GB of a 4 x H100 host's 503) go before the export gathers the whole model on rank 0's host.
+        plugin.guard.snapshots.release()
         if args.export:
             result["export"] = export_check(module, args.out / args.name / "hf", rank, args)
-        saved_plan = plugin.state.plan.to_dict()
-        # The first run's model and optimizer state (GPU) and the guard's pinned host snapshots (two copies of each
-        # rank's shards and AdamW state: 2 x 32 GB a rank at full size) go before the resumed run makes its own: on
-        # 4 x H100 (503 GB of host memory) the resumed run was killed by the host's OOM killer, most likely for them.
-        plugin.guard.snapshots.release()
-        del trainer, module, plugin, timer, profiler
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-            empty_host_cache = getattr(torch._C, "_host_emptyCache", None) or getattr(
-                torch._C, "_accelerator_emptyHostCache", None)  # the pinned-memory cache (torch 2.11 / 2.13 names)
-            if empty_host_cache is not None:
-                empty_host_cache()
-            result["allocated_before_resume_gib"] = torch.cuda.memory_allocated() / 2**30
-        resumed = precision(args)
-        again = trainer_for(args, resumed, total + 2, [])
-        begin = time.perf_counter()
-        again.fit(lightning_module(args), loader(args, total + 2), ckpt_path=ckpt)
-        seconds["resume"] = time.perf_counter() - begin
-        result["resume"] = {"global_step": again.global_step, "rung": resumed.state.index,
-                            "plan_equal": resumed.state.plan.to_dict() == saved_plan,
-                            "history_kept": decisions(resumed)[:len(result["decisions"])] == result["decisions"],
-                            "decisions": decisions(resumed)}
         path.write_text(json.dumps(result, indent=1))
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    return args.out / args.name / "ckpt"
+
+
+def resume(args: argparse.Namespace) -> None:
+    """The configuration's sharded checkpoint resumed in a fresh process, as a restarted job resumes, for 2 more
+    steps; every rank writes ``OUT/NAME.resume.rank<N>.json`` (its plan, rung and decisions after the resume).
+
+    A fresh process: the first run's state (GPU memory, the guard's pinned host snapshots, torch's pinned-memory
+    cache) is gone, as on a restarted job; resumed in the same process on 4 x H100 (503 GB of host memory) the run
+    was killed by the host's OOM killer three times (2026-11-27 and -28)."""
+    plugin = precision(args)
+    total = args.steps + args.profile + 2
+    trainer = trainer_for(args, plugin, total, [])
+    begin = time.perf_counter()
+    trainer.fit(lightning_module(args), loader(args, total), ckpt_path=checkpoint_dir(args))
+    result = {"global_step": trainer.global_step, "rung": plugin.state.index, "plan": plugin.state.plan.to_dict(),
+              "decisions": decisions(plugin), "seconds": time.perf_counter() - begin}
+    (args.out / f"{args.name}.resume.rank{trainer.global_rank}.json").write_text(json.dumps(result, indent=1))
 
 
 def export_check(module: Any, out: Path, rank: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -380,14 +381,23 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def summarize(name: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One configuration's result: rank 0's, with the per-rank peaks and whether every rank decided alike."""
+def summarize(name: str, ranks: list[dict[str, Any]], resumed: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """One configuration's result: rank 0's, with the per-rank peaks, whether every rank decided alike, and the
+    resume (``resumed``: each rank's :func:`resume` result) against the saved run."""
     merged = dict(ranks[0])
     merged["ranks_reported"] = len(ranks)
     merged["peak_memory_gib_per_rank"] = [r["peak_memory_gib"] for r in ranks]
     merged["same_decisions_on_every_rank"] = all(r["decisions"] == ranks[0]["decisions"] for r in ranks)
-    if "resume" in ranks[0]:
-        merged["same_resume_on_every_rank"] = all(r["resume"] == ranks[0]["resume"] for r in ranks)
+    if resumed:
+        first = resumed[0]
+        merged["resume"] = {"global_step": first["global_step"], "rung": first["rung"],
+                            "plan_equal": first["plan"] == merged["plan_dict"],
+                            "history_kept": first["decisions"][:len(merged["decisions"])] == merged["decisions"],
+                            "decisions": first["decisions"], "ranks_reported": len(resumed)}
+        merged["seconds"] = {**merged["seconds"], "resume": first["seconds"]}
+        merged["same_resume_on_every_rank"] = all({k: r[k] for k in ("global_step", "rung", "plan", "decisions")}
+                                                  == {k: first[k] for k in ("global_step", "rung", "plan", "decisions")}
+                                                  for r in resumed)
     return merged
 
 
@@ -404,27 +414,36 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             continue
         results["failed"].pop(name, None)
         results["runs"].pop(name, None)
-        command = [sys.executable, str(Path(__file__).resolve()), "run", "--out", str(args.out), *config]
-        for stale in args.out.glob(f"{name}.rank*.json"):
+        for stale in [*args.out.glob(f"{name}.rank*.json"), *args.out.glob(f"{name}.resume.rank*.json")]:
             stale.unlink()
-        try:
-            done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, capture_output=True,
-                                  text=True, timeout=args.timeout)
-            failure = done.stderr[-4000:] if done.returncode != 0 else None
-        except subprocess.TimeoutExpired as expired:
-            stderr = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr
-            failure = f"timed out after {args.timeout} s\n" + (stderr or "")[-4000:]
+        failure = launch([*config], args)
+        if failure is None and "--checkpoint" in config:
+            failure = launch([*config, "--resume-from-checkpoint"], args)
+            failure = f"resume: {failure}" if failure is not None else None
         ranks = sorted(args.out.glob(f"{name}.rank*.json"))
         if failure is not None or not ranks:
             results["failed"][name] = failure or "no rank wrote its results"
         if ranks:  # what the ranks wrote before a failure (training numbers) is kept beside the failure
-            results["runs"][name] = summarize(name, [json.loads(p.read_text()) for p in ranks])
+            resumed = [json.loads(p.read_text()) for p in sorted(args.out.glob(f"{name}.resume.rank*.json"))]
+            results["runs"][name] = summarize(name, [json.loads(p.read_text()) for p in ranks], resumed)
         merged.write_text(json.dumps(results, indent=1))
     runs = results["runs"]
     if "ddp-1" in runs and "ddp-2" in runs and runs["ddp-1"]["tokens_per_s_per_gpu"]:
         results["ddp_scaling"] = 2 * runs["ddp-2"]["tokens_per_s_per_gpu"] / runs["ddp-1"]["tokens_per_s_per_gpu"]
     merged.write_text(json.dumps(results, indent=1))
     return results
+
+
+def launch(config: list[str], args: argparse.Namespace) -> Optional[str]:
+    """One ``run`` of ``config`` in its own process (and process group); its failure's text, or None."""
+    command = [sys.executable, str(Path(__file__).resolve()), "run", "--out", str(args.out), *config]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, capture_output=True,
+                              text=True, timeout=args.timeout, check=False)
+        return done.stderr[-4000:] if done.returncode != 0 else None
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr
+        return f"timed out after {args.timeout} s\n" + (stderr or "")[-4000:]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -459,6 +478,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="auto")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--checkpoint", action="store_true")
+    p.add_argument("--resume-from-checkpoint", action="store_true",
+                   help="run: resume this configuration's checkpoint (OUT/NAME/ckpt) for 2 more steps instead")
     p.add_argument("--export", action="store_true")
     return p
 
@@ -472,7 +493,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 4)
     if args.command == "all" and not args.tiny and gpus < 2:
         raise SystemExit(f"distributed.py all: needs 2 or more GPUs (found {gpus}); --tiny runs on the CPU")
-    if args.command == "run":
+    if args.command == "run" and args.resume_from_checkpoint:
+        resume(args)
+    elif args.command == "run":
         run(args)
     else:
         print(json.dumps(run_all(args), indent=1))

@@ -1,6 +1,6 @@
 """benchmarks/distributed.py: its model-FLOPs count, and its ``--tiny`` run on 2 CPU processes (gloo): every
-configuration runs, the NaN on the last rank gives every rank the same decisions, the sharded checkpoint resumes, and
-the HF export loads back."""
+configuration runs, the NaN on the last rank gives every rank the same decisions, the sharded checkpoint resumes (in a
+process of its own), and the HF export loads back."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
     default = result["runs"]["fsdp2-default"]
     assert ["skip", 4, "step 4", "skipped"] in default["decisions"]  # the NaN at step 3 on rank 1, on both ranks
     assert default["same_resume_on_every_rank"] and default["seconds"]["save"] > 0 and default["seconds"]["resume"] > 0
-    assert {k: default["resume"][k] for k in ("global_step", "plan_equal", "history_kept")} == {
-        "global_step": 8, "plan_equal": True, "history_kept": True}
+    assert {k: default["resume"][k] for k in ("global_step", "plan_equal", "history_kept", "ranks_reported")} == {
+        "global_step": 8, "plan_equal": True, "history_kept": True, "ranks_reported": 2}  # resumed in a new process
     assert default["export"]["loaded"] and default["export"]["experts_shape"] == default["export"][
         "expected_experts_shape"] == [8, 32, 96]
     assert result["ddp_scaling"] > 0
