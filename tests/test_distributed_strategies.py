@@ -103,8 +103,10 @@ def test_the_plan_says_how_delayed_scaling_and_fp8_run_on_many_ranks() -> None:
     env = probe_environment(torch.device("cpu"))
     delayed = Plan(ladder=(Rung(RecipeSpec.of("fp8_delayed"), RecipeSpec.of("fp8_delayed")), BF16), environment=env)
     rules = [r.rule for r in distributed_reasons(delayed, True, 4)]
-    assert rules == ["fp8-delayed-amax-reduction", "fp8-sharded-params"]
+    assert rules == ["fp8-delayed-amax-reduction", "fp8-sharded-params", "fp8-sharded-experts-memory"]
     assert [r.rule for r in distributed_reasons(delayed, False, 2)] == ["fp8-delayed-amax-reduction"]
+    dense_only = Plan(ladder=(Rung(RecipeSpec.of("fp8_current"), RecipeSpec.of("bf16")), BF16), environment=env)
+    assert [r.rule for r in distributed_reasons(dense_only, True, 4)] == ["fp8-sharded-params"]  # BF16 experts
     assert distributed_reasons(delayed, False, 1) == ()
     assert distributed_reasons(Plan(ladder=(BF16,), environment=env), True, 8) == ()
     assert amax_reduction_group("fp8_delayed") is None  # no process group: nothing to reduce

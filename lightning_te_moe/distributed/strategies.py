@@ -92,4 +92,14 @@ def distributed_reasons(plan: Plan, sharded: bool, world_size: int) -> tuple[Rea
             " (te.Linear's FSDP2 path). FP8 all-gathers (TE quantized_model_init parameters) are not used: they"
             " hold no high-precision master weight for the ladder's BF16 rung",
             "TE pytorch/module/linear.py is_fsdp2; TE examples/pytorch/fsdp"))
+    if sharded and any(rung.experts.is_te for rung in plan.ladder):
+        reasons.append(Reason(
+            "fp8-sharded-experts-memory",
+            "FP8 experts with sharded parameters: the swapped experts keep no quantized weight between calls (each"
+            " would be a whole gathered weight on every rank), but TE's GroupedLinear, which has no FSDP2 path, saves"
+            " each layer's quantized expert weights for that layer's backward: from the end of a forward every"
+            " layer's whole FP8 expert weights are on every rank (about 1.6 GB a GPT-OSS-20B layer). Activation"
+            " checkpointing keeps one layer's at a time. GPT-OSS-20B on 4 x H100 at 4,096 tokens: FP8 current ran out"
+            " of memory where BF16 peaked at 68.2 GiB (measured while TE's cached copies were still kept too)",
+            "TE pytorch/module/grouped_linear.py (no is_fsdp2); docs/distributed.md, 2026-11-28"))
     return tuple(reasons)
