@@ -4,7 +4,8 @@ step 3.
 
     python distributed_gpu_script.py OUT_DIR fsdp|fsdp2 RECIPE
 
-Each rank writes OUT_DIR/rank<N>.json: its decisions, how the experts were wrapped, the plan's rules, finiteness.
+Each rank writes OUT_DIR/rank<N>.json: its decisions, how the experts were wrapped, the plan's rules, finiteness, and
+what the experts' TE engines keep quantized between calls.
 """
 
 import json
@@ -55,6 +56,11 @@ def main(out: Path, kind: str, recipe: str) -> None:
         "fsdp2_units": sum(isinstance(m, FSDPModule) for m in experts),
         "rules": [r.rule for r in plugin.state.plan.reasons], "plan": plugin.state.plan.summary(),
         "finite": all(bool(torch.isfinite(p).all()) for p in params), "global_step": trainer.global_step,
+        # quantized weights TE still holds between calls (its workspaces) or held for frozen weights: none when sharded
+        "kept_quantized": sum(len(e.module._fp8_workspaces) for m in experts for e in m._engines.values())
+        + sum(r._quantized is not None for m in experts for r in m._resident.values()),
+        "cache_enabled": any(e.weight_cache.enabled for m in experts for e in m._engines.values()),
+        "engines": sum(len(m._engines) for m in experts),
     }))
 
 

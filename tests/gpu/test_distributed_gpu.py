@@ -1,6 +1,6 @@
 """2 GPUs: the plugin under FSDPStrategy (each GroupedExperts module its own FSDP unit) and ModelParallelStrategy
 (FSDP2 via shard_model), with TE recipes; a NaN on one rank gives both ranks the same decisions at the same step, the
-plan carries the distributed rules, and the weights stay finite."""
+plan carries the distributed rules, the weights stay finite, and the experts keep no quantized weights between calls."""
 
 from __future__ import annotations
 
@@ -37,3 +37,6 @@ def test_sharded_fit_with_a_nan_on_one_rank(tmp_path: Path, kind: str, recipe: s
         if recipe != "bf16":
             assert "fp8-sharded-params" in rank["rules"]
         assert ("fp8-delayed-amax-reduction" in rank["rules"]) == (recipe == "fp8_delayed")
+        # sharded: the experts' engines ran and keep no quantized weight between calls (each a whole gathered weight)
+        assert not rank["cache_enabled"] and rank["kept_quantized"] == 0
+        assert rank["engines"] > 0 or recipe == "bf16"  # FP8 experts run on TE's engines (BF16 may take grouped_mm)
