@@ -289,8 +289,8 @@ class GroupedExperts(nn.Module):
     def keep_no_quantized_weights(self) -> None:
         """Quantize on every call and keep no quantized copy between calls, frozen weights included: what a sharded
         module needs (FSDP gathers the whole weight for a call and frees it after; a copy kept between calls is the
-        whole weight on every rank: 38 GB a rank for GPT-OSS-20B's experts in FP8 on 4 x H100, which ran out of
-        memory on the first step, 2026-11-28)."""
+        whole weight on every rank: 24 layers x 1.6 GB for GPT-OSS-20B's experts in FP8, the inferred share of an
+        out-of-memory at full size on 4 x H100, docs/distributed.md)."""
         self.invalidate_quantized_weights()
         self.cache_quantized_weights = False
         self._engines.clear()  # TE's cached copies go with them; rebuilt, caching nothing, on the next CUDA forward
