@@ -239,7 +239,21 @@ def kernel_summary(profiler: Any, steps: int, wall_ms: float) -> dict[str, Any]:
     kernel_ms = busy_us / 1e3 / steps
     return {"steps": steps, "kernel_ms": kernel_ms, "nccl_ms": nccl_us / 1e3 / steps,
             "compute_ms": compute_us / 1e3 / steps, "launches": launches // steps,
-            "nccl_launches": nccl_launches // steps, "profiled_step_ms": wall_ms, "gpu_busy": kernel_ms / wall_ms}
+            "nccl_launches": nccl_launches // steps, "profiled_step_ms": wall_ms, "gpu_busy": kernel_ms / wall_ms,
+            "top_kernels": top_kernels(events, steps)}
+
+
+def top_kernels(events: list[dict[str, Any]], steps: int, count: int = 15) -> list[list[Any]]:
+    """The ``count`` kernels that ran longest, per step: ``[name (its first 100 characters), ms, launches]``,
+    summed over their launches (overlapping streams count twice here): where the compute time goes."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            total = totals.setdefault(e.get("name", "")[:100], [0.0, 0])
+            total[0] += e["dur"]
+            total[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [[name, us / 1e3 / steps, launches / steps] for name, (us, launches) in ranked]
 
 
 def trainer_for(args: argparse.Namespace, plugin: Any, steps: int, callbacks: list) -> Any:

@@ -37,7 +37,9 @@ def test_kernel_summary_splits_nccl_from_compute_per_step() -> None:
     summary = kernel_summary(Profiler(), steps=2, wall_ms=1.0)
     # union: 0-60 and 100-140 and 150-170 = 120 us; NCCL 50 us; compute 80 us; per step, in ms
     assert summary == {"steps": 2, "kernel_ms": 0.06, "nccl_ms": 0.025, "compute_ms": 0.04, "launches": 2,
-                       "nccl_launches": 1, "profiled_step_ms": 1.0, "gpu_busy": 0.06}
+                       "nccl_launches": 1, "profiled_step_ms": 1.0, "gpu_busy": 0.06,
+                       "top_kernels": [["gemm", 0.04, 1.0], ["ncclDevKernel_AllGather", 0.015, 0.5],
+                                       ["ncclDevKernel_ReduceScatter", 0.01, 0.5]]}
 
 
 def test_kernel_summary_of_an_empty_profile_is_an_error_not_an_idle_gpu() -> None:
