@@ -20,7 +20,8 @@ a sharded checkpoint and resumes it in a fresh process (as a restarted job does)
 state and decision history must come back), and exports to the HF layout and loads it back (unless
 ``--skip-export``). ``--profile N`` profiles N more steps after the timed ones: GPU kernel time per step (the union
 over streams), NCCL's share of it, the launches and the longest-running kernels, so a slow step says whether it
-waits on the host, on the collectives or on compute, and which compute. DDP runs (``--strategy ddp``) train a 2-layer model of the same widths on 1 and on 2 GPUs.
+waits on the host, on the collectives or on compute, and which compute. DDP runs (``--strategy ddp``) train a 2-layer
+model of the same widths on 1 and on 2 GPUs.
 
 Model FLOPs per token: 6 x the parameters a token passes through (embeddings excluded; experts counted at top-k of
 their number; the output head included) + attention 12 x heads x head dim x context per layer (context: the sequence
