@@ -486,7 +486,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,
                    help="all: just these configurations, merged into OUT/distributed.json's earlier results")
     p.add_argument("--reduce-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="the dtype FSDP2 reduces gradients in (float32: torchtitan's default; bfloat16: half the bytes)")
+                   help="the dtype FSDP2 reduces gradients in (float32: torchtitan's default; bfloat16: half the"
+                        " bytes)")
     p.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="master weights (and so AdamW state): float32 needs 16 bytes a parameter, 84 GB per GPU for"
                         " GPT-OSS-20B on 4 GPUs before activations (H200s, or 8 GPUs); bfloat16 needs 8")
