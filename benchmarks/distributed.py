@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_te_moe.distributed.export import export_hf  # noqa: E402
+from lightning_te_moe.distributed.sharding import REDUCE_DTYPES  # noqa: E402
 
 #: Issue 16's reference: NeMo AutoModel, GPT-OSS-20B, 8 H100s, BF16, sequence 4,096 (its performance summary).
 REFERENCE = {"tokens_per_s_per_gpu": 13058, "tflops_per_gpu": 279, "source": "NeMo AutoModel performance summary"}
@@ -413,9 +414,8 @@ def summarize(name: str, ranks: list[dict[str, Any]], resumed: Sequence[dict[str
                             "history_kept": first["decisions"][:len(merged["decisions"])] == merged["decisions"],
                             "decisions": first["decisions"], "ranks_reported": len(resumed)}
         merged["seconds"] = {**merged["seconds"], "resume": first["seconds"]}
-        merged["same_resume_on_every_rank"] = all({k: r[k] for k in ("global_step", "rung", "plan", "decisions")}
-                                                  == {k: first[k] for k in ("global_step", "rung", "plan", "decisions")}
-                                                  for r in resumed)
+        keys = ("global_step", "rung", "plan", "decisions")
+        merged["same_resume_on_every_rank"] = all([r[k] for k in keys] == [first[k] for k in keys] for r in resumed)
     return merged
 
 
@@ -434,7 +434,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results["runs"].pop(name, None)
         for stale in [*args.out.glob(f"{name}.rank*.json"), *args.out.glob(f"{name}.resume.rank*.json")]:
             stale.unlink()
-        failure = launch([*config], args)
+        failure = launch(config, args)
         if failure is None and "--checkpoint" in config:
             failure = launch([*config, "--resume-from-checkpoint"], args)
             failure = f"resume: {failure}" if failure is not None else None
@@ -485,7 +485,8 @@ def parser() -> argparse.ArgumentParser:
                    help="activation checkpointing (transformers' gradient_checkpointing_enable, non-reentrant)")
     p.add_argument("--only", nargs="+", choices=CONFIGURATIONS, default=None,
                    help="all: just these configurations, merged into OUT/distributed.json's earlier results")
-    p.add_argument("--reduce-dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--reduce-dtype", choices=[str(d).removeprefix("torch.") for d in REDUCE_DTYPES],
+                   default="float32",
                    help="the dtype FSDP2 reduces gradients in (float32: torchtitan's default; bfloat16: half the"
                         " bytes)")
     p.add_argument("--params-dtype", choices=("float32", "bfloat16"), default="float32",
