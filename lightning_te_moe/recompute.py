@@ -7,11 +7,20 @@ recompute state, so layers on TE would recompute in BF16 (wrong gradients, or to
 error) and delayed scaling would recompute with newer scales than the forward used.
 
 :class:`PrecisionRecompute` wraps the model's own checkpointing function (reentrant or not, offloading or not): it
-hands it the layer wrapped so that the first call (the forward) runs inside TE's ``activation_recompute_forward``
-forward phase, and every later call (the recompute) re-enters the torch autocasts, TE's recompute phase (TE then
-uses the forward's delayed-scaling scales) and ``te.autocast`` with the forward's recipe: what TE's own
-``te.pytorch.checkpoint`` does, on top of the user's checkpoint. :func:`install` puts it on every layer, and on
-every transformers model's ``_set_gradient_checkpointing``, so checkpointing enabled after setup gets it too.
+hands it the layer wrapped so that every call after the first (the recompute) re-enters the torch autocasts and
+``te.autocast`` with the forward's recipe. Under delayed scaling the forward also runs in TE's
+``activation_recompute_forward`` forward phase and the recompute in its recompute phase, so that TE recomputes with
+the forward's scales: what TE's own ``te.pytorch.checkpoint`` does, on top of the user's checkpoint.
+
+Only under delayed scaling, because elsewhere the phases buy nothing and change what TE saves: TE 2.20's
+``Linear`` and ``GroupedLinear`` quantize the weight with its columnwise copy in the forward phase but not in the
+recompute wherever they would not need it otherwise (a ``backward_override``, an input that needs no gradient,
+FSDP2), so the recompute saves fewer tensors and torch's checkpoint stops the backward: "A different number of
+tensors was saved during the original forward and recomputation" (387 against 319, a GPT-OSS-20B decoder layer under
+FSDP2 on 4 x H200, the first step after the guard stepped down to ``fp8_current+hp_bwd``, 2026-11-28).
+
+:func:`install` puts it on every layer, and on every transformers model's ``_set_gradient_checkpointing``, so
+checkpointing enabled after setup gets it too.
 """
 
 from __future__ import annotations
@@ -59,20 +68,23 @@ def te_autocast(enabled: bool, recipe: Any) -> AbstractContextManager:
 # -- the snapshot of one forward's precision ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class PrecisionSnapshot:
-    """The torch autocasts and TE autocast a checkpointed forward ran under."""
+    """The torch autocasts and TE autocast a checkpointed forward ran under, and whether it runs in TE's
+    activation-recompute phases (``te_phases``: delayed scaling)."""
 
     autocast: tuple[tuple[str, bool, torch.dtype, bool], ...]
     te: Optional[tuple[bool, Any]]
+    te_phases: bool
 
     @classmethod
-    def capture(cls) -> PrecisionSnapshot:
+    def capture(cls, delayed_scaling: bool) -> PrecisionSnapshot:
         cache = torch.is_autocast_cache_enabled()
         autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in _DEVICES)
-        return cls(autocast, te_autocast_state())
+        te = te_autocast_state()
+        return cls(autocast, te, te is not None and delayed_scaling)
 
     def forward(self) -> AbstractContextManager:
         stack = ExitStack()
-        if self.te is not None:
+        if self.te_phases:
             stack.enter_context(te_phase(recompute=False))
         return stack
 
@@ -81,7 +93,8 @@ class PrecisionSnapshot:
         for device, enabled, dtype, cache in self.autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
         if self.te is not None:
-            stack.enter_context(te_phase(recompute=True))
+            if self.te_phases:
+                stack.enter_context(te_phase(recompute=True))
             stack.enter_context(te_autocast(*self.te))
         return stack
 
@@ -98,36 +111,46 @@ class _Replay:
             return self.function(*args, **kwargs)
 
 
-class PrecisionRecompute:
-    """A gradient-checkpointing function: the model's own (``inner``), recomputing under the forward's precision."""
+def _delayed_autocast() -> bool:
+    """Without a plan: TE's autocast runs delayed scaling now."""
+    te = te_autocast_state()
+    return te is not None and te[0] and bool(te[1].delayed())
 
-    def __init__(self, inner: Callable[..., Any]) -> None:
-        self.inner = inner
+
+class PrecisionRecompute:
+    """A gradient-checkpointing function: the model's own (``inner``), recomputing under the forward's precision;
+    ``delayed_scaling`` says at each forward whether the layer runs delayed scaling (the plugin's active rung)."""
+
+    def __init__(self, inner: Callable[..., Any], delayed_scaling: Callable[[], bool] = _delayed_autocast) -> None:
+        self.inner, self.delayed_scaling = inner, delayed_scaling
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # nothing will be recomputed
             return self.inner(function, *args, **kwargs)
-        return self.inner(_Replay(function, PrecisionSnapshot.capture()), *args, **kwargs)
+        return self.inner(_Replay(function, PrecisionSnapshot.capture(self.delayed_scaling())), *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"PrecisionRecompute({self.inner!r})"
 
 
 # -- installing it --------------------------------------------------------------------------------------------------
-def _wrap(func: Any) -> Any:
-    return func if func is None or isinstance(func, PrecisionRecompute) else PrecisionRecompute(func)
+def _wrap(func: Any, delayed_scaling: Callable[[], bool]) -> Any:
+    if func is None or isinstance(func, PrecisionRecompute):
+        return func
+    return PrecisionRecompute(func, delayed_scaling)
 
 
-def _set_gradient_checkpointing(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _set_gradient_checkpointing(original: Callable[..., Any], delayed_scaling: Callable[[], bool], *args: Any,
+                                **kwargs: Any) -> Any:
     """transformers' ``_set_gradient_checkpointing`` with the checkpointing function wrapped."""
     if "gradient_checkpointing_func" in kwargs:
-        kwargs["gradient_checkpointing_func"] = _wrap(kwargs["gradient_checkpointing_func"])
+        kwargs["gradient_checkpointing_func"] = _wrap(kwargs["gradient_checkpointing_func"], delayed_scaling)
     elif len(args) > 1:
-        args = (args[0], _wrap(args[1]), *args[2:])
+        args = (args[0], _wrap(args[1], delayed_scaling), *args[2:])
     return original(*args, **kwargs)
 
 
-def install(model: nn.Module) -> int:
+def install(model: nn.Module, delayed_scaling: Callable[[], bool] = _delayed_autocast) -> int:
     """Wrap every checkpointing function set on ``model`` and hook every transformers model's
     ``_set_gradient_checkpointing`` (instance attribute) so later ``gradient_checkpointing_enable()`` calls are
     wrapped too. Returns how many checkpointing functions it wrapped now (idempotent)."""
@@ -135,13 +158,13 @@ def install(model: nn.Module) -> int:
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
         if func is not None and not isinstance(func, PrecisionRecompute):
-            module._gradient_checkpointing_func = PrecisionRecompute(func)
+            module._gradient_checkpointing_func = PrecisionRecompute(func, delayed_scaling)
             wrapped += 1
         setter = getattr(type(module), "_set_gradient_checkpointing", None)
         if callable(setter) and _PATCHED not in module.__dict__:
             # functools.wraps keeps the signature transformers inspects (no ``value``: the current format)
             hook = functools.wraps(setter)(functools.partial(_set_gradient_checkpointing,
-                                                             functools.partial(setter, module)))
+                                                             functools.partial(setter, module), delayed_scaling))
             module.__dict__["_set_gradient_checkpointing"] = hook
             module.__dict__[_PATCHED] = True
     return wrapped
@@ -162,10 +185,10 @@ def uninstall(model: nn.Module) -> int:
 
 def recompute_for_plugin(model: nn.Module, state: PrecisionState) -> Optional[tuple[str, dict]]:
     """The plugin's setup step: install; a decision when checkpointing functions were wrapped now."""
-    wrapped = install(model)
+    wrapped = install(model, lambda: state.delayed_scaling)
     if not wrapped:
         return None
     summary = (f"gradient checkpointing of {wrapped} layer(s) recomputes under the forward's precision"
-               " (torch autocast; TE autocast, recipe and FP8 recompute state where TE runs)")
+               " (torch autocast; TE autocast and recipe where TE runs; TE's recompute phases under delayed scaling)")
     print_rank_zero(f"[lightning-te-moe] {summary}")
     return summary, {"layers": wrapped, "plan": state.plan.summary()}

@@ -45,6 +45,9 @@ class _Recipe:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in sorted(self.settings.items()))})"
 
+    def delayed(self) -> bool:
+        return isinstance(self, DelayedScaling)
+
 
 class DelayedScaling(_Recipe): ...
 class Float8CurrentScaling(_Recipe): ...
@@ -132,6 +135,19 @@ def fake_fp8(t: Tensor) -> Tensor:
     return t + (q - t.detach())
 
 
+class _AlsoSaves(torch.autograd.Function):
+    """The identity on ``x`` that saves ``extra`` for its backward (one more saved tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, extra: Tensor) -> Tensor:
+        ctx.save_for_backward(extra)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 class QuantizedTensor(Tensor):
     """TE's quantized tensor type (a ``torch.Tensor`` subclass): here the rounded values themselves."""
 
@@ -168,6 +184,10 @@ class Linear(nn.Module):
                 self._fp8_workspaces["weight"] = weight.detach().as_subclass(QuantizedTensor)
         if recipe.backward_override is None:
             inp = fake_fp8(inp)
+        elif STATE.phase == "forward":
+            # TE 2.20: under a backward_override the weight gets its columnwise copy only in the forward phase of
+            # TE's activation recompute, not in the recompute phase: that forward saves one more tensor
+            weight = _AlsoSaves.apply(weight, weight.detach().t().contiguous())
         return F.linear(inp, weight, self.bias)
 
 

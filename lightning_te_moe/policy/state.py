@@ -39,6 +39,11 @@ class PrecisionState:
         return self.rung.experts
 
     @property
+    def delayed_scaling(self) -> bool:
+        """The rung runs TE's delayed scaling (dense or experts): its recompute must reuse the forward's scales."""
+        return "fp8_delayed" in (self.dense.name, self.experts.name)
+
+    @property
     def can_step_down(self) -> bool:
         return self._index + 1 < len(self.plan.ladder)
 

@@ -158,17 +158,21 @@ def test_a_step_down_changes_the_dense_recipe_from_the_next_step(monkeypatch: py
     assert per_step == expected
 
 
-def _grads_with_plugin(base: torch.nn.Module, recipe: str, checkpointing: str) -> dict[str, torch.Tensor]:
-    """One step of a fresh copy under a fresh plugin: ``checkpointing`` is "off", "ours" or "plain" (transformers'
-    own checkpoint function, the wrapper removed). TE's global FP8 state starts as in a fresh process."""
+def _grads_with_plugin(base: torch.nn.Module, recipe: str, checkpointing: str, rung: int = 0,
+                       params_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """One step of a fresh copy under a fresh plugin on the plan's ``rung``: ``checkpointing`` is "off", "ours" or
+    "plain" (transformers' own checkpoint function, the wrapper removed). TE's global FP8 state starts as in a fresh
+    process."""
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     FP8GlobalStateManager.reset()
     model = copy.deepcopy(base)
     if checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    plugin = TEMoEPrecision(recipe, print_plan=False, guard=False)
+    plugin = TEMoEPrecision(recipe, print_plan=False, guard=False, params_dtype=params_dtype)
     plugin.convert_module(model)
+    plugin.state.set_index(rung)
+    assert rung == 0 or plugin.state.dense.backward_override == BACKWARD_OVERRIDE[params_dtype]
     if checkpointing == "plain":
         uninstall(model)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -192,6 +196,26 @@ def test_checkpointing_recomputes_under_the_forward_recipe(recipe: str) -> None:
     except Exception as err:  # noqa: BLE001 - what plain checkpointing does under FP8 is what we report
         without = f"{type(err).__name__}: {str(err)[:120]}"
     print(recipe, f"noise {noise:.1e}, ours {max(errors.values()):.1e}, transformers' own checkpoint: {without}")
+    assert ours.keys() == first.keys()
+    assert max(errors.values()) <= max(1e-3, 10 * noise), errors
+
+
+#: The ladder's high-precision-backward rung per parameter dtype (rule hp-backward-fp32-params).
+BACKWARD_OVERRIDE = {"float32": "dequantized", "bfloat16": "high_precision"}
+
+
+@pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])
+def test_checkpointing_after_a_step_down_to_a_high_precision_backward(params_dtype: str) -> None:
+    """The guard's first step down from FP8 current scaling (a ``backward_override``: dequantized with FP32
+    parameters, high precision with BF16 ones) under non-reentrant checkpointing: the backward runs (in TE's recompute
+    phases TE saved fewer tensors in the recompute than in the forward: torch's checkpoint stopped the backward of
+    GPT-OSS-20B under FSDP2, 2026-11-28) and its gradients equal those without checkpointing."""
+    base = _model("gpt_oss").cpu()
+    first, second = (_grads_with_plugin(base, "fp8_current", "off", 1, params_dtype) for _ in range(2))
+    ours = _grads_with_plugin(base, "fp8_current", "ours", 1, params_dtype)
+    noise = max(rel_err(second[n], first[n]) for n in first)
+    errors = {n: rel_err(ours[n], first[n]) for n in first}
+    print(params_dtype, f"noise {noise:.1e}, checkpointed {max(errors.values()):.1e}")
     assert ours.keys() == first.keys()
     assert max(errors.values()) <= max(1e-3, 10 * noise), errors
 
