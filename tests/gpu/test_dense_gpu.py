@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experts_helpers import fp8_recipes_here, gpu_fit, rel_err, tiny_config  # noqa: E402
 
 from lightning_te_moe import TEMoEPrecision  # noqa: E402
+from lightning_te_moe.distributed.sharding import ready_for_sharding  # noqa: E402
 from lightning_te_moe.dense import TEDenseLinear, TELinearEngine, swap_dense  # noqa: E402
 from lightning_te_moe.policy.recipes import RecipeSpec  # noqa: E402
 from lightning_te_moe.recompute import uninstall  # noqa: E402
@@ -159,10 +160,10 @@ def test_a_step_down_changes_the_dense_recipe_from_the_next_step(monkeypatch: py
 
 
 def _grads_with_plugin(base: torch.nn.Module, recipe: str, checkpointing: str, rung: int = 0,
-                       params_dtype: str = "float32") -> dict[str, torch.Tensor]:
+                       params_dtype: str = "float32", sharded: bool = False) -> dict[str, torch.Tensor]:
     """One step of a fresh copy under a fresh plugin on the plan's ``rung``: ``checkpointing`` is "off", "ours" or
-    "plain" (transformers' own checkpoint function, the wrapper removed). TE's global FP8 state starts as in a fresh
-    process."""
+    "plain" (transformers' own checkpoint function, the wrapper removed); ``sharded``: the modules set up as for
+    sharding (no quantized weights kept between calls). TE's global FP8 state starts as in a fresh process."""
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     FP8GlobalStateManager.reset()
@@ -172,6 +173,8 @@ def _grads_with_plugin(base: torch.nn.Module, recipe: str, checkpointing: str, r
     plugin = TEMoEPrecision(recipe, print_plan=False, guard=False, params_dtype=params_dtype)
     plugin.convert_module(model)
     plugin.state.set_index(rung)
+    if sharded:
+        ready_for_sharding(model)
     assert rung == 0 or plugin.state.dense.backward_override == BACKWARD_OVERRIDE[params_dtype]
     if checkpointing == "plain":
         uninstall(model)
@@ -204,18 +207,21 @@ def test_checkpointing_recomputes_under_the_forward_recipe(recipe: str) -> None:
 BACKWARD_OVERRIDE = {"float32": "dequantized", "bfloat16": "high_precision"}
 
 
+@pytest.mark.parametrize("sharded", [False, True])
 @pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])
-def test_checkpointing_after_a_step_down_to_a_high_precision_backward(params_dtype: str) -> None:
+def test_checkpointing_after_a_step_down_to_a_high_precision_backward(params_dtype: str, sharded: bool) -> None:
     """The guard's first step down from FP8 current scaling (a ``backward_override``: dequantized with FP32
-    parameters, high precision with BF16 ones) under non-reentrant checkpointing: the backward runs (in TE's recompute
-    phases TE saved fewer tensors in the recompute than in the forward: torch's checkpoint stopped the backward of
-    GPT-OSS-20B under FSDP2, 2026-11-28) and its gradients equal those without checkpointing."""
+    parameters, high precision with BF16 ones) under non-reentrant checkpointing, with quantized weights kept or (as
+    sharded) quantized on every call: the backward runs (in TE's recompute phases TE saved fewer tensors in the
+    recompute than in the forward: torch's checkpoint stopped the backward of GPT-OSS-20B under FSDP2, 2026-11-28) and
+    its gradients equal those without checkpointing."""
     base = _model("gpt_oss").cpu()
-    first, second = (_grads_with_plugin(base, "fp8_current", "off", 1, params_dtype) for _ in range(2))
-    ours = _grads_with_plugin(base, "fp8_current", "ours", 1, params_dtype)
+    first, second = (_grads_with_plugin(base, "fp8_current", "off", 1, params_dtype, sharded) for _ in range(2))
+    ours = _grads_with_plugin(base, "fp8_current", "ours", 1, params_dtype, sharded)
     noise = max(rel_err(second[n], first[n]) for n in first)
     errors = {n: rel_err(ours[n], first[n]) for n in first}
-    print(params_dtype, f"noise {noise:.1e}, checkpointed {max(errors.values()):.1e}")
+    print(params_dtype, "sharded" if sharded else "cached",
+          f"noise {noise:.1e}, checkpointed {max(errors.values()):.1e}")
     assert ours.keys() == first.keys()
     assert max(errors.values()) <= max(1e-3, 10 * noise), errors
 
