@@ -126,6 +126,36 @@ def test_host_buffers_are_allocated_once_per_layout_for_both_copies_and_timed_ap
     assert store.alloc_ms == pytest.approx(allocated)
 
 
+@pytest.mark.parametrize("pinned", [True, False])
+def test_pinned_copies_it_drops_go_back_to_the_os(monkeypatch: pytest.MonkeyPatch, pinned: bool) -> None:
+    """torch's host allocator keeps a freed pinned buffer cached, where nothing else can use it: the copies of an
+    older layout (parameters only, before AdamW's state) and those ``release`` drops are given back, once per change;
+    steady snapshots give back nothing, and unpinned (CPU) copies never call it. Pinning is simulated: no GPU here."""
+    from lightning_te_moe.guard import snapshot as snapshot_module
+
+    given_back = []
+    monkeypatch.setattr(snapshot_module, "_needs_pinning", lambda sources: pinned)
+    monkeypatch.setattr(snapshot_module, "_host_buffer", lambda nbytes, pinned: torch.empty(nbytes, dtype=torch.uint8))
+    monkeypatch.setattr(snapshot_module, "_give_back_pinned", lambda: given_back.append(len(given_back)))
+    model = LoraLike()
+    optimizer = torch.optim.AdamW([model.a, model.b], lr=1e-2)
+    store = SnapshotStore()
+    store.capture(0, model, [optimizer], [], None, verified=True)  # parameters only: 2 copies, nothing dropped
+    assert given_back == []
+    train(model, optimizer, 1)
+    store.capture(1, model, [optimizer], [], None, verified=False)  # the spare of the old layout is placed anew
+    store.verify(1)  # the old layout's verified copy goes
+    expected = [0, 1] if pinned else []
+    assert given_back == expected
+    for step in (2, 3):
+        train(model, optimizer, 1)
+        store.capture(step, model, [optimizer], [], None, verified=False)
+        store.verify(step)
+    assert given_back == expected  # the same two buffers, reused
+    store.release()
+    assert given_back == ([0, 1, 2] if pinned else [])
+
+
 def test_release_drops_both_host_copies_and_the_next_capture_allocates_anew() -> None:
     """After a fit its host copies (tens of GB of pinned memory a rank for a sharded 20B model) can be given back."""
     model = LoraLike()

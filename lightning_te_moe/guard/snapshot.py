@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 import random
 import time
+import weakref
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
@@ -101,9 +103,25 @@ def _set_scaler_settings(scaler: Any, saved: dict[str, Any]) -> None:
     scaler.set_growth_interval(saved["growth_interval"])
 
 
+def _needs_pinning(sources: list[tuple[Key, torch.Tensor]]) -> bool:
+    return any(t.is_cuda for _, t in sources)
+
+
 def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     """One flat host buffer for a snapshot (pinned when a source is on a GPU)."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+
+def _give_back_pinned() -> None:
+    """Return the pinned blocks torch's host allocator keeps cached to the OS. A freed pinned buffer stays in that
+    cache for reuse, where nothing else can use it: a fresh run's first snapshot (parameters only, before AdamW has
+    state) is 2 x 16 GB a rank at GPT-OSS-20B's size on 4 GPUs, 128 GB of the host's 503 held after the layout
+    changed; with the two current copies (256 GB) that matches the 377 GB of shared memory seen during the fit, and
+    the checkpoint's save, which copies every rank's shards to the host once more, was killed by the OOM killer (4 x
+    H200, 2026-11-28). Frees with ``cudaFreeHost``, which synchronizes: only when a copy was dropped."""
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -139,6 +157,7 @@ class Snapshot:
     def __init__(self) -> None:
         self.step = -1
         self.flat: Optional[torch.Tensor] = None
+        self.pinned = False
         self.layout: tuple = ()
         self.tensors: dict[Key, torch.Tensor] = {}
         self.host: dict[str, Any] = {}
@@ -165,7 +184,8 @@ class Snapshot:
             total += -(-tensor.numel() * tensor.element_size() // 64) * 64  # 64-byte aligned views
         start = time.perf_counter()
         self.flat, self.tensors = None, {}  # the old buffer goes back to the allocator first
-        self.flat = _host_buffer(total, pinned=any(t.is_cuda for _, t in sources))
+        self.pinned = _needs_pinning(sources)
+        self.flat = _host_buffer(total, pinned=self.pinned)
         self.alloc_ms = (time.perf_counter() - start) * 1e3
         self.tensors = {key: self.flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                         for (key, t), o in zip(sources, offsets)}
@@ -227,7 +247,13 @@ class SnapshotStore:
 
     def capture(self, step: int, module: torch.nn.Module, optimizers: list[Any], schedulers: list[Any],
                 scaler: Optional[Any], verified: bool) -> Snapshot:
-        """Copy the state after ``step``: as the verified one, or as the candidate to verify later."""
+        """Copy the state after ``step``: as the verified one, or as the candidate to verify later. Pinned copies
+        of an older layout it drops go back to the OS."""
+        with self._giving_back_dropped_pinned():
+            return self._capture(step, module, optimizers, schedulers, scaler, verified)
+
+    def _capture(self, step: int, module: torch.nn.Module, optimizers: list[Any], schedulers: list[Any],
+                 scaler: Optional[Any], verified: bool) -> Snapshot:
         if verified and self.candidate is None and self.good is not None and self.good.done is None:
             slot = self.good  # copied synchronously: refill the verified copy in place (one host copy)
         else:
@@ -246,20 +272,24 @@ class SnapshotStore:
         """Step ``step``'s values were read and healthy: a candidate taken at or before it becomes the good copy."""
         if self.candidate is None or self.candidate.step > step:
             return False
-        self._retire(self.good, keep=self.candidate)
-        self.good, self.candidate = self.candidate, None
+        with self._giving_back_dropped_pinned():
+            self._retire(self.good, keep=self.candidate)
+            self.good, self.candidate = self.candidate, None
         return True
 
     def release(self) -> None:
-        """Drop every host copy (after a fit: a 20B model's shards and AdamW state are tens of GB of pinned memory a
-        rank, which a later fit in the same process would otherwise hold twice). The next capture allocates anew."""
+        """Drop every host copy and give pinned ones back to the OS (after a fit: a 20B model's shards and AdamW state
+        are tens of GB of pinned memory a rank, which a later fit in the same process would otherwise hold twice).
+        The next capture allocates anew."""
         if self._side is not None:
             self._side.synchronize()  # no copy may still be writing into a buffer that goes
-        self.good, self.candidate, self._spare = None, None, []
+        with self._giving_back_dropped_pinned():
+            self.good, self.candidate, self._spare = None, None, []
 
     def discard_candidate(self) -> None:
-        self._retire(self.candidate, keep=self.good)
-        self.candidate = None
+        with self._giving_back_dropped_pinned():
+            self._retire(self.candidate, keep=self.good)
+            self.candidate = None
 
     def wait_before_update(self) -> None:
         """Order the next optimizer step after the copy of the tensors it overwrites (on the device)."""
@@ -277,6 +307,15 @@ class SnapshotStore:
                     slot.reported = True
                     out.append((cost, slot.nbytes))
         return out
+
+    @contextmanager
+    def _giving_back_dropped_pinned(self) -> Iterator[None]:
+        """Around a change of the copies held: pinned buffers it dropped go back to the OS (torch would keep them)."""
+        held = [weakref.ref(s.flat) for s in (self.good, self.candidate, *self._spare)
+                if s is not None and s.flat is not None and s.pinned]
+        yield
+        if any(ref() is None for ref in held):
+            _give_back_pinned()
 
     def _retire(self, slot: Optional[Snapshot], keep: Snapshot) -> None:
         """``slot`` is no longer needed: a spare for the next copy, or released if of an older layout than ``keep``."""
