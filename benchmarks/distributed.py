@@ -310,6 +310,9 @@ def run(args: argparse.Namespace) -> None:
     }
     if args.profile:
         result["profile"] = profiler.result
+    if plugin.guard is not None:
+        result["guard_host_copies_gib"] = plugin.guard.snapshots.nbytes / 2**30
+    result["host_memory_gib"] = {"after_fit": host_memory()}
     rank = trainer.global_rank
     path = args.out / f"{args.name}.rank{rank}.json"
     path.write_text(json.dumps(result, indent=1))  # the training numbers survive a failure in what follows
@@ -317,12 +320,30 @@ def run(args: argparse.Namespace) -> None:
         begin = time.perf_counter()
         trainer.save_checkpoint(checkpoint_dir(args))
         seconds["save"] = time.perf_counter() - begin
+        result["host_memory_gib"]["after_save"] = host_memory()
         # The guard's pinned host snapshots (two copies of each rank's shards and AdamW state: 2 x 32 GB a rank at
-        # full size, 256 GB of a 4 x H100 host's 503) go before the export gathers the whole model on rank 0's host.
+        # full size, 256 GB of a 4 x H100 host's 503) go back to the OS before the export gathers the whole model on
+        # rank 0's host.
         plugin.guard.snapshots.release()
         if args.export:
             result["export"] = export_check(module, args.out / args.name / "hf", rank, args)
         path.write_text(json.dumps(result, indent=1))
+
+
+def host_memory() -> dict[str, float]:
+    """The host's available and shared memory (GiB, /proc/meminfo; empty elsewhere): the guard's pinned copies count as
+    shared, and a save copies every rank's shards to the host once more."""
+    fields = {"MemAvailable": "available", "Shmem": "shared", "MemTotal": "total"}
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = round(int(value.split()[0]) / 2**20, 1)  # kB
+    return out
 
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:

@@ -73,6 +73,9 @@ def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
     default = result["runs"]["fsdp2-default"]
     assert ["skip", 4, "step 4", "skipped"] in default["decisions"]  # the NaN at step 3 on rank 1, on both ranks
     assert default["same_resume_on_every_rank"] and default["seconds"]["save"] > 0 and default["seconds"]["resume"] > 0
+    host = default["host_memory_gib"]  # where the host's memory stood around the save (Linux)
+    assert set(host) == {"after_fit", "after_save"} and 0 < host["after_fit"]["available"] <= host["after_fit"]["total"]
+    assert default["guard_host_copies_gib"] > 0  # the guard held its copies until the save
     assert {k: default["resume"][k] for k in ("global_step", "plan_equal", "history_kept", "ranks_reported")} == {
         "global_step": 8, "plan_equal": True, "history_kept": True, "ranks_reported": 2}  # resumed in a new process
     assert default["export"]["loaded"] and default["export"]["experts_shape"] == default["export"][
