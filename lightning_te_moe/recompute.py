@@ -13,11 +13,13 @@ hands it the layer wrapped so that every call after the first (the recompute) re
 the forward's scales: what TE's own ``te.pytorch.checkpoint`` does, on top of the user's checkpoint.
 
 Only under delayed scaling, because elsewhere the phases buy nothing and change what TE saves: TE 2.20's
-``Linear`` and ``GroupedLinear`` quantize the weight with its columnwise copy in the forward phase but not in the
-recompute wherever they would not need it otherwise (a ``backward_override``, an input that needs no gradient,
-FSDP2), so the recompute saves fewer tensors and torch's checkpoint stops the backward: "A different number of
-tensors was saved during the original forward and recomputation" (387 against 319, a GPT-OSS-20B decoder layer under
-FSDP2 on 4 x H200, the first step after the guard stepped down to ``fp8_current+hp_bwd``, 2026-11-28).
+``Linear`` and ``GroupedLinear`` quantize a weight with its columnwise copy in the forward phase but not in the
+recompute wherever they would not need it otherwise (a ``backward_override``; in ``Linear`` also an input that needs
+no gradient, or FSDP2). Where the weight is quantized on every call (no cached copy, as on a sharded model) the
+recompute then saves fewer tensors and torch's checkpoint stops the backward: "A different number of tensors was
+saved during the original forward and recomputation" (387 against 319, a GPT-OSS-20B decoder layer under FSDP2 on 4 x
+H200, the first step after the guard stepped down to ``fp8_current+hp_bwd``, 2026-11-28; reproduced on one H100 by
+``tests/gpu/test_dense_gpu.py``).
 
 :func:`install` puts it on every layer, and on every transformers model's ``_set_gradient_checkpointing``, so
 checkpointing enabled after setup gets it too.
