@@ -20,7 +20,7 @@ time, timed by events recorded on that stream after its wait for the training st
 is not counted). Allocating host buffers is timed apart, as ``alloc_ms``: pinned allocation is slow (and on CUDA
 an implicit synchronization), so it happens once per layout, for both copies at the first snapshot of that
 layout (on a fresh run: the probe after the first step, when the optimizer has created its state), and a buffer
-of an older layout is released when its snapshot is retired.
+of an older layout is released when its snapshot is retired, pinned memory back to the OS (torch would keep it).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def _set_scaler_settings(scaler: Any, saved: dict[str, Any]) -> None:
 
 
 def _needs_pinning(sources: list[tuple[Key, torch.Tensor]]) -> bool:
+    """A copy from the GPU goes to pinned memory: only then can it run asynchronously on the side stream."""
     return any(t.is_cuda for _, t in sources)
 
 
