@@ -16,8 +16,8 @@ When no rung is left the error is raised as it was. Running the closure again is
 gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
 cleared. That holds under automatic optimization without gradient accumulation only (a micro-batch's gradients from
 before would be lost), and on one process (the other ranks would wait in a collective): elsewhere the error is raised
-as is, with a decision saying why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run finds them again, one failed
-step each.
+as is, with a decision saying why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run
+finds them again, one failed step each.
 """
 
 from __future__ import annotations
