@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,9 @@ class TEStack(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        return self._loss(x, y)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.seen[self.global_step] = _active_recipe()
         h = x
         for i, layer in enumerate(self.layers):
@@ -66,6 +70,29 @@ class TEStack(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused)
+
+
+class GPUBoundStack(TEStack):
+    """A TEStack whose every step is one fixed batch of ``rows`` rows kept on the GPU: at 16,384 rows of width 4,096,
+    12 layers, about 30 ms of kernels a step, more than the host needs to issue it, so the step time is the GPU's
+    and a snapshot that stalled the GPU would show in it (with TEStack's 64-row batches the step is the host's)."""
+
+    def __init__(self, rows: int = 16_384, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rows = rows
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_fit_start(self) -> None:
+        g = torch.Generator(device=self.device).manual_seed(2)
+        width = self.x.size(1)
+        x = torch.randn(self.rows, width, device=self.device, generator=g)
+        self.batch = (x, torch.tanh(x @ torch.randn(width, width, device=self.device, generator=g) / width ** 0.5))
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(1_000_000), batch_size=1)  # a step count only
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(*self.batch)
 
 
 class LossHistory(L.Callback):
@@ -180,9 +207,11 @@ class SyncCounter(L.Callback):
         self.start, self.stop = start, stop
         self.syncs = 0
         self.seconds = 0.0
+        self.step_ms: list[float] = []  # the host's time between consecutive step ends, from start to stop
         self._catcher = None
         self._records = None
         self._t0 = 0.0
+        self._last = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.start:
@@ -191,9 +220,13 @@ class SyncCounter(L.Callback):
             self._records = self._catcher.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-            self._t0 = time.perf_counter()
+            self._t0 = self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._catcher is not None:
+            now = time.perf_counter()
+            self.step_ms.append((now - self._last) * 1e3)
+            self._last = now
         if trainer.global_step == self.stop and self._catcher is not None:
             torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
@@ -224,19 +257,24 @@ def test_guard_adds_no_host_sync_per_step_and_report_its_cost(tmp_path):
 
 
 def test_snapshots_copy_off_the_gpu_without_stalling_it_and_report_their_cost(tmp_path):
-    """201M trainable parameters with AdamW (2.4 GB of state a snapshot).
+    """201M trainable parameters with AdamW (2.4 GB of state a snapshot), GPU-bound steps (:class:`GPUBoundStack`).
 
     As often as the guard can snapshot (``snapshot_every=1``): copied on a side stream into reused pinned buffers,
-    with no host sync. Then the interval the guard chooses, against no snapshots, alternated twice over a window of
-    about three intervals (so that it holds snapshots): the cost the guard measures is the copy's own (within 2x of
+    with no host sync. Then the interval the guard chooses, against no snapshots, alternated three times over a window
+    of about three intervals (so that it holds snapshots): the cost the guard measures is the copy's own (within 2x of
     the median over many copies, so neither a pinned allocation nor the wait for the step in flight), its share of
-    the measured step time is at most 2%, and the step time is the one without snapshots, within noise."""
+    the measured step time is at most 2%, and the median step is the one without snapshots, within noise. The median:
+    a snapshot's own cost lands on the step or two whose optimizer waits for its copy and is bounded by the copy's
+    time, which the share check covers; the median is what every other step costs, and is not moved by the host's
+    hiccups, which on a busy 4-GPU host moved 12-layer means of host-bound steps by 13% between identical runs
+    (H200, cuBLASLt 13.10, 2026-11-28)."""
     def run(config: GuardConfig, steps: int) -> dict:
         plugin = TEMoEPrecision("bf16", print_plan=False, guard_config=config)
-        model, counter = TEStack(width=4096, layers=12, fused=True), SyncCounter(start=10, stop=10 + steps)
+        model, counter = GPUBoundStack(width=4096, layers=12, fused=True), SyncCounter(start=10, stop=10 + steps)
         _trainer(tmp_path, plugin, 11 + steps, [counter]).fit(model)
         good = plugin.guard.snapshots.good
-        out = {"ms": counter.seconds / steps * 1e3, "syncs": counter.syncs, "stats": plugin.guard.cadence.stats(),
+        out = {"ms": counter.seconds / steps * 1e3, "median_ms": statistics.median(counter.step_ms),
+               "syncs": counter.syncs, "stats": plugin.guard.cadence.stats(),
                "pinned": all(t.is_pinned() for t in good.tensors.values() if t.numel() > 1),
                "side_stream": good.done is not None}
         del plugin, model, good
@@ -248,15 +286,15 @@ def test_snapshots_copy_off_the_gpu_without_stalling_it_and_report_their_cost(tm
     expected = math.ceil(every["stats"]["snapshot_ms"] / (HEADROOM * 0.02 * never["ms"]))
     window = min(max(60, 3 * expected), 3000)
     runs: dict[str, list[dict]] = {"never": [], "chosen": []}
-    for _ in range(2):  # alternated, to even out clocks and caches
+    for _ in range(3):  # alternated, to even out clocks and caches
         runs["never"].append(run(GuardConfig(snapshot_every=100_000), window))
         runs["chosen"].append(run(GuardConfig(), window))
-    off, on = (min(r["ms"] for r in runs[name]) for name in ("never", "chosen"))
+    off, on = (statistics.median(r["median_ms"] for r in runs[name]) for name in ("never", "chosen"))
     print(f"step {never['ms']:.2f} ms without snapshots, {every['ms']:.2f} ms with one as often as possible"
-          f" ({every['ms'] / never['ms'] - 1:+.1%}); one snapshot: {every['stats']}. Over {window} steps: without"
-          f" {[round(r['ms'], 2) for r in runs['never']]} ms, at the chosen interval"
-          f" {[round(r['ms'], 2) for r in runs['chosen']]} ms ({on / off - 1:+.2%});"
-          f" chosen: {[r['stats'] for r in runs['chosen']]}")
+          f" ({every['ms'] / never['ms'] - 1:+.1%}); one snapshot: {every['stats']}. Over {window} steps, median"
+          f" (mean) step: without {[(round(r['median_ms'], 2), round(r['ms'], 2)) for r in runs['never']]} ms, at the"
+          f" chosen interval {[(round(r['median_ms'], 2), round(r['ms'], 2)) for r in runs['chosen']]} ms"
+          f" ({on / off - 1:+.2%}); chosen: {[r['stats'] for r in runs['chosen']]}")
     assert every["pinned"] and every["side_stream"]  # copied on the side stream, with an event
     assert every["syncs"] <= 1  # snapshotting as often as possible adds no host sync (Lightning itself may make one)
     for chosen in runs["chosen"]:
