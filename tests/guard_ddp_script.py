@@ -1,12 +1,13 @@
 """Run by tests/test_guard_ddp.py (CPU, gloo) and tests/gpu/test_guard_gpu.py (2 GPUs, NCCL): 2-process DDP,
 NaN loss on rank 1 only at step 31.
 
-    python guard_ddp_script.py OUT_DIR [cpu|gpu] [host|late] [fused|plain] [every|adaptive]
+    python guard_ddp_script.py OUT_DIR [cpu|gpu] [host|late] [fused|plain] [every|adaptive|tight-host-rank1]
 
 ``late`` reads each step's values a step late and gives the guard no way to look before the update, as on CUDA
 (on a GPU that is what happens anyway); ``fused`` uses AdamW(fused=True), which skips on the device. ``every``
 snapshots after every step; ``adaptive`` lets the guard choose the interval, with rank 1's snapshots measured
-4 times slower than they are (the ranks must still snapshot at the same steps). Each rank writes what it
+4 times slower than they are (the ranks must still snapshot at the same steps); ``tight-host-rank1`` gives rank 1
+a host with 1 KiB available (the guard's copies do not fit it there, but do on rank 0). Each rank writes what it
 decided, the steps it lost, the steps it snapshot and its final parameters to ``OUT_DIR/rank<N>.json``.
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from guard_support import CpuLadderPrecision, TinyRegression  # noqa: E402
 
 from lightning_te_moe import DivergenceGuard, GuardConfig, TEMoEPrecision  # noqa: E402
+from lightning_te_moe.guard import host_budget  # noqa: E402
 from lightning_te_moe.guard.cadence import SnapshotCadence  # noqa: E402
 
 
@@ -40,6 +42,8 @@ def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) 
     DivergenceGuard._capture = spy
     if cadence == "adaptive":
         SnapshotCadence.add_snapshot = slow_on_rank_1
+    if cadence == "tight-host-rank1":
+        host_budget.available_host_bytes = lambda: 2**10 if torch.distributed.get_rank() == 1 else 2**50
     config = GuardConfig(snapshot_every=1 if cadence == "every" else None)
     plugin = (CpuLadderPrecision(print_plan=False, guard_config=config) if accelerator == "cpu"
               else TEMoEPrecision("bf16", print_plan=False, guard_config=config))
@@ -54,7 +58,9 @@ def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) 
         "decisions": [[d.kind, d.step, d.from_, d.to] for d in decisions],
         "steps_lost": [d.evidence.get("steps_lost") for d in decisions if d.kind != "plan"],
         "rung": plugin.state.index, "global_step": trainer.global_step, "captures": captures,
-        "intervals": [d.evidence["interval"] for d in plugin.decisions.decisions if d.kind == "snapshot"],
+        "intervals": [d.evidence["interval"] for d in plugin.decisions.decisions
+                      if d.kind == "snapshot" and d.rule == "snapshot_budget"],
+        "host_budget": [[d.step, d.to] for d in plugin.decisions.decisions if d.rule == "host_memory_budget"],
         "params": params.tolist(), "finite": bool(torch.isfinite(params).all()),
     }))
 

@@ -47,3 +47,17 @@ def test_ranks_with_different_snapshot_costs_agree_on_the_interval_and_snapshot_
     assert len(ranks[0]["captures"]) > 2  # and the same steps at the agreed interval
     assert ranks[0]["intervals"] and min(ranks[0]["intervals"]) > 1  # rank 1's proposal, on rank 0 too
     assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["params"] == ranks[1]["params"]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_host_cannot_hold_the_copies_makes_every_rank_keep_none(tmp_path: Path) -> None:
+    """Rank 1's host has 1 KiB available, less than the copies need, rank 0's plenty: both ranks decide alike (no
+    host copy, as no checkpoint is configured), and the NaN of step 31 is still skipped on both (seen before the
+    update), with the same weights."""
+    ranks = run_ddp(tmp_path, "cpu", "host", "plain", "tight-host-rank1")
+    assert ranks[0]["host_budget"] == ranks[1]["host_budget"] == [[0, "none"]]
+    assert ranks[0]["captures"] == ranks[1]["captures"] == []
+    skip = [["plan", 0, "", "bf16"], ["skip", 31, "step 31", "skipped"]]
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == skip
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 60
+    assert ranks[0]["finite"] and ranks[0]["params"] == ranks[1]["params"]

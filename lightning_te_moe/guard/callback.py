@@ -21,7 +21,9 @@ Snapshots (:mod:`.snapshot`) are taken every ``interval`` steps, chosen by :mod:
 ``snapshot_budget`` of step time; before the first interval is set (a few steps in) only one of the starting
 state and one after the first step, whose cost sets it. The values of step ``t`` come from the weights after
 step ``t - 1``, so a snapshot of the state after step ``t`` is a *candidate* until step ``t + 1``'s values are
-read healthy; then it is the *verified* state that rollbacks and stops restore. Before a checkpoint (step-interval
+read healthy; then it is the *verified* state that rollbacks and stops restore. Before the first copy the guard
+checks that its copies fit the host (:mod:`.host_budget`); where they do not, rollbacks restore the newest
+checkpoint, or without one the guard keeps no copy and does not roll back. Before a checkpoint (step-interval
 ``ModelCheckpoint``, validation, epoch end) and at the end of training the guard reads everything pending (a
 sync), and goes back to the verified state if the newest values are already above their threshold.
 """
@@ -36,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..policy.plan import Rung
 from ..policy.state import PrecisionState
@@ -43,6 +46,7 @@ from .cadence import SnapshotCadence
 from .config import GuardConfig
 from .decisions import DecisionLog
 from .detector import DivergenceDetector, Trigger
+from .host_budget import host_budget
 from .metrics import log_level, log_snapshot_cost
 from .snapshot import SnapshotStore, last_checkpoint, local_tensor, restore_checkpoint, scaler_tensors
 
@@ -69,6 +73,11 @@ class _Pending:
             self.event.synchronize()
         loss, grad_norm, skipped = self.values.tolist()
         return (loss if self.has_loss else None), (grad_norm if self.has_grad_norm else None), skipped > 0
+
+
+def _saves_last(trainer: Any) -> bool:
+    """A ``ModelCheckpoint(save_last=True)`` is configured: rollbacks can restore its ``last.ckpt``."""
+    return any(getattr(cb, "save_last", None) for cb in trainer.checkpoint_callbacks)
 
 
 def _skips_on_device(optimizer: Any) -> bool:
@@ -106,6 +115,7 @@ class DivergenceGuard(Callback):
         self.promote_floor = 0
         self.entered_by_promotion = False
         self.snapshots = SnapshotStore()
+        self.restore_from: str = self.config.restore_from  # "none" when no host copy fits and no checkpoint is there
         self.cadence = SnapshotCadence(self.config.snapshot_every, self.config.snapshot_budget)
         self._recorded_interval: Optional[int] = None
         self._pending: deque[_Pending] = deque()
@@ -119,7 +129,12 @@ class DivergenceGuard(Callback):
 
     @property
     def _in_memory(self) -> bool:
-        return self.config.restore_from == "memory"
+        return self.restore_from == "memory"
+
+    @property
+    def _rollback_mode(self) -> str:
+        """``config.rollback``, or ``"never"`` while there is nothing to roll back to (no host copy, no checkpoint)."""
+        return "never" if self.restore_from == "none" else self.config.rollback
 
     @staticmethod
     def _reads_late(device: torch.device) -> bool:
@@ -133,9 +148,12 @@ class DivergenceGuard(Callback):
         self._loss_sum, self._loss_count = None, 0
         self._seen_step = trainer.global_step
         self.cadence.start(trainer.global_step)
+        self.restore_from = self.config.restore_from
+        if self._in_memory:
+            self._check_host_budget(trainer, pl_module)
         if self._in_memory:
             self._capture(trainer, pl_module, trainer.global_step, verified=True)
-        elif not any(getattr(cb, "save_last", None) for cb in trainer.checkpoint_callbacks):
+        elif self.restore_from == "checkpoint" and not _saves_last(trainer):
             raise ValueError("GuardConfig(restore_from='checkpoint') rolls back to last.ckpt: add"
                              " ModelCheckpoint(save_last=True) to the Trainer, or use restore_from='memory'")
         self._clock = None  # the first step (allocations, autotuning, compilation) is not timed
@@ -282,8 +300,8 @@ class DivergenceGuard(Callback):
                     "loss_window": len(self.detector.series["loss"].window), "update_skipped": update_skipped,
                     "repeat_of_step": self.last_incident if repeat else None}
         self.last_incident = trigger.step
-        restore = not update_skipped and (cfg.rollback == "always"
-                                          or (cfg.rollback == "nonfinite" and trigger.nonfinite))
+        mode = self._rollback_mode
+        restore = not update_skipped and (mode == "always" or (mode == "nonfinite" and trigger.nonfinite))
         in_cooldown = self.last_step_down is not None and now - self.last_step_down < cfg.cooldown
         if restore and self.rollbacks >= cfg.max_rollbacks:
             self._stop(trainer, pl_module, f"max_rollbacks={cfg.max_rollbacks} reached: {trigger.describe()}", now,
@@ -304,8 +322,9 @@ class DivergenceGuard(Callback):
             self.detector.reset_window()  # no rollback: the level may have moved, learn it again
         if trigger.nonfinite and not repeat:  # an isolated bad batch whose update was applied (read a step late)
             if not restore:
-                self._hold(trigger, now, epoch, evidence, f"rollback='never': staying on {rung.label()} without"
-                           " restoring the weights")
+                why = "no host copy and no checkpoint to restore" if self.restore_from == "none" else "rollback='never'"
+                self._hold(trigger, now, epoch, evidence, f"{why}: staying on {rung.label()} without restoring the"
+                           " weights")
             return  # rolled back: the batch was bad, not the precision
         if not self.state.can_step_down:
             where = "from the restored state" if restore else "without a rollback"
@@ -319,6 +338,8 @@ class DivergenceGuard(Callback):
 
     def _restore(self, trainer: Any, pl_module: Any) -> Optional[tuple[int, str, dict[str, Any]]]:
         """Put the last verified state back: (its step, where from, details), or None when there is none."""
+        if self.restore_from == "none":
+            return None
         if self._in_memory:
             details = self.snapshots.restore(pl_module, trainer.optimizers,
                                              [config.scheduler for config in trainer.lr_scheduler_configs], self.scaler)
@@ -359,7 +380,7 @@ class DivergenceGuard(Callback):
         divergence (so a persistent blow-up cannot hide behind frequent checkpoints)."""
         self._process(trainer, pl_module, now, drain=True)
         trigger = self.detector.open_streak()
-        if trainer.should_stop or trigger is None or self.config.rollback != "always":
+        if trainer.should_stop or trigger is None or self._rollback_mode != "always":
             return
         if self._is_repeat(trigger):
             self._pending.clear()
@@ -391,7 +412,7 @@ class DivergenceGuard(Callback):
         """Stop with the last verified weights in the model (and so in every checkpoint written after)."""
         restored = self._restore(trainer, pl_module)
         if restored is None:
-            after = "no checkpoint to restore yet"
+            after = "no host copy to restore" if self.restore_from == "none" else "no checkpoint to restore yet"
         else:
             step, source, details = restored
             self.detector.rollback_to(step)
@@ -421,6 +442,35 @@ class DivergenceGuard(Callback):
                               to=target.label(), evidence={"healthy_steps": after})
 
     # -- snapshots ----------------------------------------------------------------------------------
+    def _check_host_budget(self, trainer: Any, pl_module: Any) -> None:
+        """Fall back from host copies that would not fit this host (:mod:`.host_budget`), before the first one is
+        taken: to the newest checkpoint, else to no rollbacks. Every rank decides alike (one small all-reduce)."""
+        ranks_on_host = trainer.num_devices if trainer.world_size > 1 else 1
+        check = host_budget(pl_module, trainer.optimizers, self.config.host_memory_budget, ranks_on_host)
+        over = check is not None and not check.fits
+        if trainer.world_size > 1:
+            flag = torch.tensor([float(over)], device=pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        if not over:
+            return
+        why = check.describe() if check is not None and not check.fits else "another rank's host copies would not fit"
+        if _saves_last(trainer):
+            self.restore_from = "checkpoint"
+            what = ("rollbacks restore the newest checkpoint (ModelCheckpoint(save_last=True)) instead; the guard keeps"
+                    " no host copy")
+        else:
+            self.restore_from = "none"
+            what = ("there is no ModelCheckpoint(save_last=True) to roll back to either: the guard keeps no host copy"
+                    " and responds without rollbacks (a non-finite update is still skipped where the optimizer allows;"
+                    " divergence steps down or stops). Add ModelCheckpoint(save_last=True) or raise"
+                    " GuardConfig.host_memory_budget to roll back")
+        self.snapshots.release()  # copies an earlier fit of this guard may still hold
+        self.decisions.record("snapshot", f"{why}: {what}", step=trainer.global_step, epoch=trainer.current_epoch,
+                              rule="host_memory_budget", to=self.restore_from,
+                              evidence=check.evidence() if check is not None else {})
+        rank_zero_warn(f"lightning-te-moe: {why}: {what}")
+
     def _maybe_snapshot(self, trainer: Any, pl_module: Any, now: int) -> None:
         if not self._in_memory or trainer.should_stop:
             return

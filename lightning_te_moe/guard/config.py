@@ -35,6 +35,13 @@ class GuardConfig:
             snapshot of what changes (trainable parameters, their optimizer state, buffers, RNG, scaler,
             TE delayed-scaling history); ``"checkpoint"``, the newest checkpoint of a
             ``ModelCheckpoint(save_last=True)`` (no host copy).
+        host_memory_budget: the share of the host memory available when training starts that the guard's two host
+            copies, of every rank on the host, may take (estimated before the first copy; Linux ``MemAvailable``).
+            Above it rollbacks restore the newest checkpoint where a ``ModelCheckpoint(save_last=True)`` is
+            configured, else the guard keeps no host copy and responds without rollbacks; a ``snapshot`` decision
+            says which and why (a host killed for memory in a checkpoint's save loses the run). The default leaves
+            room for a save, which stages one more copy of each rank's state on the host beside the two: GPT-OSS-20B
+            on 4 x H200 held 256 GB of copies, and 229 GB were still available beside them after the fit (2026-11-28).
         snapshot_every: steps between host snapshots; None (default) chooses the interval from the
             measured snapshot and step times so that snapshots cost at most ``snapshot_budget``.
         snapshot_budget: the share of step time snapshots may cost when ``snapshot_every`` is None.
@@ -60,6 +67,7 @@ class GuardConfig:
     watch_grad_norm: bool = True
     rollback: Literal["nonfinite", "always", "never"] = "always"
     restore_from: Literal["memory", "checkpoint"] = "memory"
+    host_memory_budget: float = 0.6
     snapshot_every: Optional[int] = None
     snapshot_budget: float = 0.02
     repeat_window: int = 100
@@ -79,6 +87,9 @@ class GuardConfig:
         for name in ("promote_after", "snapshot_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GuardConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if not 0 < self.host_memory_budget <= 1:
+            raise ValueError("GuardConfig.host_memory_budget is a share of the host's available memory in (0, 1],"
+                             f" got {self.host_memory_budget}")
         if not 0 < self.snapshot_budget < 1:
             raise ValueError("GuardConfig.snapshot_budget is a share of step time in (0, 1),"
                              f" got {self.snapshot_budget}")

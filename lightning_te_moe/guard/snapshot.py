@@ -204,7 +204,7 @@ class Snapshot:
         return self.host_ms + start.elapsed_time(end)
 
 
-def _live_tensors(module: torch.nn.Module, optimizers: list[Any],
+def live_tensors(module: torch.nn.Module, optimizers: list[Any],
                   scaler: Optional[Any]) -> Iterator[tuple[Key, torch.Tensor, bool]]:
     """Every device tensor a snapshot copies: (key, live tensor, whether only an optimizer step writes it)."""
     for i, param in enumerate(trainable_parameters(module)):
@@ -326,7 +326,7 @@ class SnapshotStore:
     def _fill(self, slot: Snapshot, step: int, module: torch.nn.Module, optimizers: list[Any],
               schedulers: list[Any], scaler: Optional[Any]) -> None:
         start = time.perf_counter()
-        sources = list(_live_tensors(module, optimizers, scaler))
+        sources = list(live_tensors(module, optimizers, scaler))
         placed = [(key, live) for key, live, _ in sources]
         if slot.place(placed):  # a new layout: the next copy's buffer too, now rather than in the middle of the run
             self._spare = [spare for spare in self._spare if spare.layout == slot.layout]
@@ -381,7 +381,7 @@ class SnapshotStore:
         if now != slot.host["params"]:
             raise RuntimeError("the trainable parameters changed since the guard's snapshot (a parameter was frozen,"
                                " unfrozen or resized during training): the guard cannot roll back into this model")
-        live = {key: tensor for key, tensor, _ in _live_tensors(module, optimizers, scaler) if key[0] != "te"}
+        live = {key: tensor for key, tensor, _ in live_tensors(module, optimizers, scaler) if key[0] != "te"}
         missing = [key for key in slot.tensors if key[0] != "te" and key not in live]
         if missing:
             raise RuntimeError(f"{missing[:3]} no longer exist since the guard's snapshot: the guard cannot roll back")
