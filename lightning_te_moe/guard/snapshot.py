@@ -205,7 +205,7 @@ class Snapshot:
 
 
 def live_tensors(module: torch.nn.Module, optimizers: list[Any],
-                  scaler: Optional[Any]) -> Iterator[tuple[Key, torch.Tensor, bool]]:
+                 scaler: Optional[Any]) -> Iterator[tuple[Key, torch.Tensor, bool]]:
     """Every device tensor a snapshot copies: (key, live tensor, whether only an optimizer step writes it)."""
     for i, param in enumerate(trainable_parameters(module)):
         yield ("param", i), local_tensor(param.detach()), True
