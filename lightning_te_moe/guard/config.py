@@ -41,7 +41,7 @@ class GuardConfig:
             configured, else the guard keeps no host copy and responds without rollbacks; a ``snapshot`` decision
             says which and why (a host killed for memory in a checkpoint's save loses the run). The default leaves
             room for a save, which stages one more copy of each rank's state on the host beside the two: GPT-OSS-20B
-            on 4 x H200 held 256 GB of copies, and 229 GB were still available beside them after the fit (2026-11-28).
+            on 4 x H200 held 256 GiB of copies, and 229 GiB were still available beside them after the fit (2026-11-28).
         snapshot_every: steps between host snapshots; None (default) chooses the interval from the
             measured snapshot and step times so that snapshots cost at most ``snapshot_budget``.
         snapshot_budget: the share of step time snapshots may cost when ``snapshot_every`` is None.

@@ -1,7 +1,7 @@
 """Whether the guard's host copies fit the host: estimated before the first one is taken.
 
 The guard keeps two host copies of what training changes (:mod:`.snapshot`), on every rank. At GPT-OSS-20B's size on 4
-GPUs that is 2 x 32 GB a rank (pinned buffers round up to a power of two), 256 GB of a 503 GB host (4 x H200,
+GPUs that is 2 x 32 GiB a rank (pinned buffers round up to a power of two), 256 GiB of a 504 GiB host (4 x H200,
 2026-11-28), before a checkpoint's save copies every rank's shards to the host once more: on a host with half that
 memory the OOM killer would end the run, and nothing would be saved. So the copies of all ranks on a host may take
 at most ``GuardConfig.host_memory_budget`` of the memory the host has available when training starts.
