@@ -396,6 +396,7 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--profile", str(args.profile)] if args.profile else []
     common += ["--tiny"] if args.tiny else []
+    common += ["--allow-no-te"] if args.allow_no_te else []
     export = [] if args.skip_export else ["--export"]
     ddp_layers = ["--layers", "2"]
     return [
@@ -499,6 +500,8 @@ def parser() -> argparse.ArgumentParser:
                    help="steps of the NaN loss on the last rank (all: in fsdp2-default, default 12 13, --tiny 3;"
                         " run: none unless given)")
     p.add_argument("--skip-export", action="store_true", help="all: no HF export (it gathers 84 GB on rank 0)")
+    p.add_argument("--allow-no-te", action="store_true",
+                   help="measure on a GPU without Transformer Engine (the torch-only path); refused otherwise")
     p.add_argument("--timeout", type=int, default=3600, help="all: seconds per configuration")
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many steps after the timed ones (GPU kernel time, NCCL's share; 0: none)")
@@ -525,8 +528,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_te(args: argparse.Namespace) -> None:
+    """On a GPU, refuse to measure without TE unless asked: every plan would be the torch-only path (rule
+    ``no-te``) and its figures would read as the TE plans' (2026-11-28: a ``PYTHONPATH`` that dropped TE's path gave
+    such a run)."""
+    from lightning_te_moe.experts.gemm import te_available
+
+    if not args.tiny and not args.allow_no_te and torch.cuda.is_available() and not te_available():
+        raise SystemExit("distributed.py: Transformer Engine does not import on this GPU machine, so every plan would"
+                         " be the torch-only path, not the TE plans. Make TE importable (its setup, PYTHONPATH), or"
+                         " pass --allow-no-te to measure the torch-only path on purpose.")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = parser().parse_args(argv)
+    check_te(args)
     gpus = torch.cuda.device_count()
     args.devices = args.devices or (2 if args.tiny else gpus)
     args.seq = args.seq or (16 if args.tiny else 4096)

@@ -14,7 +14,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from distributed import flops_per_token, gpt_oss_config, kernel_summary  # noqa: E402
+import distributed  # noqa: E402
+from distributed import check_te, configurations, flops_per_token, gpt_oss_config, kernel_summary, parser  # noqa: E402
 
 
 def test_flops_per_token_of_gpt_oss_20b() -> None:
@@ -49,6 +50,24 @@ def test_kernel_summary_of_an_empty_profile_is_an_error_not_an_idle_gpu() -> Non
 
     summary = kernel_summary(Profiler(), steps=2, wall_ms=1.0)
     assert "kernel_ms" not in summary and "no CUDA kernel" in summary["error"]
+
+
+def test_a_gpu_without_te_is_refused_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TE every plan is the torch-only path: on a GPU that is refused, so its figures cannot pass for the TE
+    plans'; ``--allow-no-te`` measures it on purpose (and reaches every configuration ``all`` starts)."""
+    from lightning_te_moe.experts import gemm
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gemm, "te_available", lambda: False)
+    with pytest.raises(SystemExit, match="Transformer Engine does not import on this GPU machine"):
+        check_te(parser().parse_args(["run", "--out", "x"]))
+    allowed = parser().parse_args(["all", "--out", "x", "--allow-no-te"])
+    check_te(allowed)
+    check_te(parser().parse_args(["run", "--out", "x", "--tiny"]))  # the CPU check of the script itself
+    allowed.seq, allowed.steps, allowed.warmup, allowed.devices = 4096, 24, 4, 4
+    assert all("--allow-no-te" in config for config in configurations(allowed))
+    monkeypatch.setattr(gemm, "te_available", lambda: True)
+    check_te(parser().parse_args(["run", "--out", "x"]))
 
 
 @pytest.mark.slow
