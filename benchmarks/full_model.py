@@ -620,6 +620,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not torch.cuda.is_available():
         p.error("a CUDA GPU is needed to run the benchmark (torch.cuda.is_available() is False); "
                 "--render FILE works without one")
+    from lightning_te_moe.experts.gemm import te_available
+
+    plugin_rows = [key for key in args.rows if BY_KEY[key].recipe is not None]
+    if plugin_rows and not te_available():
+        p.error(f"rows {', '.join(plugin_rows)} run the plugin, and Transformer Engine does not import here: they"
+                " would measure the torch-only path (rule no-te) under the TE plans' names. Make TE importable, or"
+                " leave those rows out")
     if args.child:
         impl, finetune = args.child
         run_child(BY_KEY[impl], finetune, args.shapes, args.steps, args.warmup, args.layers, args.result_file)

@@ -366,3 +366,20 @@ def test_the_plugin_step_runs_its_closure_through_the_memory_fallback() -> None:
     assert len(calls) == 1 and torch.equal(loss, calls[0])
     single = torch.autograd.grad(model(torch.ones(2, 4)).square().sum(), model.weight)[0]
     assert torch.equal(model.weight.grad, single)  # not twice the gradient
+
+
+def test_plugin_rows_on_a_gpu_without_te_are_refused(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Without TE the plugin's rows would be the torch-only path under the TE plans' names: one error, before any
+    row runs; the transformers rows alone still run."""
+    from lightning_te_moe.experts import gemm
+
+    monkeypatch.setattr(fm.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gemm, "te_available", lambda: False)
+    ran = []
+    monkeypatch.setattr(fm, "run_child", lambda *a, **k: ran.append(a))
+    with pytest.raises(SystemExit):
+        fm.main(["--rows", fm.REFERENCE, "plugin-default", "--out", "/nonexistent"])
+    assert "rows plugin-default run the plugin, and Transformer Engine does not import here" in capsys.readouterr().err
+    assert ran == []
+    fm.main(["--rows", fm.REFERENCE, "--child", fm.REFERENCE, "frozen-experts-lora-attn"])
+    assert len(ran) == 1
