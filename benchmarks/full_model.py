@@ -622,7 +622,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 "--render FILE works without one")
     from lightning_te_moe.experts.gemm import te_available
 
-    plugin_rows = [key for key in args.rows if BY_KEY[key].recipe is not None]
+    runs = [args.child[0]] if args.child else args.rows  # a child runs its one row (spawned without --rows)
+    plugin_rows = [key for key in runs if BY_KEY[key].recipe is not None]
     if plugin_rows and not te_available():
         p.error(f"rows {', '.join(plugin_rows)} run the plugin, and Transformer Engine does not import here: they"
                 " would measure the torch-only path (rule no-te) under the TE plans' names. Make TE importable, or"

@@ -381,5 +381,9 @@ def test_plugin_rows_on_a_gpu_without_te_are_refused(monkeypatch: pytest.MonkeyP
         fm.main(["--rows", fm.REFERENCE, "plugin-default", "--out", "/nonexistent"])
     assert "rows plugin-default run the plugin, and Transformer Engine does not import here" in capsys.readouterr().err
     assert ran == []
-    fm.main(["--rows", fm.REFERENCE, "--child", fm.REFERENCE, "frozen-experts-lora-attn"])
+    # a reference row's child, spawned as child_command spawns it (without --rows), runs
+    fm.main(["--child", fm.REFERENCE, "frozen-experts-lora-attn"])
+    assert len(ran) == 1
+    with pytest.raises(SystemExit):
+        fm.main(["--child", "plugin-default", "frozen-experts-lora-attn"])
     assert len(ran) == 1
