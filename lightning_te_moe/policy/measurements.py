@@ -66,14 +66,17 @@ MEASUREMENTS: tuple[ExpertLayerMeasurement, ...] = (
     ExpertLayerMeasurement(
         id="measured-h100-native",
         where=When(**_HOPPER, te_min=since("native_grouped_predicate"), cublaslt_min="13.5"),
-        source="docs/performance.md (benchmarks/moe_layer.py)", date="2026-11-27", device="H100 80GB HBM3",
+        source="docs/performance.md (benchmarks/moe_layer.py)", date="2026-11-28", device="H100 80GB HBM3",
         te="2.20.2", cublaslt="13.10.0", tokens=16384,
-        trainable_ms={"bf16": 19.1, "fp8_delayed": 21.2, "fp8_current": 18.8, "fp8_block": 19.2},
-        cached_ms={"fp8_delayed": 18.8, "fp8_current": 16.2, "fp8_block": 18.6},
-        frozen_ms={"bf16": 14.2, "fp8_delayed": 15.6, "fp8_current": 12.2, "fp8_block": 13.2},
+        trainable_ms={"bf16": 19.0, "fp8_delayed": 20.8, "fp8_current": 17.8, "fp8_block": 19.2},
+        cached_ms={"fp8_delayed": 20.7, "fp8_current": 16.1, "fp8_block": 17.7},
+        frozen_ms={"bf16": 13.3, "fp8_delayed": 13.3, "fp8_current": 11.4, "fp8_block": 12.4},
         note="TE's native grouped GEMM for BF16, FP8 current and FP8 block scaling (block with 128 rows per expert);"
-             " FP8 delayed runs the split path; measured 15:55 UTC. At 65,536 tokens FP8 delayed was 22% faster than"
-             " BF16 (55.0 vs 70.9 ms), FP8 current 12%."),
+             " FP8 delayed runs the split path; the full run of 00:31 UTC. FP8 current ran eager four more times on"
+             " H100s that day and BF16 three (00:42-05:43 UTC): 17.4-19.8 against 18.2-19.7 ms over all runs, within"
+             " run-to-run noise of each other; replayed as CUDA graphs 15.9-16.1 against 17.5-18.0 ms. At 65,536"
+             " tokens (2026-11-27, 15:55 UTC) FP8 delayed was 22% faster than BF16 (55.0 vs 70.9 ms), FP8 current"
+             " 12%."),
 )
 
 
