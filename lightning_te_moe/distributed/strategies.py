@@ -99,7 +99,8 @@ def distributed_reasons(plan: Plan, sharded: bool, world_size: int) -> tuple[Rea
             " would be a whole gathered weight on every rank), but TE's GroupedLinear, which has no FSDP2 path, saves"
             " each layer's quantized expert weights for that layer's backward: from the end of a forward every"
             " layer's whole FP8 expert weights are on every rank (about 1.6 GB a GPT-OSS-20B layer). Activation"
-            " checkpointing keeps one layer's at a time. GPT-OSS-20B on 4 x H100 at 4,096 tokens: FP8 current ran out"
-            " of memory where BF16 peaked at 68.2 GiB (measured while TE's cached copies were still kept too)",
+            " checkpointing keeps one layer's at a time. GPT-OSS-20B at 4,096 tokens, 4 GPUs: FP8 current peaked at"
+            " 104.1 GiB without checkpointing (4 x H200; it does not fit an 80 GB H100) and 51.3 GiB with it, where"
+            " BF16 peaked at 68.2 GiB (4 x H100)",
             "TE pytorch/module/grouped_linear.py (no is_fsdp2); docs/distributed.md, 2026-11-28"))
     return tuple(reasons)
