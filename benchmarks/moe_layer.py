@@ -107,7 +107,7 @@ def measure(module: nn.Module, tokens: int, steps: int, warmup: int = 3) -> dict
     peak = torch.cuda.max_memory_allocated()
     with torch.no_grad():
         final = module(x, index, weights).float()
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_gib": peak / 2**30,
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "peak_gib": peak / 2**30,
             "step_extra_gib": (peak - before) / 2**30, "output": final, "steps": steps}
 
 
@@ -320,8 +320,9 @@ def main() -> None:
             reference = output if reference is None else reference
             err = ((output - reference).norm() / reference.norm()).item()
             rows.append({"name": name, "tokens": tokens, **result, "rel_err": err})
-            print(f"T={tokens:>6} {name:<32} {result['median_ms']:8.2f} ms  peak {result['peak_gib']:6.2f} GiB"
-                  f"  step +{result['step_extra_gib']:6.2f} GiB  rel err {err:.2e}", flush=True)
+            print(f"T={tokens:>6} {name:<32} {result['median_ms']:8.2f} ms (min {result['min_ms']:.2f}, max"
+                  f" {result['max_ms']:.2f})  peak {result['peak_gib']:6.2f} GiB  step +{result['step_extra_gib']:6.2f}"
+                  f" GiB  rel err {err:.2e}", flush=True)
             del module, output
             fresh_te_state()
     args.out.mkdir(parents=True, exist_ok=True)
