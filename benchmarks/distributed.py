@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_te_moe.distributed.export import export_hf  # noqa: E402
 from lightning_te_moe.distributed.sharding import REDUCE_DTYPES  # noqa: E402
+from lightning_te_moe.guard.host_budget import read_meminfo  # noqa: E402
 
 #: Issue 16's reference: NeMo AutoModel, GPT-OSS-20B, 8 H100s, BF16, sequence 4,096 (its performance summary).
 REFERENCE = {"tokens_per_s_per_gpu": 13058, "tflops_per_gpu": 279, "source": "NeMo AutoModel performance summary"}
@@ -333,17 +334,9 @@ def run(args: argparse.Namespace) -> None:
 def host_memory() -> dict[str, float]:
     """The host's available and shared memory (GiB, /proc/meminfo; empty elsewhere): the guard's pinned copies count as
     shared, and a save copies every rank's shards to the host once more."""
+    counters = read_meminfo()
     fields = {"MemAvailable": "available", "Shmem": "shared", "MemTotal": "total"}
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in fields:
-            out[fields[key]] = round(int(value.split()[0]) / 2**20, 1)  # kB
-    return out
+    return {name: round(counters[key] / 2**30, 1) for key, name in fields.items() if key in counters}
 
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:

@@ -11,7 +11,7 @@ from test_guard_fit import assert_healthy, fit, guard_decisions
 
 from lightning_te_moe import GuardConfig
 from lightning_te_moe.guard import host_budget
-from lightning_te_moe.guard.host_budget import available_host_bytes, pinned_size, snapshot_bytes
+from lightning_te_moe.guard.host_budget import available_host_bytes, pinned_size, read_meminfo, snapshot_bytes
 from lightning_te_moe.guard.snapshot import SnapshotStore
 
 
@@ -19,6 +19,8 @@ def test_available_host_bytes_reads_memavailable(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       527826084 kB\nMemFree:        1000 kB\nMemAvailable:   465115392 kB\n")
     assert available_host_bytes(meminfo) == 465115392 * 1024
+    assert read_meminfo(meminfo) == {"MemTotal": 527826084 * 1024, "MemFree": 1000 * 1024,
+                                     "MemAvailable": 465115392 * 1024}
     meminfo.write_text("MemTotal:       527826084 kB\n")  # a kernel without the line
     assert available_host_bytes(meminfo) is None
     assert available_host_bytes(tmp_path / "missing") is None

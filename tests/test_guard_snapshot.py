@@ -134,7 +134,7 @@ def test_pinned_copies_it_drops_go_back_to_the_os(monkeypatch: pytest.MonkeyPatc
     from lightning_te_moe.guard import snapshot as snapshot_module
 
     given_back = []
-    monkeypatch.setattr(snapshot_module, "_needs_pinning", lambda sources: pinned)
+    monkeypatch.setattr(snapshot_module, "needs_pinning", lambda sources: pinned)
     monkeypatch.setattr(snapshot_module, "_host_buffer", lambda nbytes, pinned: torch.empty(nbytes, dtype=torch.uint8))
     monkeypatch.setattr(snapshot_module, "_give_back_pinned", lambda: given_back.append(len(given_back)))
     model = LoraLike()

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .snapshot import live_tensors, local_tensor, trainable_parameters
+from .snapshot import live_tensors, local_tensor, needs_pinning
 
 #: State tensors per parameter, each the parameter's size, of torch's optimizers (torch/optim/*.py, ``_init_group``);
 #: the scalar ``step`` tensors are left out. SGD keeps a momentum buffer only with ``momentum > 0``, Adam and AdamW
@@ -30,15 +30,25 @@ UNKNOWN_STATE_TENSORS = 2
 MEMINFO = Path("/proc/meminfo")
 
 
+def read_meminfo(meminfo: Path = MEMINFO) -> dict[str, int]:
+    """The host's memory counters in bytes (Linux ``/proc/meminfo``: ``MemAvailable``, ``Shmem``, ...), or nothing
+    where it cannot be read."""
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields = value.split()
+        if fields and fields[0].isdigit():
+            out[key] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return out
+
+
 def available_host_bytes(meminfo: Path = MEMINFO) -> Optional[int]:
     """The host memory available to new allocations (Linux ``MemAvailable``), or None where it cannot be read."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return read_meminfo(meminfo).get("MemAvailable")
 
 
 def _state_tensors(optimizer: Any, group: dict[str, Any]) -> int:
@@ -101,6 +111,6 @@ def host_budget(module: torch.nn.Module, optimizers: list[Any], budget: float, r
     if available is None:
         return None
     one = snapshot_bytes(module, optimizers)
-    pinned = any(local_tensor(p.detach()).is_cuda for p in trainable_parameters(module))
+    pinned = needs_pinning([(key, t) for key, t, _ in live_tensors(module, optimizers, None)])
     per_copy = pinned_size(one) if pinned else one
     return HostBudget(2 * per_copy * ranks_on_host, available, budget, ranks_on_host)

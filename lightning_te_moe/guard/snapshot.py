@@ -103,7 +103,7 @@ def _set_scaler_settings(scaler: Any, saved: dict[str, Any]) -> None:
     scaler.set_growth_interval(saved["growth_interval"])
 
 
-def _needs_pinning(sources: list[tuple[Key, torch.Tensor]]) -> bool:
+def needs_pinning(sources: list[tuple[Key, torch.Tensor]]) -> bool:
     """A copy from the GPU goes to pinned memory: only then can it run asynchronously on the side stream."""
     return any(t.is_cuda for _, t in sources)
 
@@ -185,7 +185,7 @@ class Snapshot:
             total += -(-tensor.numel() * tensor.element_size() // 64) * 64  # 64-byte aligned views
         start = time.perf_counter()
         self.flat, self.tensors = None, {}  # the old buffer goes back to the allocator first
-        self.pinned = _needs_pinning(sources)
+        self.pinned = needs_pinning(sources)
         self.flat = _host_buffer(total, pinned=self.pinned)
         self.alloc_ms = (time.perf_counter() - start) * 1e3
         self.tensors = {key: self.flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
