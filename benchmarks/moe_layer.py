@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from doc_section import DOC, write_section
-from moe_targets import GRAPHED, check_targets, targets_json, targets_markdown
+from moe_targets import GRAPHED, PER_EXPERT, check_targets, targets_json, targets_markdown
 from te_state import fresh_te_state
 from torch import Tensor, nn
 
@@ -181,7 +181,41 @@ def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
         out.append((f"ours {recipe}{GRAPHED}", lambda base, r=recipe: graphed(ours(base, r, "te"))))
         out.append((f"ours {recipe}, frozen experts{GRAPHED}",
                     lambda base, r=recipe: graphed(ours(base, r, "te", True, True))))
+    # Where the trainable weights go to TE as one grouped weight: the same layers with one weight per expert, for
+    # the A/B in the same run.
+    for recipe in [r for r in recipes if grouped_weight_here(r)]:
+        out.append((f"ours {recipe}{PER_EXPERT}", lambda base, r=recipe: per_expert(ours(base, r, "te"))))
+        out.append((f"ours {recipe}{PER_EXPERT}{GRAPHED}",
+                    lambda base, r=recipe: graphed(per_expert(ours(base, r, "te")))))
     return out
+
+
+def grouped_weight_here(recipe: str) -> bool:
+    """Whether the trainable layer binds its weights as TE's one grouped weight under ``recipe`` on this stack."""
+    from lightning_te_moe.experts.gemm import native_grouped_gemm
+    from lightning_te_moe.policy.recipes import RecipeSpec, grouped_weight_quantize
+    from lightning_te_moe.policy.te_features import te_has
+
+    te_recipe = RecipeSpec.of(recipe).build()
+    return (grouped_weight_quantize(te_recipe) and te_has("single_grouped_weight")
+            and native_grouped_gemm(te_recipe, torch.bfloat16))
+
+
+def per_expert(module: nn.Module) -> nn.Module:
+    """``module`` with its TE engines binding one weight per expert (TE quantizes them one by one), as before the
+    grouped weight: its forward runs with ``TEGroupedGemm.grouped_weight_runs`` answering no."""
+    from unittest import mock
+
+    from lightning_te_moe.experts.gemm import TEGroupedGemm
+
+    forward = module.forward
+
+    def one_weight_per_expert(*args: Any, **kwargs: Any) -> Any:
+        with mock.patch.object(TEGroupedGemm, "grouped_weight_runs", lambda *_: False):
+            return forward(*args, **kwargs)
+
+    module.forward = one_weight_per_expert
+    return module
 
 
 def graphed(module: nn.Module) -> nn.Module:

@@ -22,6 +22,9 @@ OURS_BF16 = "ours BF16 (TE GroupedLinear)"
 FP8_RECIPES = ("fp8_delayed", "fp8_current", "fp8_block")
 #: The suffix of a row timed behind the plugin's CUDA-graph dispatcher.
 GRAPHED = ", CUDA graphs"
+#: Rows of the trainable layer binding one weight per expert where the plugin binds one grouped weight (an A/B): not
+#: what the plugin runs, so no target reads them.
+PER_EXPERT = ", one weight per expert"
 #: Issue 11's targets hold on the current stack: cuBLASLt >= 13.5 (pip's torch brings 13.4, NGC containers newer).
 CURRENT_CUBLASLT = "13.5"
 
@@ -49,7 +52,8 @@ class Target:
 
 
 def _trainable(name: str) -> bool:
-    return name.startswith("ours ") and "cached" not in name and "frozen" not in name
+    return (name.startswith("ours ") and "cached" not in name and "frozen" not in name
+            and PER_EXPERT not in name)
 
 
 def _cells(rows: list[dict[str, Any]], tokens: int) -> dict[str, dict[str, Any]]:

@@ -114,3 +114,14 @@ def test_a_users_own_te_recipe_is_aligned_by_its_type() -> None:
     assert te_recipe_alignment(custom, "split") == 64
     with pytest.raises(ValueError, match="unsupported TE recipe type Mystery"):
         te_recipe_alignment(type("Mystery", (), {})(), "split")
+
+
+def test_only_fp8_current_quantizes_the_expert_weights_as_one_grouped_weight() -> None:
+    """The recipes whose trainable expert weights go to TE's native path as one grouped weight, by TE recipe type;
+    BF16 (no recipe) and the other recipes keep one weight per expert."""
+    from lightning_te_moe.policy.recipes import GROUPED_WEIGHT_RECIPES, TE_CLASSES, grouped_weight_quantize
+
+    picked = {name for name, cls in TE_CLASSES.items() if grouped_weight_quantize(type(cls, (), {})())}
+    assert picked == set(GROUPED_WEIGHT_RECIPES) == {"fp8_current"}
+    assert not grouped_weight_quantize(None)
+    assert not grouped_weight_quantize(type("CustomRecipe", (), {"quantization_alignment": 16})())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..policy.recipes import GROUPED_MM_MAX_TOKENS
+from ..policy.recipes import GROUPED_MM_MAX_TOKENS, grouped_weight_quantize
 from ..policy.te_features import te_has
 from .routing import Dispatch
 from .weight_cache import QuantizedWeightCache
@@ -131,6 +131,34 @@ def packed_view(grads: Sequence[Optional[Tensor]], shape: torch.Size) -> Optiona
     return first.as_strided(shape, (step, shape[2], 1), offset)
 
 
+class _GroupedWeight(torch.autograd.Function):
+    """``weight [E, out, in]`` -> one TE ``GroupedTensor`` over the same storage (no copy), whose gradient (TE's one
+    ``[E, out, in]`` weight-gradient buffer) is the weight's."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:
+        return _wrap_grouped(weight.detach())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _wrap_grouped(weight: Tensor) -> Any:
+    from transformer_engine.pytorch.tensor.grouped_tensor import GroupedTensor
+
+    e, out_features, in_features = weight.shape
+    return GroupedTensor.make_grouped_tensor_from_rowwise_data(
+        num_tensors=e, tensor_shape=(out_features, in_features), rowwise_data=weight.contiguous().view(-1))
+
+
+def grouped_weight(weight: Tensor) -> Any:
+    """``weight [E, out, in]`` as TE's single grouped weight: a ``GroupedTensor`` view whose gradient flows back."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return _wrap_grouped(weight)
+    return _GroupedWeight.apply(weight)
+
+
 def expert_views(weight: Tensor) -> tuple[Tensor, ...]:
     """``weight.unbind(0)`` whose backward adopts TE's packed weight-gradient buffer instead of stacking a copy."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
@@ -154,7 +182,10 @@ class TEGroupedGemm:
 
     ``native=True`` builds TE's single-grouped-GEMM path (``use_grouped_tensor``: one cuBLASLt grouped GEMM for
     all experts, split sizes read on the device); the caller picks it only where :func:`native_grouped_gemm`
-    says TE runs it, and passes the split sizes as a device tensor.
+    says TE runs it, and passes the split sizes as a device tensor. There, under a recipe of
+    :data:`~lightning_te_moe.policy.recipes.GROUPED_WEIGHT_RECIPES`, the stacked weight is bound as TE's one grouped
+    weight (:func:`grouped_weight`; ``GroupedLinear.single_grouped_weight``, set per call): TE quantizes all
+    experts in one kernel and hands back one weight gradient.
     """
 
     def __init__(self, num_gemms: int, in_features: int, out_features: int, device: torch.device,
@@ -190,16 +221,28 @@ class TEGroupedGemm:
         if not self.native and splits is None:
             raise ValueError("TE's split GEMM path reads the split sizes on the host: pass splits")
         held = isinstance(weight, (list, tuple))
+        single = not (held or fresh) and self.grouped_weight_runs(weight, x, recipe)
         names = self.module.__dict__
-        names.update(zip(self._names, weight if held else expert_views(weight)))
+        if single:
+            names["weight"] = grouped_weight(weight)
+        else:
+            names.update(zip(self._names, weight if held else expert_views(weight)))
         if bias is not None:
             names.update(zip(self._bias_names, bias.unbind(0)))
+        # TE reads this per forward; its constructor sets it only behind an environment variable (experimental).
+        self.module.single_grouped_weight = single
         try:
             m_splits = device_splits if self.native else splits
             return self.module(x, m_splits, is_first_microbatch=self.weight_cache.for_call(weight, recipe, held, fresh))
         finally:
-            for name in self._names + self._bias_names:
+            for name in ["weight", *self._names, *self._bias_names]:
                 names.pop(name, None)
+
+    def grouped_weight_runs(self, weight: Tensor, x: Tensor, recipe: Any) -> bool:
+        """Whether this call binds the stacked weight as TE's one grouped weight: TE's native grouped GEMM (TE's own
+        predicate), a recipe of ``GROUPED_WEIGHT_RECIPES``, a TE that has it, and the weight in the compute dtype."""
+        return (self.native and grouped_weight_quantize(recipe) and te_has("single_grouped_weight")
+                and weight.dtype == x.dtype and native_grouped_gemm(recipe, x.dtype))
 
     def take_quantized(self) -> list[Any]:
         """TE's quantized copies of the weights of the last ``fresh`` call, handed over: TE keeps none of them."""

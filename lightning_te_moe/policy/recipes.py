@@ -66,6 +66,23 @@ ALIGNMENT: dict[str, dict[str, int]] = {
     "torch": _SPLIT_ALIGNMENT,
 }
 
+#: Quantized recipes whose trainable expert weights go to TE's native grouped GEMM as one grouped weight (TE
+#: ``GroupedLinear``'s ``single_grouped_weight``, bound over our ``[E, out, in]`` parameter without a copy): TE then
+#: quantizes all experts' weights with one ``tex.group_quantize`` (per-expert amax and scale, as one weight per
+#: expert gets) instead of an amax and a cast-transpose launch per expert. Why: in a profile of the GPT-OSS-20B
+#: expert layer under FP8 current scaling on TE's native path (H200, cuBLASLt 13.10, 2026-11-28), those per-expert
+#: launches took 1.5 ms of a step in 128 launches, with GPU idle between them. The other recipes keep one weight per
+#: expert: FP8 block scaling, MXFP8 and NVFP4 were not measured this way (the last two need Blackwell).
+GROUPED_WEIGHT_RECIPES: tuple[str, ...] = ("fp8_current",)
+
+
+def grouped_weight_quantize(recipe: Any) -> bool:
+    """Whether TE's active ``recipe`` (a TE recipe object, None for BF16/FP16) quantizes the expert weights as one
+    grouped weight on the native path (:data:`GROUPED_WEIGHT_RECIPES`)."""
+    names = {cls: key for key, cls in TE_CLASSES.items()}
+    return recipe is not None and names.get(type(recipe).__name__) in GROUPED_WEIGHT_RECIPES
+
+
 #: How a ``backward_override`` shows in a recipe's label.
 _BACKWARD_LABEL = {"high_precision": "+hp_bwd", "dequantized": "+dq_bwd"}
 

@@ -50,6 +50,11 @@ TE_FEATURES: tuple[TEFeature, ...] = (
               "experts/gemm.py (grouped_linear.is_module_grouped_tensor_path_supported)",
               "the experts run TE's split path (one GEMM per expert)",
               "TE PR #3224 (branch release_v2.19, before its 2.19.0 version bump)"),
+    TEFeature("single_grouped_weight", "2.20",
+              "experts/gemm.py (GroupedLinear.single_grouped_weight: all experts' weights as one grouped weight)",
+              "one weight per expert on the native path (TE quantizes them one by one)",
+              "TE 2.20.2 module/grouped_linear.py (marked experimental there; older releases not checked: "
+              "treated as absent)"),
 )
 
 _BY_NAME = {f.name: f for f in TE_FEATURES}

@@ -419,3 +419,45 @@ def test_native_grouped_gemm_follows_te_and_cublaslt() -> None:
     layer_step(swapped, *cuda_topk_routing(128))
     assert swapped._engines
     assert all(engine.native == native_grouped_gemm(None, torch.bfloat16) for engine in swapped._engines.values())
+
+
+def test_grouped_weight_on_the_native_path_equals_one_weight_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP8 current scaling on TE's native grouped GEMM binds the stacked expert weight as TE's one grouped weight
+    (one grouped quantize for all experts, one weight gradient): the same function as one weight per expert,
+    outputs and every gradient, experts without a token included (their weight gradients zero); and through two
+    micro-batches and an optimizer step the grouped copy TE caches follows the weight. Skipped where TE runs FP8
+    current scaling one GEMM per expert (cuBLASLt < 13.5) or lacks the grouped weight."""
+    from lightning_te_moe.experts import gemm
+    from lightning_te_moe.policy.recipes import RecipeSpec
+    from lightning_te_moe.policy.te_features import te_has
+
+    if not (gemm.native_grouped_gemm(RecipeSpec.of("fp8_current").build(), torch.bfloat16)
+            and te_has("single_grouped_weight")):
+        pytest.skip(f"no grouped weight here (cuBLASLt {_cublaslt()})")
+    _, grouped = _swap(cuda_experts_layer("gpt_oss"), "fp8_current")
+    per_expert = copy.deepcopy(grouped)
+    bound: list[tuple[int, ...]] = []
+    original = gemm.grouped_weight
+    monkeypatch.setattr(gemm, "grouped_weight", lambda w: bound.append(tuple(w.shape)) or original(w))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=5e-2) for m in (grouped, per_expert)]
+    errors: dict[str, float] = {}
+    for step in range(2):
+        for opt in optimizers:
+            opt.zero_grad()
+        for micro in range(2):
+            data = cuda_topk_routing(999, seed=10 * step + micro)
+            a = layer_step(grouped, *data)
+            with monkeypatch.context() as m:
+                m.setattr(gemm.TEGroupedGemm, "grouped_weight_runs", lambda *_: False)
+                b = layer_step(per_expert, *data)
+            errors.update({f"{k}@{step}.{micro}": rel_err(a[k], b[k]) for k in a})
+        grads = {n: p.grad for n, p in grouped.named_parameters()}
+        errors.update({f"{n}@{step}": rel_err(grads[n], q.grad) for n, q in per_expert.named_parameters()})
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert torch.count_nonzero(grads["fc1.weight"][5:]) == 0  # experts 5.. got no token
+        for opt in optimizers:
+            opt.step()
+    print(f"cuBLASLt {_cublaslt()}", "grouped weight vs one per expert", {k: f"{v:.1e}" for k, v in errors.items()})
+    shapes = [tuple(grouped.fc1.weight.shape), tuple(grouped.fc2.weight.shape)]
+    assert bound == shapes * 4  # fc1 and fc2, every micro-batch, the grouped layer only
+    assert max(errors.values()) <= 1e-3, errors
