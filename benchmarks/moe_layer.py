@@ -77,7 +77,9 @@ def routing(tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     return x, index, torch.softmax(top, dim=-1).to(torch.bfloat16)
 
 
-def measure(module: nn.Module, tokens: int, steps: int, warmup: int = 3) -> dict[str, Any]:
+def training_step(module: nn.Module, tokens: int) -> tuple[Callable[[], Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """One forward + backward of ``module`` on fixed routed inputs (returned beside it), gradients cleared first (as
+    ``zero_grad`` does in training: each step's gradients are assigned, not added to the last step's)."""
     x, index, weights = routing(tokens)
     x.requires_grad_(True)
     weights.requires_grad_(True)
@@ -91,6 +93,11 @@ def measure(module: nn.Module, tokens: int, steps: int, warmup: int = 3) -> dict
         out.backward(grad)
         return out
 
+    return step, (x, index, weights)
+
+
+def measure(module: nn.Module, tokens: int, steps: int, warmup: int = 3) -> dict[str, Any]:
+    step, (x, index, weights) = training_step(module, tokens)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -117,16 +124,14 @@ def profile(module: nn.Module, tokens: int, path: Path, steps: int = 3) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    x, index, weights = routing(tokens)
-    x.requires_grad_(True)
-    grad = torch.randn_like(x)
+    step, _ = training_step(module, tokens)
     for _ in range(2):
-        module(x, index, weights).backward(grad)
+        step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            module(x, index, weights).backward(grad)
+            step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
