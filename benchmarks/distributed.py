@@ -14,8 +14,9 @@ by :func:`lightning_te_moe.distributed.shard_model`, then materialized shard by 
 GPU. Per run: tokens/s and model TFLOP/s per GPU over the timed steps (after ``--warmup``), peak memory per GPU, the
 seconds of its phases (setup up to the first step, the whole fit, the checkpoint's save, the resume), the plan, and
 each rank's decisions. The default-plan run also provokes a NaN loss on the last rank at the steps ``--nan-at`` (on a
-GPU 12 and 13: a repeat within the guard's window, so a step-down from an FP8 plan; on the CPU one
-skipped batch: its plan has no lower rung), and every rank must record the same decisions at the same step; it saves
+GPU 12 and 13: a repeat within the guard's window, a step-down where the plan has a lower rung; the default plan
+under FSDP2 on Hopper is BF16, whose ladder has none, so ``fsdp2-fp8`` repeats the NaN on FP8 current, a step-down
+from FP8; on the CPU one skipped batch), and every rank must record the same decisions at the same step; it saves
 a sharded checkpoint and resumes it in a fresh process (as a restarted job does) for 2 more steps (plan, rung, guard
 state and decision history must come back), and exports to the HF layout and loads it back (unless
 ``--skip-export``). ``--profile N`` profiles N more steps after the timed ones: GPU kernel time per step (the union
@@ -303,6 +304,7 @@ def run(args: argparse.Namespace) -> None:
         "params_dtype": args.params_dtype, "reduce_dtype": args.reduce_dtype, "checkpointing": args.checkpointing,
         "plan": plugin.state.plan.summary(), "rung": plugin.state.index, "global_step": trainer.global_step,
         "seq": args.seq, "batch_per_gpu": args.batch, "timed_steps": len(timer.times), "median_step_s": step_s,
+        "min_step_s": min(timer.times, default=None), "max_step_s": max(timer.times, default=None),
         "tokens_per_s_per_gpu": tokens / step_s if step_s else None,
         "tflops_per_gpu": tokens * flops_per_token(module.config, args.seq) / step_s / 1e12 if step_s else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -379,11 +381,13 @@ def export_check(module: Any, out: Path, rank: int, args: argparse.Namespace) ->
 
 
 #: The names of :func:`configurations`, in its order.
-CONFIGURATIONS = ("fsdp2-bf16", "fsdp2-default", "ddp-1", "ddp-2")
+CONFIGURATIONS = ("fsdp2-bf16", "fsdp2-default", "fsdp2-fp8", "ddp-1", "ddp-2")
 
 
 def configurations(args: argparse.Namespace) -> list[list[str]]:
-    """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), DDP 1 vs 2."""
+    """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), FP8 current
+    named (a NaN repeat: the step-down from FP8, which the default plan does not start on under FSDP2 on Hopper, rule
+    ``hopper-sharded-bf16``; GPU only), DDP 1 vs 2."""
     common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--params-dtype", args.params_dtype, "--reduce-dtype", args.reduce_dtype]
     common += ["--checkpointing"] if args.checkpointing else []
@@ -397,6 +401,9 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
         ["--name", "fsdp2-default", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "auto",
          "--nan-at", *map(str, args.nan_at or ([3] if args.tiny else [12, 13])), "--checkpoint", *export,
          *common],
+        *([] if args.tiny else [  # the CPU runs no FP8
+            ["--name", "fsdp2-fp8", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "fp8_current",
+             "--nan-at", *map(str, args.nan_at or [12, 13]), *common]]),
         ["--name", "ddp-1", "--strategy", "ddp", "--devices", "1", "--recipe", "auto", *ddp_layers, *common],
         ["--name", "ddp-2", "--strategy", "ddp", "--devices", "2", "--recipe", "auto", *ddp_layers, *common],
     ]

@@ -144,6 +144,7 @@ class TEMoEPrecision(FSDPPrecision):
         self._trainer: Any = None
         self._resume_step: Optional[int] = None
         self._converted: Optional[torch.nn.Module] = None  # the module last planned, swapped and cast
+        self._sharded = False  # the Trainer's strategy shards the parameters over several ranks (set at planning)
         #: Module swaps run at setup, in order: ``fn(model, state) -> (summary, details) or None``.
         self.module_swaps: list[Callable[[torch.nn.Module, PrecisionState], Optional[tuple[str, dict]]]] = []
         if swap_experts:
@@ -170,10 +171,11 @@ class TEMoEPrecision(FSDPPrecision):
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self, device: torch.device, torch_compile: bool = False,
-                  environment: Optional[Environment] = None) -> Plan:
-        """Probe ``device`` (unless an environment is given) and plan; does not change the plugin."""
+                  environment: Optional[Environment] = None, sharded: bool = False) -> Plan:
+        """Probe ``device`` (unless an environment is given) and plan; does not change the plugin. ``sharded``: the
+        Trainer's strategy shards the parameters over several ranks (rules differ there)."""
         env = environment or probe_environment(device)
-        request = dataclasses.replace(self.request, torch_compile=torch_compile)
+        request = dataclasses.replace(self.request, torch_compile=torch_compile, sharded=sharded)
         return make_plan(env, request)
 
     @property
@@ -223,12 +225,13 @@ class TEMoEPrecision(FSDPPrecision):
                 self.decisions.hold()                      # setup records (on_load_checkpoint decides)
             device = trainer.strategy.root_device if trainer is not None else _default_device()
             compiled = bool(compiled_modules(module))
-            plan = self.make_plan(device, torch_compile=compiled)
             world = trainer.world_size if trainer is not None else _process_count()
+            self._sharded = world > 1 and support is not None and support.kind in ("fsdp", "fsdp2")
+            plan = self.make_plan(device, torch_compile=compiled, sharded=self._sharded)
             if world > 1:  # every rank runs rank 0's plan (the Trainer's strategy broadcasts; Fabric: the group)
                 plan = Plan.from_dict(_broadcast(trainer, plan.to_dict()))
-                sharded = support is not None and support.kind in ("fsdp", "fsdp2")
-                plan = dataclasses.replace(plan, reasons=plan.reasons + distributed_reasons(plan, sharded, world))
+                plan = dataclasses.replace(plan, reasons=plan.reasons + distributed_reasons(plan, self._sharded,
+                                                                                            world))
             self._set_up(plan, device)
         assert self.state is not None
         for swap in self.module_swaps:
@@ -350,7 +353,8 @@ class TEMoEPrecision(FSDPPrecision):
         assert self.state is not None and self._model is not None
         self._autotune_pending = False
         trainer, step = self._trainer, getattr(self._trainer, "global_step", 0)
-        request = dataclasses.replace(self.request, torch_compile=bool(self.state.plan.request.get("torch_compile")))
+        request = dataclasses.replace(self.request, torch_compile=bool(self.state.plan.request.get("torch_compile")),
+                                      sharded=self._sharded)
         try:
             plan, result, shape = autotune_model(self._model, self.state.plan.environment, request,
                                                  self.autotune_tokens)
@@ -456,7 +460,7 @@ class TEMoEPrecision(FSDPPrecision):
         changed = _changed_arguments(saved.request, self.request.to_dict())
         if self.state is None:  # restored before setup (e.g. a strategy that restores early)
             device = _default_device()
-            self._set_up(self.make_plan(device) if changed else saved, device)
+            self._set_up(self.make_plan(device, sharded=self._sharded) if changed else saved, device)
         current_env = self.state.plan.environment
         same = _stack(saved.environment) == _stack(current_env)
         self._guard_state = state_dict.get("guard")

@@ -88,7 +88,7 @@ def main(out: Path) -> None:
         "experts_full_shape": list(experts[0].fc1.weight.shape),
         "shard": shard.evidence, "decisions": first, "rung": plugin.state.index,
         "global_step": trainer.global_step, "finite": bool(torch.isfinite(params).all()), "exported": exported,
-        "guard": plugin.guard.guard_state()["rollbacks"],
+        "guard": plugin.guard.guard_state()["rollbacks"], "planned_sharded": plugin.state.plan.request["sharded"],
     }
     resumed_trainer, resumed, _ = run(out, 10, out / "ckpt")
     result["resumed"] = {"decisions": decisions(resumed), "rung": resumed.state.index,

@@ -62,6 +62,7 @@ def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) 
                       if d.kind == "snapshot" and d.rule == "snapshot_budget"],
         "host_budget": [[d.step, d.to] for d in plugin.decisions.decisions if d.rule == "host_memory_budget"],
         "params": params.tolist(), "finite": bool(torch.isfinite(params).all()),
+        "planned_sharded": plugin.state.plan.request["sharded"],
     }))
 
 

@@ -8,6 +8,8 @@ ever entered on CPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import torch
@@ -27,9 +29,11 @@ class CpuLadderPrecision(TEMoEPrecision):
 
     ladders = {"auto": CPU_LADDER, "bf16": (BF16,), "fp32": (FP32,)}
 
-    def make_plan(self, device: torch.device, torch_compile: bool = False, environment: Any = None) -> Plan:
+    def make_plan(self, device: torch.device, torch_compile: bool = False, environment: Any = None,
+                  sharded: bool = False) -> Plan:
         ladder = tuple(r for r in self.ladders[self.request.recipe] if r.dense.name not in self.request.deny)
-        return Plan(ladder=ladder, environment=probe_environment(device), request=self.request.to_dict(),
+        request = dataclasses.replace(self.request, sharded=sharded)
+        return Plan(ladder=ladder, environment=probe_environment(device), request=request.to_dict(),
                     reasons=(Reason("test", "CPU ladder for guard tests"),))
 
 

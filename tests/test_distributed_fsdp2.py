@@ -29,6 +29,7 @@ def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
 def test_swaps_run_before_fully_shard_and_each_experts_module_is_a_unit(fsdp2_run: tuple[Path, list[dict]]) -> None:
     for rank in fsdp2_run[1]:
         assert rank["experts"] == 2 and rank["experts_units"] and rank["dtensor"]
+        assert rank["planned_sharded"] is True  # the plan was made knowing the strategy shards (rules differ there)
         assert rank["experts_full_shape"] == [8, 96, 32] and rank["experts_local_shape"] == [4, 96, 32]
         assert rank["shard"] == {"strategy": "fsdp2", "ranks": 2, "experts_units": 2, "layer_units": 2, "roots": 1,
                                  "param_dtype": "None", "reduce_dtype": "torch.float32"}  # the ladder has FP32

@@ -33,6 +33,7 @@ def test_nan_on_one_rank_costs_both_ranks_the_same_steps(tmp_path: Path, reads: 
     assert ranks[0]["rung"] == ranks[1]["rung"] == 0
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 60
     assert ranks[0]["finite"] and ranks[0]["params"] == ranks[1]["params"]
+    assert ranks[0]["planned_sharded"] is ranks[1]["planned_sharded"] is False  # DDP replicates the parameters
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ class PrecisionRequest:
     params_dtype: str = "float32"
     experts: str = "auto"
     cuda_graphs: bool = False  # the plugin's cuda_graphs=True (rules may differ for a GPU-bound step)
+    sharded: bool = False  # parameters sharded over several ranks (set by the plugin from the Trainer's strategy)
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, str) and self.recipe != "auto":
@@ -81,6 +82,7 @@ class PrecisionRequest:
             "recipe": recipe, "allow": list(self.allow), "deny": list(self.deny), "auto_nvfp4": self.auto_nvfp4,
             "prefer_stability": self.prefer_stability, "strict": self.strict, "torch_compile": self.torch_compile,
             "params_dtype": self.params_dtype, "experts": self.experts, "cuda_graphs": self.cuda_graphs,
+            "sharded": self.sharded,
         }
 
 
@@ -143,7 +145,7 @@ def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
     c = _Constraints()
     named = request.named
     for rule in matching_rules(env, torch_compile=request.torch_compile, params_dtype=request.params_dtype,
-                               cuda_graphs=request.cuda_graphs):
+                               cuda_graphs=request.cuda_graphs, sharded=request.sharded):
         reason, effect = _reason(rule, env), rule.effect
         if effect == Effect():  # a rule that only informs
             c.notes.append(reason)

@@ -25,6 +25,8 @@ EXAMPLES: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
     ("H100 (9.0), TE 2.20, cuBLASLt 13.1", {"cc": "9.0", "te": "2.20.2", "cublaslt": "13.1.0"}, {}),
     ("H100 (9.0), TE 2.20, cuBLASLt 13.4", {"cc": "9.0", "te": "2.20.2", "cublaslt": "13.4.0"}, {}),
     ("H100 (9.0), TE 2.20, cuBLASLt 13.10", {"cc": "9.0", "te": "2.20.2", "cublaslt": "13.10.0"}, {}),
+    ("H100 (9.0), TE 2.20, cuBLASLt 13.10, FSDP2 (sharded parameters)", {"cc": "9.0", "te": "2.20.2",
+                                                                          "cublaslt": "13.10.0"}, {"sharded": True}),
     ("B200 (10.0), TE 2.20, cuBLASLt 13.10", {"cc": "10.0", "te": "2.20.2", "cublaslt": "13.10.0"}, {}),
     ("B200 (10.0), TE 2.20, cuBLASLt 13.10, `auto_nvfp4=True`", {"cc": "10.0", "te": "2.20.2", "cublaslt": "13.10.0"},
      {"auto_nvfp4": True}),

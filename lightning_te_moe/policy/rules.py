@@ -36,11 +36,12 @@ class When:
     cpu_bf16: Optional[bool] = None
     torch_compile: Optional[bool] = None
     cuda_graphs: Optional[bool] = None  # the plugin's cuda_graphs=True: a GPU-bound step, where host costs weigh less
+    sharded: Optional[bool] = None  # parameters sharded over several ranks (Lightning's FSDP / FSDP2 strategies)
     params_dtype: Optional[str] = None  # the dtype TEMoEPrecision keeps parameters in
     te_reports_unavailable: Optional[str] = None  # a family of TE's is_*_available checks
 
     def matches(self, env: Environment, torch_compile: bool = False, params_dtype: str = "float32",
-                cuda_graphs: bool = False) -> bool:
+                cuda_graphs: bool = False, sharded: bool = False) -> bool:
         if self.device is not None and env.device_type != self.device:
             return False
         if self.cc_min is not None and (env.cc is None or env.cc < self.cc_min):
@@ -71,6 +72,8 @@ class When:
         if self.torch_compile is not None and torch_compile != self.torch_compile:
             return False
         if self.cuda_graphs is not None and cuda_graphs != self.cuda_graphs:
+            return False
+        if self.sharded is not None and sharded != self.sharded:
             return False
         if self.params_dtype is not None and params_dtype != self.params_dtype:
             return False
@@ -106,6 +109,8 @@ class When:
             parts.append("under torch.compile" if self.torch_compile else "without torch.compile")
         if self.cuda_graphs is not None:
             parts.append("with CUDA graphs" if self.cuda_graphs else "without CUDA graphs")
+        if self.sharded is not None:
+            parts.append("parameters sharded (FSDP)" if self.sharded else "parameters not sharded")
         if self.params_dtype:
             parts.append(f"parameters in {self.params_dtype}")
         if self.te_reports_unavailable:
@@ -202,6 +207,19 @@ RULES: tuple[Rule, ...] = (
          When(device="cuda", cc_min=8.9, cc_below=9.0, cublaslt_below="12.1.3"),
          Effect(forbid=_QUANTIZED),
          "FP8 on Ada needs cuBLASLt >= 12.1.3."),
+    Rule("hopper-sharded-bf16",
+         "measured (GPT-OSS-20B, all parameters trainable, FSDP2 on 4 GPUs, sequence 4,096, TE 2.20.2, "
+         "benchmarks/distributed.py): docs/distributed.md, 4 x H200 cuBLASLt 13.10 (2026-11-28) and 4 x H100 "
+         "cuBLASLt 13.1 (2026-11-27)",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, sharded=True),
+         Effect(forbid=_QUANTIZED, lifted_by_request=True),
+         "Hopper with sharded parameters (FSDP/FSDP2): every FP8 plan measured slower than BF16 in the full-size fine"
+         "-tune, on both CUDA stacks, and larger: on 4 x H200 with cuBLASLt 13.10 FP8 current (experts on TE's native"
+         " grouped GEMM) took 0.97-0.98 s a step and 103.8 GiB against BF16's 0.66 s and 68.2 GiB, the same lease; on 4"
+         " x H100 with cuBLASLt 13.1 FP8 dense layers took 1.15 s against 0.80 s. Sharded weights are gathered in"
+         " BF16 and quantized again in every forward and backward, and TE's GroupedLinear keeps each layer's FP8"
+         " expert weights for its backward. So auto runs BF16 there; a named recipe (recipe='fp8_current') still"
+         " runs FP8, with this warning. Not measured on Blackwell."),
     Rule("hopper-split-dense-bf16",
          "measured (H100 80GB, TE 2.20.2, cuBLASLt 13.1, 2026-11-27): docs/dense.md 'Dense layers on TE at full size',"
          " docs/distributed.md, docs/performance.md (benchmarks/full_model.py, distributed.py, train_step.py)",
@@ -371,6 +389,6 @@ RULES: tuple[Rule, ...] = (
 
 
 def matching_rules(env: Environment, torch_compile: bool = False, params_dtype: str = "float32",
-                   cuda_graphs: bool = False) -> list[Rule]:
+                   cuda_graphs: bool = False, sharded: bool = False) -> list[Rule]:
     return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile, params_dtype=params_dtype,
-                                                        cuda_graphs=cuda_graphs)]
+                                                        cuda_graphs=cuda_graphs, sharded=sharded)]
