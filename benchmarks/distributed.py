@@ -388,8 +388,8 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
     """Issue 16's runs: FSDP2 on every GPU in BF16 and with the default plan (NaN, checkpoint, export), FP8 current
     named (a NaN repeat: the step-down from FP8, which the default plan does not start on under FSDP2 on Hopper, rule
     ``hopper-sharded-bf16``; GPU only), DDP 1 vs 2."""
-    common = ["--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--params-dtype", args.params_dtype, "--reduce-dtype", args.reduce_dtype]
+    common = ["--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+              str(args.warmup), "--params-dtype", args.params_dtype, "--reduce-dtype", args.reduce_dtype]
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--profile", str(args.profile)] if args.profile else []
     common += ["--tiny"] if args.tiny else []

@@ -100,3 +100,18 @@ def test_tiny_run_of_every_configuration(tmp_path: Path) -> None:
     assert default["export"]["loaded"] and default["export"]["experts_shape"] == default["export"][
         "expected_experts_shape"] == [8, 32, 96]
     assert result["ddp_scaling"] > 0
+
+
+def test_all_passes_the_batch_and_runs_fp8_only_on_a_gpu() -> None:
+    """``all --batch 2`` reaches every configuration (tokens per GPU are part of what is measured); the named-FP8
+    configuration (the step-down from FP8) is left out of ``--tiny``, whose CPU runs no FP8."""
+    args = parser().parse_args(["all", "--out", "x", "--batch", "2"])
+    args.seq, args.steps, args.warmup, args.devices = 4096, 24, 4, 4
+    configs = {c[1]: c for c in configurations(args)}
+    assert list(configs) == ["fsdp2-bf16", "fsdp2-default", "fsdp2-fp8", "ddp-1", "ddp-2"]
+    assert all(c[c.index("--batch") + 1] == "2" for c in configs.values())
+    fp8 = configs["fsdp2-fp8"]
+    assert fp8[fp8.index("--recipe") + 1] == "fp8_current" and fp8[fp8.index("--nan-at") + 1:][:2] == ["12", "13"]
+    tiny = parser().parse_args(["all", "--out", "x", "--tiny"])
+    tiny.seq, tiny.steps, tiny.warmup, tiny.devices = 16, 6, 1, 2
+    assert "fsdp2-fp8" not in {c[1] for c in configurations(tiny)}
