@@ -74,9 +74,11 @@ MEASUREMENTS: tuple[ExpertLayerMeasurement, ...] = (
         note="TE's native grouped GEMM for BF16, FP8 current and FP8 block scaling (block with 128 rows per expert);"
              " FP8 delayed runs the split path; the full run of 00:31 UTC. FP8 current ran eager four more times on"
              " H100s that day and BF16 three (00:42-05:43 UTC): 17.4-19.8 against 18.2-19.7 ms over all runs, within"
-             " run-to-run noise of each other; replayed as CUDA graphs 15.9-16.1 against 17.5-18.0 ms. At 65,536"
-             " tokens (2026-11-27, 15:55 UTC) FP8 delayed was 22% faster than BF16 (55.0 vs 70.9 ms), FP8 current"
-             " 12%."),
+             " run-to-run noise of each other; replayed as CUDA graphs 15.9-16.1 against 17.5-18.0 ms. Since"
+             " 3ebcfed FP8 current quantizes all experts' weights as one grouped weight: two runs at 07:44-07:46 UTC"
+             " timed it eager at 18.04 / 17.37 ms against BF16's 18.82 / 18.67 (one weight per expert 20.95 / 19.23),"
+             " graphed 15.84 / 15.83. At 65,536 tokens (2026-11-27, 15:55 UTC) FP8 delayed was 22% faster than BF16"
+             " (55.0 vs 70.9 ms), FP8 current 12%."),
 )
 
 
