@@ -213,8 +213,9 @@ RULES: tuple[Rule, ...] = (
          "cuBLASLt 13.1 (2026-11-27)",
          When(device="cuda", cc_min=9.0, cc_below=10.0, sharded=True),
          Effect(forbid=_QUANTIZED, lifted_by_request=True),
-         "Hopper with sharded parameters (FSDP/FSDP2): every FP8 plan measured slower than BF16 in the full-size fine"
-         "-tune, on both CUDA stacks, and larger: on 4 x H200 with cuBLASLt 13.10 FP8 current (experts on TE's native"
+         "Hopper with sharded parameters: every FP8 plan measured slower than BF16 in the full-size fine-tune under"
+         " FSDP2 (FSDP gathers and quantizes the same way; not measured), on both CUDA stacks, and larger: on 4 x"
+         " H200 with cuBLASLt 13.10 FP8 current (experts on TE's native"
          " grouped GEMM) took 0.97-0.98 s a step and 103.8 GiB against BF16's 0.66 s and 68.2 GiB, the same lease; on 4"
          " x H100 with cuBLASLt 13.1 FP8 dense layers took 1.15 s against 0.80 s. Sharded weights are gathered in"
          " BF16 and quantized again in every forward and backward, and TE's GroupedLinear keeps each layer's FP8"
