@@ -125,3 +125,29 @@ def test_only_fp8_current_quantizes_the_expert_weights_as_one_grouped_weight() -
     assert picked == set(GROUPED_WEIGHT_RECIPES) == {"fp8_current"}
     assert not grouped_weight_quantize(None)
     assert not grouped_weight_quantize(type("CustomRecipe", (), {"quantization_alignment": 16})())
+
+
+def test_an_engine_binds_one_grouped_weight_only_where_te_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's per-call choice (no TE needed to decide): TE's native path (its own predicate, not the module's
+    choice), FP8 current, a TE with the feature, and the weight already in the compute dtype (an FP32 master weight
+    under autocast keeps one weight per expert: TE casts those)."""
+    from lightning_te_moe.experts import gemm
+
+    engine = object.__new__(gemm.TEGroupedGemm)  # the decision reads only ``native``; building one needs TE
+    current, block = type("Float8CurrentScaling", (), {})(), type("Float8BlockScaling", (), {})()
+    bf16 = torch.zeros(2, 4, 8, dtype=torch.bfloat16)
+    x = torch.zeros(3, 8, dtype=torch.bfloat16)
+    te_native = {"yes": True}
+    monkeypatch.setattr(gemm, "native_grouped_gemm", lambda recipe, dtype: te_native["yes"])
+    monkeypatch.setattr(gemm, "te_has", lambda name: name == "single_grouped_weight")
+    engine.native = True
+    assert engine.grouped_weight_runs(bf16, x, current)
+    assert not engine.grouped_weight_runs(bf16, x, block) and not engine.grouped_weight_runs(bf16, x, None)
+    assert not engine.grouped_weight_runs(bf16.float(), x, current)
+    te_native["yes"] = False  # TE would run its split path: a single grouped weight would raise there
+    assert not engine.grouped_weight_runs(bf16, x, current)
+    te_native["yes"], engine.native = True, False
+    assert not engine.grouped_weight_runs(bf16, x, current)
+    engine.native = True
+    monkeypatch.setattr(gemm, "te_has", lambda name: False)  # TE < 2.20
+    assert not engine.grouped_weight_runs(bf16, x, current)
