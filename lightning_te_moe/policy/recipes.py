@@ -21,6 +21,8 @@ TE_CLASSES: dict[str, str] = {
     "mxfp8": "MXFP8BlockScaling",
     "nvfp4": "NVFP4BlockScaling",
 }
+#: The recipe name of each TE recipe class (a TE recipe object's type, read without importing TE).
+_NAME_OF_CLASS: dict[str, str] = {cls: key for key, cls in TE_CLASSES.items()}
 
 #: Settings each quantized recipe is built with unless a rule or the user says otherwise.
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
@@ -79,8 +81,7 @@ GROUPED_WEIGHT_RECIPES: tuple[str, ...] = ("fp8_current",)
 def grouped_weight_quantize(recipe: Any) -> bool:
     """Whether TE's active ``recipe`` (a TE recipe object, None for BF16/FP16) quantizes the expert weights as one
     grouped weight on the native path (:data:`GROUPED_WEIGHT_RECIPES`)."""
-    names = {cls: key for key, cls in TE_CLASSES.items()}
-    return recipe is not None and names.get(type(recipe).__name__) in GROUPED_WEIGHT_RECIPES
+    return recipe is not None and _NAME_OF_CLASS.get(type(recipe).__name__) in GROUPED_WEIGHT_RECIPES
 
 
 #: How a ``backward_override`` shows in a recipe's label.
@@ -108,7 +109,7 @@ def te_recipe_alignment(recipe: Any, path: str) -> int:
 
     TE's ``CustomRecipe`` declares its own (``quantization_alignment``) and never runs the native path.
     """
-    name = {cls: key for key, cls in TE_CLASSES.items()}.get(type(recipe).__name__)
+    name = _NAME_OF_CLASS.get(type(recipe).__name__)
     if name is not None:
         return _alignment(name, path)
     declared = getattr(recipe, "quantization_alignment", None)
@@ -205,13 +206,12 @@ _NVFP4_KEYS = {"disable_rht", "disable_stochastic_rounding"}
 def spec_from_te_recipe(recipe: Any) -> RecipeSpec:
     """Name and settings of a TE recipe object a user passed in (no TE import needed to call this)."""
     cls_name = type(recipe).__name__
-    names = {v: k for k, v in TE_CLASSES.items()}
-    if cls_name not in names:
+    if cls_name not in _NAME_OF_CLASS:
         raise ValueError(
-            f"unsupported TE recipe type {cls_name}; supported are {', '.join(sorted(names))} "
+            f"unsupported TE recipe type {cls_name}; supported are {', '.join(sorted(_NAME_OF_CLASS))} "
             f"(or a recipe name: {', '.join(RECIPE_NAMES)})"
         )
-    name = names[cls_name]
+    name = _NAME_OF_CLASS[cls_name]
     settings: dict[str, Any] = {}
     for key in set(DEFAULT_SETTINGS[name]) | {"backward_override"} | (_NVFP4_KEYS if name == "nvfp4" else set()):
         if hasattr(recipe, key):
