@@ -197,13 +197,10 @@ def candidates() -> list[tuple[str, Callable[[nn.Module], nn.Module]]]:
 
 def grouped_weight_here(recipe: str) -> bool:
     """Whether the trainable layer binds its weights as TE's one grouped weight under ``recipe`` on this stack."""
-    from lightning_te_moe.experts.gemm import native_grouped_gemm
-    from lightning_te_moe.policy.recipes import RecipeSpec, grouped_weight_quantize
-    from lightning_te_moe.policy.te_features import te_has
+    from lightning_te_moe.experts.gemm import grouped_weight_applies
+    from lightning_te_moe.policy.recipes import RecipeSpec
 
-    te_recipe = RecipeSpec.of(recipe).build()
-    return (grouped_weight_quantize(te_recipe) and te_has("single_grouped_weight")
-            and native_grouped_gemm(te_recipe, torch.bfloat16))
+    return grouped_weight_applies(RecipeSpec.of(recipe).build(), torch.bfloat16)
 
 
 def per_expert(module: nn.Module) -> nn.Module:

@@ -239,10 +239,9 @@ class TEGroupedGemm:
                 names.pop(name, None)
 
     def grouped_weight_runs(self, weight: Tensor, x: Tensor, recipe: Any) -> bool:
-        """Whether this call binds the stacked weight as TE's one grouped weight: TE's native grouped GEMM (TE's own
-        predicate), a recipe of ``GROUPED_WEIGHT_RECIPES``, a TE that has it, and the weight in the compute dtype."""
-        return (self.native and grouped_weight_quantize(recipe) and te_has("single_grouped_weight")
-                and weight.dtype == x.dtype and native_grouped_gemm(recipe, x.dtype))
+        """Whether this call binds the stacked weight as TE's one grouped weight: a native engine, the weight in the
+        compute dtype, and :func:`grouped_weight_applies`."""
+        return self.native and weight.dtype == x.dtype and grouped_weight_applies(recipe, x.dtype)
 
     def take_quantized(self) -> list[Any]:
         """TE's quantized copies of the weights of the last ``fresh`` call, handed over: TE keeps none of them."""
@@ -274,6 +273,13 @@ def native_grouped_gemm(recipe: Any, dtype: torch.dtype) -> bool:
         else:
             _NATIVE[key] = bool(is_module_grouped_tensor_path_supported(recipe, dtype))
     return _NATIVE[key]
+
+
+def grouped_weight_applies(recipe: Any, dtype: torch.dtype) -> bool:
+    """Whether trainable expert weights go to TE as one grouped weight under ``recipe`` and ``dtype`` on this stack:
+    a recipe of ``GROUPED_WEIGHT_RECIPES``, a TE that has the grouped weight, and TE's native grouped GEMM by TE's
+    own predicate (off that path TE raises on a grouped weight instead of falling back)."""
+    return grouped_weight_quantize(recipe) and te_has("single_grouped_weight") and native_grouped_gemm(recipe, dtype)
 
 
 def te_applies_bias(weight: Tensor, bias: Optional[Tensor]) -> bool:

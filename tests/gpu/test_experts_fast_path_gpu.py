@@ -429,10 +429,8 @@ def test_grouped_weight_on_the_native_path_equals_one_weight_per_expert(monkeypa
     current scaling one GEMM per expert (cuBLASLt < 13.5) or lacks the grouped weight."""
     from lightning_te_moe.experts import gemm
     from lightning_te_moe.policy.recipes import RecipeSpec
-    from lightning_te_moe.policy.te_features import te_has
 
-    if not (gemm.native_grouped_gemm(RecipeSpec.of("fp8_current").build(), torch.bfloat16)
-            and te_has("single_grouped_weight")):
+    if not gemm.grouped_weight_applies(RecipeSpec.of("fp8_current").build(), torch.bfloat16):
         pytest.skip(f"no grouped weight here (cuBLASLt {_cublaslt()})")
     _, grouped = _swap(cuda_experts_layer("gpt_oss"), "fp8_current")
     per_expert = copy.deepcopy(grouped)
