@@ -82,9 +82,9 @@ def main() -> None:
     config = gpt_oss_20b_config(24)
     model = apply_finetune(build_model(config, "eager"), "frozen-experts-lora-attn")
     impl = Implementation("diag", "diagnostic", "eager", "auto", cuda_graphs=args.graphs)
-    context, info = convert(model, impl)
+    context, info, run, _ = convert(model, impl)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
-    step = training_step(model, context, optimizer)
+    step = training_step(model, context, optimizer, run)
     if args.graphs:  # memory after each layer's capture
         from lightning_te_moe.graphs import dispatchers
 

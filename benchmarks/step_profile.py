@@ -33,10 +33,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     impl = BY_KEY[args.row]
     model = apply_finetune(build_model(gpt_oss_20b_config(args.layers), impl.attention), args.finetune)
-    context, info = convert(model, impl)
+    context, info, run, _ = convert(model, impl)
     print(info.get("plan", impl.name), flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    step = training_step(model, context, optimizer)
+    step = training_step(model, context, optimizer, run)
     ids = torch.randint(0, 201088, (args.batch, args.seq), device="cuda")
     for _ in range(3):
         step(ids)
