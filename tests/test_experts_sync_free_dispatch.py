@@ -84,4 +84,4 @@ def test_a_dispatch_without_host_splits_refuses_the_per_expert_loop() -> None:
 
     d = make_dispatch(torch.randint(0, 4, (6, 2)), 4, host_splits=False)
     with pytest.raises(ValueError, match="without host split sizes needs torch's grouped_mm"):
-        torch_grouped_linear(torch.randn(d.rows, 8), torch.randn(4, 8, 8), d)
+        torch_grouped_linear(torch.randn(d.rows, 8), torch.randn(4, 8, 8), d.offsets, d.splits)

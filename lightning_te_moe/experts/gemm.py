@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ..policy.recipes import GROUPED_MM_MAX_TOKENS, grouped_weight_quantize
 from ..policy.te_features import te_has
-from .routing import Dispatch
 from .weight_cache import QuantizedWeightCache
 
 
@@ -74,12 +73,12 @@ def _grouped_mm_ok(x: Tensor, weight: Tensor) -> bool:
     return grouped_mm_runs(x.device, x.dtype, weight.shape[1:])
 
 
-def torch_grouped_linear(x: Tensor, weight: Tensor, dispatch: Dispatch) -> Tensor:
-    """Reference grouped GEMM ``x @ weight[e].T`` per expert block: ``grouped_mm`` where it runs, else a loop."""
+def torch_grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, splits: Optional[list[int]]) -> Tensor:
+    """Reference grouped GEMM ``x @ weight[e].T`` per expert block: ``grouped_mm`` where it runs (``offsets``:
+    cumulative rows per expert on the device), else a loop over the host ``splits``."""
     weight = weight.to(x.dtype)
     if _grouped_mm_ok(x, weight):
-        return F.grouped_mm(x, weight.transpose(-2, -1), offs=dispatch.offsets)
-    splits = dispatch.splits
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     if splits is None:
         raise ValueError("a dispatch without host split sizes needs torch's grouped_mm (CUDA, BF16, dims % 8)")
     parts = [F.linear(chunk, weight[e]) for e, chunk in enumerate(x.split(splits)) if splits[e]]

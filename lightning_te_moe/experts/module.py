@@ -128,19 +128,24 @@ class GroupedExperts(nn.Module):
             auto = self.backend == "auto"  # backend="te" keeps TE's GEMMs at every size
             use_te = te_kernels and not (auto and grouped_mm and prefer_grouped_mm(x.size(0), recipe, native))
             align = self._alignment(recipe, native)
-            # On TE's native path a bias is a separate pass over every row plus a bias-gradient reduction: the
-            # up-projection's goes into the activation kernel (:mod:`.bias_glu`) and the down-projection's is added
-            # after the combine (:func:`routed_bias`, a [T, E] @ [E, H] product).
+            # The GEMMs read the split sizes on the device: TE's native grouped GEMM, or torch's grouped_mm.
+            splits_on_device = native if use_te else grouped_mm
+            # There a bias is a separate pass over every row plus a bias-gradient reduction: the up-projection's
+            # goes into the activation kernel (:mod:`.bias_glu`) and the down-projection's is added after the
+            # combine (:func:`routed_bias`, a [T, E] @ [E, H] product).
             glu = glu_params(self.activation)
-            fc1_bias_in_glu = (native and use_te and self.fc1.bias is not None
+            fc1_bias_in_glu = (te_kernels and splits_on_device and self.fc1.bias is not None
                                and fused_bias_glu_runs(x, glu))
             fc1_bias_in_te = use_te and not fc1_bias_in_glu and te_applies_bias(self.fc1.weight, self.fc1.bias)
             fc2_bias_in_te = use_te and not native and te_applies_bias(self.fc2.weight, self.fc2.bias)
             rows_bias_outside = self.fc1.bias is not None and not (fc1_bias_in_te or fc1_bias_in_glu)
             fc2_bias_outside = self.fc2.bias is not None and not fc2_bias_in_te
+            # TE's permutation kernels serve torch's grouped_mm too: one pass each way instead of the torch
+            # routing's gathers and copies (GPT-OSS-20B at 2,048 tokens on cuBLASLt 13.1, docs/performance.md).
             fused = None
-            if use_te and not rows_bias_outside and x.size(0) and fused_permutation_available():
-                fused = fused_routing(index, weights, self.num_experts, align, host_splits=not native)
+            if ((use_te or splits_on_device) and te_kernels and not rows_bias_outside and x.size(0)
+                    and fused_permutation_available()):
+                fused = fused_routing(index, weights, self.num_experts, align, host_splits=not splits_on_device)
             route: Dispatch | FusedRouting
             if fused is not None:
                 route = fused
@@ -213,8 +218,7 @@ class GroupedExperts(nn.Module):
         ``recipe``: TE's active quantized recipe (None: BF16/FP16); ``native``: TE's native grouped GEMM."""
         weight = layer.weight
         if not use_te:
-            assert isinstance(route, Dispatch)  # the torch path always routes with a Dispatch
-            return torch_grouped_linear(x, weight, route)
+            return torch_grouped_linear(x, weight, route.offsets, route.splits)
         bias = layer.bias if bias_in_te else None
         engine = self._engine(name, weight.shape, x, bias is not None, native)
         resident = self._resident.get(name)  # the base projections (LoRA factors train: never held quantized)

@@ -109,7 +109,7 @@ class FusedRouting:
         self.counts = counts
         self._row_id_map: Optional[Tensor] = None
 
-    @property
+    @cached_property
     def offsets(self) -> Tensor:
         """Cumulative rows per expert (int32, on the device), as ``torch.nn.functional.grouped_mm`` wants them."""
         return torch.cumsum(self.device_splits, 0).to(torch.int32)

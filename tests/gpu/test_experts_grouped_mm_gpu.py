@@ -19,6 +19,7 @@ from experts_helpers import cuda_experts_layer, cuda_topk_routing, layer_step, p
 from lightning_te_moe.experts import ExpertSwapConfig, swap_experts  # noqa: E402
 from lightning_te_moe.experts import module as experts_module  # noqa: E402
 from lightning_te_moe.experts.gemm import native_grouped_gemm  # noqa: E402
+from lightning_te_moe.experts.te_routing import fused_permutation_available  # noqa: E402
 
 
 def _swapped(arch: str) -> torch.nn.Module:
@@ -36,8 +37,13 @@ def test_grouped_mm_path_matches_te_and_never_syncs(arch: str, monkeypatch: pyte
     if native_grouped_gemm(None, torch.bfloat16):
         pytest.skip("TE's native grouped GEMM runs BF16 on this stack: it is taken instead")
     ours = _swapped(arch)
+    routed: list[bool] = []  # host_splits of each fused routing: TE's permutation kernels serve grouped_mm too
+    real = experts_module.fused_routing
+    monkeypatch.setattr(experts_module, "fused_routing",
+                        lambda *args, **kwargs: routed.append(kwargs["host_splits"]) or real(*args, **kwargs))
     batch = cuda_topk_routing(1000, seed=2, empty_from=6)
     layer_step(ours, *batch)  # warm-up (TE's activation kernel, the allocator)
+    ours.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -45,10 +51,16 @@ def test_grouped_mm_path_matches_te_and_never_syncs(arch: str, monkeypatch: pyte
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not ours._engines  # no TE GEMM engine was built: grouped_mm ran
+    if fused_permutation_available():
+        assert routed and not any(routed), routed  # TE's permutation, split sizes left on the device
     te = _swapped(arch)
     monkeypatch.setattr(experts_module, "prefer_grouped_mm", lambda tokens, recipe, native: False)
     want = layer_step(te, *batch)
     assert te._engines  # TE's per-expert path ran
+    # Parameter gradients too: the fc1 bias's comes out of the fused bias + GLU kernel on this path.
+    got.update({n: p.grad.float() for n, p in ours.named_parameters()})
+    want.update({n: p.grad.float() for n, p in te.named_parameters()})
+    assert "fc2.weight" in got and ("fc1.bias" in got or arch != "gpt_oss"), sorted(got)
     errors = {k: rel_err(got[k], want[k]) for k in got}
     print(arch, "grouped_mm vs TE split", errors)
     assert max(errors.values()) <= 1e-2, errors
