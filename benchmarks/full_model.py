@@ -5,8 +5,9 @@ top-4, vocab 201,088, window 128 on alternate layers, YaRN rope; router aux loss
 built on the GPU in BF16. Implementations (``--rows``): transformers grouped_mm experts + flex attention (the
 reference: what GPT-OSS users run), transformers + eager attention, and the plugin (its module swaps and forward
 context, without a Trainer) with its default plan and in BF16, both starting from the eager-attention model; the
-default plan also with dense layers left in BF16 (issue 15), with transformers' gradient checkpointing, and both
-plans with CUDA graphs of the decoder layers (``cuda_graphs=True``; these rows need 3 warm-up steps).
+default plan also with dense layers left in BF16 (issue 15) and with transformers' gradient checkpointing. The plugin
+rows keep its ``cuda_graphs`` default, which on one GPU with TE replays the decoder layers as CUDA graphs (they need
+3 warm-up steps); the ``-eager`` rows turn them off (``cuda_graphs=False``).
 Fine-tunes (``--finetunes``): experts frozen + PEFT LoRA r=16 on q/k/v/o_proj, and PEFT LoRA also on the experts
 (``target_parameters``); PEFT is applied before the plugin converts the model, fused AdamW on what trains.
 
@@ -58,7 +59,7 @@ PROFILED_STEPS = 2
 #: Steps before a CUDA-graph row replays (lightning_te_moe.graphs.WARMUP_CALLS eager calls, then the capture).
 GRAPH_WARMUP = 3
 #: Result fields that identify a CUDA stack: two calls under one --stack-label should agree on them.
-STACK_FIELDS = ("device", "torch", "cuda", "transformers", "peft", "te", "cudnn", "cublaslt")
+STACK_FIELDS = ("device", "torch", "cuda", "transformers", "peft", "te", "cudnn", "cublaslt", "memory_cap_gib")
 
 
 class Implementation(NamedTuple):
@@ -67,8 +68,14 @@ class Implementation(NamedTuple):
     attention: str  # transformers' attention implementation the model is built with
     recipe: Optional[str]  # the plugin's recipe; None: plain transformers
     swap_dense: bool = True  # the plugin's swap_dense: False leaves the dense layers in BF16 (issue 15's comparison)
-    cuda_graphs: bool = False  # the plugin's cuda_graphs (opt-in): decoder layers replayed as CUDA graphs
+    cuda_graphs: Optional[bool] = None  # the plugin's cuda_graphs: None lets its plan decide (on, one GPU with TE)
     checkpointing: bool = False  # transformers' gradient_checkpointing_enable() (non-reentrant) before the plugin
+
+    @property
+    def graphed(self) -> bool:
+        """The plugin may replay CUDA graphs here (its plan's default on one GPU with TE): the row needs their warm-up
+        and reports which layers replayed."""
+        return self.recipe is not None and self.cuda_graphs is not False
 
 
 IMPLEMENTATIONS = (
@@ -78,8 +85,8 @@ IMPLEMENTATIONS = (
     Implementation("plugin-bf16", "plugin bf16", "eager", "bf16"),
     Implementation("plugin-default-dense-bf16", "plugin default plan, dense layers left in BF16", "eager", "auto",
                    swap_dense=False),
-    Implementation("plugin-default-graphs", "plugin default plan + CUDA graphs", "eager", "auto", cuda_graphs=True),
-    Implementation("plugin-bf16-graphs", "plugin bf16 + CUDA graphs", "eager", "bf16", cuda_graphs=True),
+    Implementation("plugin-default-eager", "plugin default plan, CUDA graphs off", "eager", "auto", cuda_graphs=False),
+    Implementation("plugin-bf16-eager", "plugin bf16, CUDA graphs off", "eager", "bf16", cuda_graphs=False),
     Implementation("plugin-default-checkpointing", "plugin default plan, gradient checkpointing", "eager", "auto",
                    checkpointing=True),
 )
@@ -278,8 +285,11 @@ def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optim
 
 
 def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int, warmup: int, layers: int,
-              result_file: Path) -> None:
+              result_file: Path, memory_cap_gib: Optional[float] = None) -> None:
     """Build, fine-tune setup, convert, then every shape; one JSON line per stage, flushed as it completes."""
+    if memory_cap_gib is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
     with result_file.open("a") as out:
         def emit(kind: str, **data: Any) -> None:
             out.write(json.dumps({"kind": kind, **data}) + "\n")
@@ -308,7 +318,7 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
             result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size)
             if len(memory) > taken:
                 result["memory"] = memory[taken:]  # out of memory at this shape: the rungs the plugin took
-            if impl.cuda_graphs:
+            if impl.graphed:
                 from lightning_te_moe.graphs import drop_graphs, graph_status
 
                 result["graphs"] = graph_status(model)  # how many layers replayed, and why the others did not
@@ -318,7 +328,7 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
                 result["graphs"]["allocated_after_drop_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
             print(f"[full_model] {impl.name} | {finetune} | {shape}: {outcome(result)}", flush=True)
             emit("shape", **result)
-        emit("environment", environment=environment())
+        emit("environment", environment=environment(memory_cap_gib))
 
 
 def cublaslt_text(version: int) -> str:
@@ -338,14 +348,17 @@ def cublaslt_version() -> str:
     return "unavailable (no libcublasLt.so.13 or .12)"
 
 
-def environment() -> dict[str, str]:
-    """Versions of everything in the step; read after the measurements so TE's import cannot change them."""
+def environment(memory_cap_gib: Optional[float] = None) -> dict[str, str]:
+    """Versions of everything in the step (and the memory cap, if any); read after the measurements so TE's import
+    cannot change them."""
     import peft
     import transformers
 
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": str(torch.version.cuda),
            "transformers": transformers.__version__, "peft": peft.__version__, "cublaslt": cublaslt_version(),
            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if memory_cap_gib is not None:
+        env["memory_cap_gib"] = f"{memory_cap_gib:g}"
     try:
         import transformer_engine
         import transformer_engine.pytorch as te
@@ -368,7 +381,8 @@ def parse_shape(shape: str) -> tuple[int, int]:
 def child_command(impl: str, finetune: str, args: argparse.Namespace, result_file: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", impl, finetune, "--shapes", *args.shapes,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--layers", str(args.layers),
-            "--result-file", str(result_file)]
+            "--result-file", str(result_file),
+            *(["--memory-cap-gib", f"{args.memory_cap_gib:g}"] if args.memory_cap_gib is not None else [])]
 
 
 def child_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -441,7 +455,9 @@ def stack_entry(layers: int, env: dict[str, str]) -> dict[str, Any]:
 
 
 def _order(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["stack"], list(BY_KEY).index(row["row"]), list(FINETUNES).index(row["finetune"]),
+    keys = list(BY_KEY)  # rows of earlier versions' implementations (e.g. plugin-default-graphs) go last
+    return (row["stack"], keys.index(row["row"]) if row["row"] in keys else len(keys),
+            list(FINETUNES).index(row["finetune"]),
             SHAPES.index(row["shape"]))
 
 
@@ -534,7 +550,10 @@ def render(results: dict[str, Any], label: str) -> str:
              f"{env.get('device', 'GPU not recorded')}, {env.get('date', '?')}; torch {env.get('torch', '?')} "
              f"(CUDA {env.get('cuda', '?')}), transformers {env.get('transformers', '?')}, "
              f"PEFT {env.get('peft', '?')}, TE {env.get('te', '?')}, cuDNN {env.get('cudnn', '?')}, "
-             f"cuBLASLt {env.get('cublaslt', '?')}.", "",
+             f"cuBLASLt {env.get('cublaslt', '?')}."
+             + (f" GPU memory capped at {env['memory_cap_gib']} GiB a process (torch's"
+                " `set_per_process_memory_fraction`): a shape fits only where it would fit in that much memory."
+                if env.get("memory_cap_gib") else ""), "",
              f"GPT-OSS-20B architecture, {depth} (hidden 2880, 64 heads, 8 KV heads, 32 experts top-4, vocab 201,088, "
              "window 128 on alternate layers), random init, BF16 weights built on the GPU; transformers' experts "
              "`grouped_mm`; fused AdamW on the trainable parameters (the LoRA adapters, in FP32 in every row: PEFT keeps "
@@ -587,6 +606,9 @@ def parser() -> argparse.ArgumentParser:
                    help="untimed steps first (compilation, allocator, optimizer; a CUDA graph captures at the third)")
     p.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (24 = GPT-OSS-20B; 2 for a smoke run)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per child before it is killed")
+    p.add_argument("--memory-cap-gib", type=float,
+                   help="cap each child's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. an 80 GB H100's"
+                        " on a larger GPU: a shape then fits only where it would fit there")
     p.add_argument("--stack-label", default="default", help="names the CUDA stack: one doc section per label")
     p.add_argument("--append", type=Path, help="merge into this existing results JSON (earlier calls)")
     p.add_argument("--render", type=Path, nargs="+", help="only merge these results files and write the docs")
@@ -603,7 +625,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be 0 or more, got {args.warmup}")
-    graphed = [key for key in args.rows if BY_KEY[key].cuda_graphs]
+    graphed = [key for key in args.rows if BY_KEY[key].graphed]
     if graphed and args.warmup < GRAPH_WARMUP:
         p.error(f"--warmup {args.warmup}: rows {', '.join(graphed)} capture their CUDA graphs at step {GRAPH_WARMUP}, "
                 f"so they need --warmup {GRAPH_WARMUP} or more (or leave those rows out)")
@@ -630,7 +652,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 " leave those rows out")
     if args.child:
         impl, finetune = args.child
-        run_child(BY_KEY[impl], finetune, args.shapes, args.steps, args.warmup, args.layers, args.result_file)
+        run_child(BY_KEY[impl], finetune, args.shapes, args.steps, args.warmup, args.layers, args.result_file,
+                  args.memory_cap_gib)
         return
     results = load(args.append) if args.append else empty_results()
     try:

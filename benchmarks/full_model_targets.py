@@ -15,8 +15,6 @@ from moe_targets import Target
 
 REFERENCE = "flex"
 DEFAULT_PLAN = "plugin-default"
-#: The plugin rows the targets are checked for (row key, how the target names it); the first always, others where run.
-PLANS = ((DEFAULT_PLAN, "default plan"), ("plugin-default-graphs", "default plan + CUDA graphs"))
 SHAPES = ("1x1024", "1x2048", "1x4096", "8x1024")
 SPEED_GOALS = (("1x1024", 1.5), ("1x2048", 2.0))
 LONG_SHAPE = "1x4096"
@@ -50,15 +48,13 @@ def speedup(row: Optional[dict[str, Any]], reference: Optional[dict[str, Any]]) 
 def check_targets(rows: list[dict[str, Any]]) -> list[Target]:
     """Every target for every fine-tune in ``rows`` (one stack's rows)."""
     out: list[Target] = []
-    present = {r["row"] for r in rows}
-    plans = [plan for i, plan in enumerate(PLANS) if i == 0 or plan[0] in present]
+    row, label = DEFAULT_PLAN, "default plan"
     for finetune in dict.fromkeys(r["finetune"] for r in rows):
         cells: Cells = {(r["row"], r["shape"]): r for r in rows if r["finetune"] == finetune}
-        for row, label in plans:
-            out += [_fits(finetune, cells, row, label),
-                    *(_speed(finetune, cells, row, label, s, goal) for s, goal in SPEED_GOALS),
-                    _long(finetune, cells, row, label), _busy(finetune, cells, row, label),
-                    _memory(finetune, cells, row, label)]
+        out += [_fits(finetune, cells, row, label),
+                *(_speed(finetune, cells, row, label, s, goal) for s, goal in SPEED_GOALS),
+                _long(finetune, cells, row, label), _busy(finetune, cells, row, label),
+                _memory(finetune, cells, row, label)]
     return out
 
 

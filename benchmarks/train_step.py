@@ -94,7 +94,7 @@ def run(variant: Variant, steps: int, warmup: int = 3) -> dict[str, Any]:
         from lightning_te_moe.dense import TEDenseLinear
 
         plugin = TEMoEPrecision(variant.recipe, params_dtype="bfloat16", print_plan=False, guard=False,
-                                swap_attention=variant.attention, swap_dense=variant.dense)
+                                swap_attention=variant.attention, swap_dense=variant.dense, cuda_graphs=False)
         plugin.convert_module(model)
         context = plugin.forward_context
         swaps = [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]

@@ -59,7 +59,10 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefer-stability", action="store_true")
     parser.add_argument("--no-strict", action="store_true", help="step down instead of failing on a forbidden recipe")
     parser.add_argument("--torch-compile", action="store_true", help="plan for a model run under torch.compile")
-    parser.add_argument("--cuda-graphs", action="store_true", help="plan for the plugin's cuda_graphs=True")
+    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                        help="the plugin's cuda_graphs: auto (None: the plan decides), on (True) or off (False)")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="processes in the run (DDP / FSDP ranks); rules differ for several")
     parser.add_argument("--sharded", action="store_true",
                         help="plan for parameters sharded over several ranks (Lightning's FSDP / FSDP2 strategies)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -85,7 +88,8 @@ def plan_command(argv: list[str]) -> int:
     request = PrecisionRequest(recipe=args.recipe, allow=tuple(args.allow), deny=tuple(args.deny),
                                auto_nvfp4=args.auto_nvfp4, prefer_stability=args.prefer_stability,
                                strict=not args.no_strict, torch_compile=args.torch_compile,
-                               cuda_graphs=args.cuda_graphs, sharded=args.sharded)
+                               cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                               sharded=args.sharded, processes=args.processes)
     try:
         plan = make_plan(environment_from_args(args), request)
     except PlanError as err:

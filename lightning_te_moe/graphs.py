@@ -468,9 +468,9 @@ def release_pending(model: nn.Module) -> None:
 
 
 def install_for_plugin(model: nn.Module, state: Any, decisions: Any) -> Optional[tuple[str, dict]]:
-    """The plugin's CUDA-graph step (after the swaps): dispatchers on the decoder layers of a CUDA plan, graphs
-    dropped at every rung change, and each capture or refusal recorded as a decision."""
-    if state.plan.environment.device_type != "cuda":
+    """The plugin's CUDA-graph step (after the swaps): dispatchers on the decoder layers where the plan runs CUDA
+    graphs, graphs dropped at every rung change, and each capture or refusal recorded as a decision."""
+    if state.plan.environment.device_type != "cuda" or not state.plan.cuda_graphs:
         return None
     layers = install_cuda_graphs(model, lambda kind, text, evidence: decisions.record(
         kind, text, rule="cuda_graphs", evidence=evidence))

@@ -77,11 +77,12 @@ class TEMoEPrecision(FSDPPrecision):
             largest swapped experts module at the first training step and start on the fastest (the timings
             are a recorded decision); otherwise the rule-based plan stands.
         autotune_tokens: tokens per timed expert-layer call (use the run's tokens per micro-batch).
-        cuda_graphs: on a CUDA plan, replay each decoder layer's training forward and backward as CUDA graphs
-            where the layer makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops
-            waiting on the host's kernel launches. Layers that synchronize run eagerly, with the reason recorded.
-            Off by default: each input shape keeps a memory pool of its own, and DDP with graphs is not measured
-            (docs/cuda-graphs.md).
+        cuda_graphs: replay each decoder layer's training forward and backward as CUDA graphs where the layer
+            makes no host synchronization (:mod:`lightning_te_moe.graphs`): the step stops waiting on the host's
+            kernel launches. Layers that synchronize run eagerly, with the reason recorded. None (default): the
+            plan decides: on for one process on CUDA with TE, off under DDP/FSDP, torch.compile and on the CPU
+            (rules ``cuda-graphs-*``, docs/policy.md). Each input shape keeps a memory pool of its own: train at a
+            few fixed shapes; a step out of memory drops the graphs (``memory_fallback``). docs/cuda-graphs.md.
         memory_fallback: a training step out of GPU memory drops the CUDA graphs, then turns on activation
             checkpointing, and runs again on the same batch, each change a recorded decision
             (:mod:`lightning_te_moe.memory`; one process, automatic optimization, no gradient accumulation); False
@@ -114,13 +115,16 @@ class TEMoEPrecision(FSDPPrecision):
         guard_config: Optional[GuardConfig] = None,
         autotune: bool = False,
         autotune_tokens: int = 16384,
-        cuda_graphs: bool = False,
+        cuda_graphs: Optional[bool] = None,
         memory_fallback: bool = True,
     ) -> None:
         _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
                          strict=strict, print_plan=print_plan, swap_experts=swap_experts,
                          cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention, guard=guard,
-                         autotune=autotune, cuda_graphs=cuda_graphs, memory_fallback=memory_fallback)
+                         autotune=autotune, memory_fallback=memory_fallback)
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise TypeError(f"{_OWNER}(cuda_graphs={cuda_graphs!r}): cuda_graphs must be None (the plan decides), True"
+                            f" or False, got {type(cuda_graphs).__name__}")
         self.request = PrecisionRequest(recipe=recipe, allow=check_recipe_names(_OWNER, "allow", allow),
                                         deny=check_recipe_names(_OWNER, "deny", deny), auto_nvfp4=auto_nvfp4,
                                         prefer_stability=prefer_stability, strict=strict, params_dtype=params_dtype,
@@ -145,6 +149,7 @@ class TEMoEPrecision(FSDPPrecision):
         self._resume_step: Optional[int] = None
         self._converted: Optional[torch.nn.Module] = None  # the module last planned, swapped and cast
         self._sharded = False  # the Trainer's strategy shards the parameters over several ranks (set at planning)
+        self._processes = 1  # the run's processes (set at planning)
         #: Module swaps run at setup, in order: ``fn(model, state) -> (summary, details) or None``.
         self.module_swaps: list[Callable[[torch.nn.Module, PrecisionState], Optional[tuple[str, dict]]]] = []
         if swap_experts:
@@ -164,18 +169,18 @@ class TEMoEPrecision(FSDPPrecision):
         from .recompute import recompute_for_plugin
 
         self.module_swaps.append(recompute_for_plugin)  # after the swaps: checkpointed layers recompute on TE too
-        if cuda_graphs:
+        if cuda_graphs is not False:  # installed where the plan says (plan.cuda_graphs)
             from .graphs import install_for_plugin
 
             self.module_swaps.append(functools.partial(install_for_plugin, decisions=self.decisions))
 
     # -- planning -------------------------------------------------------------------------------
     def make_plan(self, device: torch.device, torch_compile: bool = False,
-                  environment: Optional[Environment] = None, sharded: bool = False) -> Plan:
+                  environment: Optional[Environment] = None, sharded: bool = False, processes: int = 1) -> Plan:
         """Probe ``device`` (unless an environment is given) and plan; does not change the plugin. ``sharded``: the
-        Trainer's strategy shards the parameters over several ranks (rules differ there)."""
+        Trainer's strategy shards the parameters over several ranks; ``processes``: the run's (rules differ)."""
         env = environment or probe_environment(device)
-        request = dataclasses.replace(self.request, torch_compile=torch_compile, sharded=sharded)
+        request = dataclasses.replace(self.request, torch_compile=torch_compile, sharded=sharded, processes=processes)
         return make_plan(env, request)
 
     @property
@@ -227,7 +232,8 @@ class TEMoEPrecision(FSDPPrecision):
             compiled = bool(compiled_modules(module))
             world = trainer.world_size if trainer is not None else _process_count()
             self._sharded = world > 1 and support is not None and support.kind in ("fsdp", "fsdp2")
-            plan = self.make_plan(device, torch_compile=compiled, sharded=self._sharded)
+            self._processes = world
+            plan = self.make_plan(device, torch_compile=compiled, sharded=self._sharded, processes=world)
             if world > 1:  # every rank runs rank 0's plan (the Trainer's strategy broadcasts; Fabric: the group)
                 plan = Plan.from_dict(_broadcast(trainer, plan.to_dict()))
                 plan = dataclasses.replace(plan, reasons=plan.reasons + distributed_reasons(plan, self._sharded,
@@ -354,7 +360,7 @@ class TEMoEPrecision(FSDPPrecision):
         self._autotune_pending = False
         trainer, step = self._trainer, getattr(self._trainer, "global_step", 0)
         request = dataclasses.replace(self.request, torch_compile=bool(self.state.plan.request.get("torch_compile")),
-                                      sharded=self._sharded)
+                                      sharded=self._sharded, processes=self._processes)
         try:
             plan, result, shape = autotune_model(self._model, self.state.plan.environment, request,
                                                  self.autotune_tokens)
@@ -460,7 +466,8 @@ class TEMoEPrecision(FSDPPrecision):
         changed = _changed_arguments(saved.request, self.request.to_dict())
         if self.state is None:  # restored before setup (e.g. a strategy that restores early)
             device = _default_device()
-            self._set_up(self.make_plan(device, sharded=self._sharded) if changed else saved, device)
+            self._set_up(self.make_plan(device, sharded=self._sharded, processes=self._processes) if changed else saved,
+                         device)
         current_env = self.state.plan.environment
         same = _stack(saved.environment) == _stack(current_env)
         self._guard_state = state_dict.get("guard")

@@ -30,9 +30,9 @@ class CpuLadderPrecision(TEMoEPrecision):
     ladders = {"auto": CPU_LADDER, "bf16": (BF16,), "fp32": (FP32,)}
 
     def make_plan(self, device: torch.device, torch_compile: bool = False, environment: Any = None,
-                  sharded: bool = False) -> Plan:
+                  sharded: bool = False, processes: int = 1) -> Plan:
         ladder = tuple(r for r in self.ladders[self.request.recipe] if r.dense.name not in self.request.deny)
-        request = dataclasses.replace(self.request, sharded=sharded)
+        request = dataclasses.replace(self.request, sharded=sharded, processes=processes)
         return Plan(ladder=ladder, environment=probe_environment(device), request=request.to_dict(),
                     reasons=(Reason("test", "CPU ladder for guard tests"),))
 

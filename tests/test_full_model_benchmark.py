@@ -202,6 +202,11 @@ def test_child_command_and_environment() -> None:
                    "8x1024", "--steps", "3", "--warmup", "1", "--layers", "2", "--result-file", "/tmp/r.jsonl"]
     child = fm.parser().parse_args(cmd[2:])
     assert child.child == ["plugin-default", FT] and child.shapes == ["1x1024", "8x1024"] and child.layers == 2
+    capped = fm.child_command("plugin-default", FT, _args(shapes=["1x1024"], memory_cap_gib=78.5), Path("/r"))
+    assert capped[-2:] == ["--memory-cap-gib", "78.5"] and fm.parser().parse_args(capped[2:]).memory_cap_gib == 78.5
+    rows = [dict(r, device="NVIDIA H200") for r in _run()]
+    text = fm.render(_results(rows, env={"device": "NVIDIA H200", "memory_cap_gib": "78.5"}), "13.1")
+    assert "GPU memory capped at 78.5 GiB a process" in text and "capped" not in fm.render(_results(_run()), "13.1")
     env = fm.child_env({"PYTHONPATH": "/tmp/site", "HOME": "/root"})
     assert env["PYTHONPATH"] == f"{BENCH.parent}{os.pathsep}/tmp/site" and env["HOME"] == "/root"
     assert env["PYTHONUNBUFFERED"] == "1" and fm.child_env({})["PYTHONPATH"] == str(BENCH.parent)
@@ -305,43 +310,43 @@ def test_help_works_and_a_run_without_cuda_fails_clearly(tmp_path: Path) -> None
     bad = _script("--append", str(tmp_path / "none.json"))
     assert bad.returncode == 2 and "no such results file" in bad.stderr
     assert _script("--steps", "0").returncode == 2 and _script("--shapes", "2x1024").returncode == 2
-    few = _script("--rows", "flex", "plugin-default-graphs", "--warmup", "2")
-    assert few.returncode == 2 and "rows plugin-default-graphs capture their CUDA graphs at step 3" in few.stderr
+    few = _script("--rows", "flex", "plugin-default", "--warmup", "2")
+    assert few.returncode == 2 and "rows plugin-default capture their CUDA graphs at step 3" in few.stderr
+    assert "capture" not in _script("--rows", "flex", "plugin-default-eager", "--warmup", "2").stderr
     assert _script("--rows", "flex", "--warmup", "2").returncode == 2  # no graph row: only the missing GPU stops it
     assert "needs --warmup" not in _script("--rows", "flex", "--warmup", "2").stderr
 
 
-def test_graph_rows_get_their_own_targets_and_say_how_many_layers_replayed() -> None:
+def test_graphed_rows_say_how_many_layers_replayed() -> None:
+    """The default plan's rows keep the plugin's cuda_graphs default (graphs on one GPU with TE); the ``-eager`` rows
+    turn them off, and only the default plan's rows meet or miss targets."""
     from lightning_te_moe import graphs
 
     assert fm.GRAPH_WARMUP == graphs.WARMUP_CALLS + 1
-    graphed = [dict(_ok("plugin-default-graphs", s, ms, 45.0, busy=0.9)) for s, ms in
-               (("1x1024", 100.0), ("1x2048", 120.0), ("1x4096", 200.0), ("8x1024", 500.0))]
+    assert fm.BY_KEY["plugin-default"].graphed and fm.BY_KEY["plugin-default"].cuda_graphs is None
+    assert not fm.BY_KEY["plugin-default-eager"].graphed and not fm.BY_KEY[fm.REFERENCE].graphed
+    rows = _run()
     status = {"layers": 24, "graphed": 24, "refused": [], "eager_calls": {}, "signatures": 1}
-    for row in graphed:
+    for row in rows[4:]:
         row["graphs"] = status
-    graphed[3]["graphs"] = {**status, "graphed": 20, "refused": ["a host synchronization in its forward (x)"],
-                            "eager_calls": {"grad disabled": 2}}
-    rows = [*_run(), *graphed]
-    got = _targets(rows)
-    assert len(check_targets(rows)) == 12
-    failed = dict(_failed("plugin-default-graphs", "1x4096", "oom", finetune="lora-attn-experts"), graphs=status)
+    rows[7]["graphs"] = {**status, "graphed": 20, "refused": ["a host synchronization in its forward (x)"],
+                         "eager_calls": {"grad disabled": 2}}
+    eager = [_ok("plugin-default-eager", "1x1024", 300.0, 45.0)]
+    assert [t.status() for t in check_targets([*rows, *eager])] == [t.status() for t in check_targets(rows)]
+    failed = dict(_failed("plugin-default", "1x4096", "oom", finetune="lora-attn-experts"), graphs=status)
     assert "`lora-attn-experts`, 1 x 4,096: 24" not in fm.render(_results([*rows, failed]), "13.1")  # failed: no claim
-    assert got["default plan + CUDA graphs >= 1.5x the reference at 1 x 1,024"].status() == "met (+0.29x)"
-    assert got["default plan + CUDA graphs >= 2x the reference at 1 x 2,048"].status() == "met (+0.08x)"
-    assert got["default plan >= 2x the reference at 1 x 2,048"].status() == "missed (-0.08x)"  # the eager row apart
-    text = fm.render(_results(rows), "13.1")
-    assert (f"- plugin default plan + CUDA graphs, `{FT}`, 1 x 1,024: 24 of 24 decoder layers replayed as CUDA graphs"
+    text = fm.render(_results([*rows, *eager]), "13.1")
+    assert (f"- plugin default plan, `{FT}`, 1 x 1,024: 24 of 24 decoder layers replayed as CUDA graphs"
             in text.splitlines())
     assert ("8 x 1,024: 20 of 24 decoder layers replayed as CUDA graphs; refused: a host synchronization in its "
             "forward (x); eager calls: 2 (grad disabled)") in text
+    assert "| plugin default plan, CUDA graphs off | 1 x 1,024 | 300.0 ms" in text
 
 
 def test_a_shape_the_memory_fallback_rescued_says_which_rungs_it_took() -> None:
-    row = dict(_ok("plugin-default-graphs", "8x1024", 850.0, 58.8), memory=["cuda_graphs_off",
-                                                                            "activation_checkpointing"])
-    text = fm.render(_results([*_run(), row]), "13.1")
-    assert (f"- plugin default plan + CUDA graphs, `{FT}`, 8 x 1,024: out of GPU memory; the plugin's memory fallback "
+    row = dict(_ok("plugin-default", "8x1024", 850.0, 58.8), memory=["cuda_graphs_off", "activation_checkpointing"])
+    text = fm.render(_results([*_run()[:7], row]), "13.1")
+    assert (f"- plugin default plan, `{FT}`, 8 x 1,024: out of GPU memory; the plugin's memory fallback "
             "took cuda_graphs_off, activation_checkpointing and the step ran again (timed after)") in text.splitlines()
     row["graphs"] = {"layers": 0, "graphed": 0, "refused": [], "eager_calls": {}, "signatures": 0}
     assert "0 of 0 decoder layers" not in fm.render(_results([*_run(), row]), "13.1")  # graphs removed: no claim

@@ -147,6 +147,8 @@ def test_autotune_tokens_must_be_positive():
     ({"allow": {"bf16": 1}}, TypeError, "allow must be a list of recipe names"),
     ({"strict": "false"}, TypeError, "TEMoEPrecision(strict='false'): strict must be True or False, got str"),
     ({"guard": 1}, TypeError, "TEMoEPrecision(guard=1): guard must be True or False, got int"),
+    ({"cuda_graphs": "on"}, TypeError, "TEMoEPrecision(cuda_graphs='on'): cuda_graphs must be None (the plan decides),"
+                                       " True or False, got str"),
     ({"guard_config": {"windw": 3}}, ValueError, "TEMoEPrecision(guard_config=...): unknown GuardConfig field(s)"
                                                  " 'windw'; its fields are: window, warmup,"),
     ({"guard_config": {"window": "100"}}, TypeError, "GuardConfig.window must be an int, got '100'"),

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from lightning_te_moe import Environment, PlanError, PrecisionRequest, make_plan
+from lightning_te_moe.policy.plan import Plan
 from lightning_te_moe.policy.environment import TECheck
 from lightning_te_moe.policy.measurements import MEASUREMENTS
 from lightning_te_moe.policy.rules import RULES
@@ -53,10 +54,10 @@ AUTO = [
     ('8.9', '2.20', 'fp8_current -> fp8_current+dq_bwd -> bf16'),
     ('9.0', None, 'bf16'),
     ('9.0', '2.8', 'bf16'),
-    ('9.0', '2.9', 'bf16'),
-    ('9.0', '2.14', 'bf16'),
-    ('9.0', '2.15', 'bf16'),
-    ('9.0', '2.20', 'bf16'),
+    ('9.0', '2.9', 'fp8_current -> bf16'),  # one process with TE: CUDA graphs, so FP8 (cuda-graphs-one-process)
+    ('9.0', '2.14', 'fp8_current -> bf16'),
+    ('9.0', '2.15', 'fp8_current / experts bf16 -> fp8_current+dq_bwd / experts bf16 -> bf16'),
+    ('9.0', '2.20', 'fp8_current / experts bf16 -> fp8_current+dq_bwd / experts bf16 -> bf16'),
     ('10.0', None, 'bf16'),
     ('10.0', '2.8', 'bf16'),
     ('10.0', '2.9', 'mxfp8 -> bf16'),
@@ -114,20 +115,53 @@ def test_auto_plan_per_device_and_te_version(cc, te, ladder):
                                                   ("13.5.0", HOPPER_NATIVE_LADDER), ("13.10.0", HOPPER_NATIVE_LADDER)])
 def test_auto_plan_on_hopper_per_cuda_stack(cublaslt: str, ladder: str) -> None:
     """Below cuBLASLt 13.5 (TE's split path for FP8 experts) FP8 dense layers and experts both measured slower than
-    BF16 (H100, 2026-11-27): auto runs BF16 and says why; a named FP8 recipe still runs FP8. On a current stack the
-    dense layers keep the rules' order and the experts their measured fastest, FP8 current."""
+    BF16 in an eager step (H100, 2026-11-27): without CUDA graphs auto runs BF16 and says why; a named FP8 recipe
+    still runs FP8. On a current stack the dense layers keep the rules' order and the experts their measured
+    fastest, FP8 current. One process on CUDA with TE runs graphs by default, where the dense layers keep FP8."""
     env = Environment.assume(cc="9.0", te="2.20.2", cublaslt=cublaslt)
-    plan = make_plan(env)
-    assert plan.summary() == ladder
+    plan = make_plan(env, PrecisionRequest(cuda_graphs=False))
+    assert plan.summary() == ladder and not plan.cuda_graphs
     rule = next((r for r in plan.reasons if r.rule == "hopper-split-dense-bf16"), None)
     assert (rule is not None) is (ladder == "bf16")
     if rule is not None:
         assert "357.7 vs 291.5 ms" in rule.text and "1.15 vs 0.80 s" in rule.text
-        assert make_plan(env, PrecisionRequest(recipe="fp8_current")).dense.name == "fp8_current"
-    # measured eager only: with the plugin's CUDA graphs (a GPU-bound step) the dense layers keep FP8 current
-    graphed = make_plan(env, PrecisionRequest(cuda_graphs=True))
-    assert graphed.dense.name == "fp8_current" and graphed.request["cuda_graphs"] is True
-    assert "hopper-split-dense-bf16" not in {r.rule for r in graphed.reasons}
+        assert make_plan(env, PrecisionRequest(recipe="fp8_current", cuda_graphs=False)).dense.name == "fp8_current"
+    # measured eager only: with CUDA graphs (a GPU-bound step) the dense layers keep FP8 current
+    for graphed in (make_plan(env), make_plan(env, PrecisionRequest(cuda_graphs=True))):
+        assert graphed.dense.name == "fp8_current" and graphed.cuda_graphs
+        assert "hopper-split-dense-bf16" not in {r.rule for r in graphed.reasons}
+    assert "cuda-graphs-one-process" in {r.rule for r in make_plan(env).reasons}
+    assert make_plan(env, PrecisionRequest(cuda_graphs=True)).request["cuda_graphs"] is True
+
+
+def test_cuda_graphs_by_default_where_one_process_runs_cuda_with_te() -> None:
+    """Graphs are the plan's default for one process on CUDA with TE (measured host-bound without them), off with
+    several processes, under torch.compile, without TE and on the CPU; the user's cuda_graphs= wins and is the
+    reason given; the plan carries the outcome through a checkpoint (to_dict / from_dict)."""
+    hopper = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.1.0")
+
+    def graphs(env: Environment, **request: object) -> tuple[bool, set[str]]:
+        plan = make_plan(env, PrecisionRequest(**request))
+        assert Plan.from_dict(plan.to_dict()).cuda_graphs == plan.cuda_graphs
+        return plan.cuda_graphs, {r.rule for r in plan.reasons}
+
+    on, rules = graphs(hopper)
+    assert on and "cuda-graphs-one-process" in rules
+    for request, rule in (({"processes": 2}, "cuda-graphs-several-processes"),
+                          ({"sharded": True}, "cuda-graphs-several-processes"),
+                          ({"torch_compile": True}, "cuda-graphs-compile")):
+        off, rules = graphs(hopper, **request)
+        assert not off and rule in rules, request
+    on, rules = graphs(hopper, processes=2, cuda_graphs=True)
+    assert on and "request.cuda_graphs" in rules and "cuda-graphs-several-processes" not in rules
+    off, rules = graphs(hopper, cuda_graphs=False)
+    assert not off and "request.cuda_graphs" in rules and "cuda-graphs-one-process" not in rules
+    off, rules = graphs(Environment.assume(cc="9.0", te=None))
+    assert not off and "no-te" in rules
+    cpu, rules = graphs(Environment.assume(cc="cpu"))
+    assert not cpu and not any(rule.startswith("cuda-graphs") for rule in rules)
+    assert "CUDA graphs" in make_plan(hopper).render_text() and "CUDA graphs" not in make_plan(
+        Environment.assume(cc="cpu")).render_text()
 
 
 @pytest.mark.parametrize("cublaslt", ["13.1.0", "13.10.0"])
@@ -248,7 +282,8 @@ def test_prefer_stability_starts_with_high_precision_backward_and_skips_delayed(
 
 def test_allow_and_deny_lists():
     env = Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.1.0")
-    assert make_plan(env, PrecisionRequest(allow=("bf16", "fp8_block"))).summary() == "bf16"  # block measured slower
+    eager = PrecisionRequest(allow=("bf16", "fp8_block"), cuda_graphs=False)
+    assert make_plan(env, eager).summary() == "bf16"  # block measured slower
     assert make_plan(env, PrecisionRequest(allow=("fp8_block", "fp8_current"))).summary() == (
         "fp8_current / experts fp8_block -> fp8_current+dq_bwd / experts fp8_block+dq_bwd")  # each its own order
     assert make_plan(env, PrecisionRequest(allow=("fp8_block",))).summary() == (

@@ -109,9 +109,12 @@ def test_fp8_block_on_the_native_path_is_padded_to_128() -> None:
     ("13.10.0", "fp8_current", "measured-h100-native"),
 ])
 def test_auto_gives_the_experts_the_fastest_measured_recipe(cublaslt: str, experts: str, record: str) -> None:
-    plan = make_plan(_h100(cublaslt))
-    # the dense layers' choice is the rules': BF16 below cuBLASLt 13.5 (hopper-split-dense-bf16), else FP8 current
+    plan = make_plan(_h100(cublaslt), PrecisionRequest(cuda_graphs=False))
+    # the dense layers' choice is the rules': in an eager step BF16 below cuBLASLt 13.5 (hopper-split-dense-bf16),
+    # else FP8 current; with CUDA graphs (one process's default) FP8 current everywhere, the experts as measured
     assert plan.dense.name == ("bf16" if record == "measured-h100-split" else "fp8_current")
+    graphed = make_plan(_h100(cublaslt))
+    assert graphed.cuda_graphs and graphed.dense.name == "fp8_current" and graphed.experts.name == experts
     assert plan.experts.name == experts
     why = next(r for r in plan.reasons if r.rule == record)
     assert f"experts: auto chose {experts}, the fastest allowed recipe measured on this stack" in why.text
@@ -138,7 +141,7 @@ def test_a_named_recipe_is_not_second_guessed() -> None:
     env = _h100("13.1.0")
     assert make_plan(env, PrecisionRequest(recipe="fp8_current")).summary() == (
         "fp8_current -> fp8_current+dq_bwd -> bf16")
-    plan = make_plan(env, PrecisionRequest(experts="fp8_block"))  # the dense layers: BF16 here (auto's rules)
+    plan = make_plan(env, PrecisionRequest(experts="fp8_block", cuda_graphs=False))  # dense: BF16 (auto's rules)
     assert plan.summary() == "bf16 / experts fp8_block -> bf16 / experts fp8_block+dq_bwd -> bf16"
     assert "request.experts" in {r.rule for r in plan.reasons}
     with pytest.raises(PlanError, match="experts recipe 'mxfp8' cannot run"):
@@ -175,9 +178,10 @@ def test_the_measurements_table_is_the_one_place_to_edit(monkeypatch: pytest.Mon
 
 def test_autotune_times_the_experts_recipes_and_keeps_the_dense_choice() -> None:
     env = _h100("13.1.0")
-    assert list(candidate_plans(env, PrecisionRequest())) == ["bf16", "fp8_delayed", "fp8_current", "fp8_block"]
+    eager = PrecisionRequest(cuda_graphs=False)
+    assert list(candidate_plans(env, eager)) == ["bf16", "fp8_delayed", "fp8_current", "fp8_block"]
     timings = {"bf16": 20.0, "fp8_delayed": 15.0, "fp8_current": 30.0, "fp8_block": 25.0}
-    plan, result = autotune_plan(env, PrecisionRequest(), lambda p: timings[p.experts.name])
+    plan, result = autotune_plan(env, eager, lambda p: timings[p.experts.name])
     assert result.rule_choice == "bf16" and result.chosen == "fp8_delayed"
     assert plan.dense.name == "bf16" and plan.experts.name == "fp8_delayed"  # dense: hopper-split-dense-bf16
     assert plan.request["experts"] == "auto" and plan.request["autotune"] is True
@@ -193,3 +197,17 @@ def test_cli_assume_cublaslt(capsys: pytest.CaptureFixture[str], cublaslt: str, 
     plan = json.loads(capsys.readouterr().out)
     assert plan["experts"]["name"] == experts and plan["experts_gemm"] == gemm
     assert plan["environment"]["cublaslt_version"] == cublaslt
+
+
+def test_cli_plans_cuda_graphs_as_the_plugin_would(capsys: pytest.CaptureFixture[str]) -> None:
+    """``plan`` takes the plugin's cuda_graphs (auto / on / off) and the run's processes: the default for one process
+    on Hopper with TE is graphs and FP8 dense layers on cuBLASLt 13.1; off, or with several processes, the eager rule
+    gives BF16."""
+    base = ["plan", "--assume-cc", "9.0", "--assume-te", "2.20.2", "--assume-cublaslt", "13.1.0", "--json"]
+    outcomes = {}
+    for extra in ([], ["--cuda-graphs", "off"], ["--processes", "2"], ["--processes", "2", "--cuda-graphs", "on"]):
+        assert main([*base, *extra]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        outcomes[" ".join(extra)] = (plan["cuda_graphs"], plan["dense"]["name"])
+    assert outcomes == {"": (True, "fp8_current"), "--cuda-graphs off": (False, "bf16"),
+                        "--processes 2": (False, "bf16"), "--processes 2 --cuda-graphs on": (True, "fp8_current")}

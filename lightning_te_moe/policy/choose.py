@@ -52,8 +52,11 @@ class PrecisionRequest:
     torch_compile: bool = False
     params_dtype: str = "float32"
     experts: str = "auto"
-    cuda_graphs: bool = False  # the plugin's cuda_graphs=True (rules may differ for a GPU-bound step)
+    #: The plugin's ``cuda_graphs``: None lets the rules decide (on for one process on CUDA with TE); the plan's
+    #: ``cuda_graphs`` is the outcome, and the rules that follow read it (a GPU-bound step weighs host costs less).
+    cuda_graphs: Optional[bool] = None
     sharded: bool = False  # parameters sharded over several ranks (set by the plugin from the Trainer's strategy)
+    processes: int = 1  # processes in the run (set by the plugin from the Trainer's world size)
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, str) and self.recipe != "auto":
@@ -82,8 +85,12 @@ class PrecisionRequest:
             "recipe": recipe, "allow": list(self.allow), "deny": list(self.deny), "auto_nvfp4": self.auto_nvfp4,
             "prefer_stability": self.prefer_stability, "strict": self.strict, "torch_compile": self.torch_compile,
             "params_dtype": self.params_dtype, "experts": self.experts, "cuda_graphs": self.cuda_graphs,
-            "sharded": self.sharded,
+            "sharded": self.sharded, "processes": self.processes,
         }
+
+    @property
+    def multi_process(self) -> bool:
+        return self.processes > 1 or self.sharded
 
 
 def _check_name(name: str, label: str, allow_auto: bool = False) -> None:
@@ -141,11 +148,25 @@ def _reason(rule: Rule, env: Environment) -> Reason:
     return Reason(rule.id, text, rule.ref)
 
 
-def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
+def cuda_graphs_for(env: Environment, request: PrecisionRequest) -> tuple[bool, Optional[Reason]]:
+    """Whether the decoder layers run as CUDA graphs, and why: the user's ``cuda_graphs=``, else the first rule
+    with a ``cuda_graphs`` effect (no reason where none applies: off, e.g. on the CPU)."""
+    if request.cuda_graphs is not None:
+        return request.cuda_graphs, Reason("request.cuda_graphs", f"cuda_graphs={request.cuda_graphs} was requested",
+                                           "TEMoEPrecision(cuda_graphs=...)")
+    for rule in matching_rules(env, torch_compile=request.torch_compile, params_dtype=request.params_dtype,
+                               sharded=request.sharded, multi_process=request.multi_process):
+        if rule.effect.cuda_graphs is not None:
+            return rule.effect.cuda_graphs, _reason(rule, env)
+    return False, None
+
+
+def _fold(env: Environment, request: PrecisionRequest, cuda_graphs: bool) -> _Constraints:
     c = _Constraints()
     named = request.named
     for rule in matching_rules(env, torch_compile=request.torch_compile, params_dtype=request.params_dtype,
-                               cuda_graphs=request.cuda_graphs, sharded=request.sharded):
+                               cuda_graphs=cuda_graphs, sharded=request.sharded,
+                               multi_process=request.multi_process):
         reason, effect = _reason(rule, env), rule.effect
         if effect == Effect():  # a rule that only informs
             c.notes.append(reason)
@@ -192,8 +213,9 @@ def _fold(env: Environment, request: PrecisionRequest) -> _Constraints:
 def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> Plan:
     """Choose the starting recipes and the ladder for ``env``, explaining every choice."""
     request = request or PrecisionRequest()
-    c = _fold(env, request)
-    reasons: list[Reason] = []
+    graphs, graphs_reason = cuda_graphs_for(env, request)
+    c = _fold(env, request, graphs)
+    reasons: list[Reason] = [graphs_reason] if graphs_reason is not None else []
 
     dense = _choose_dense(env, request, c, reasons)
     dense = _apply_settings(dense, c, reasons, user_given=not isinstance(request.recipe, str), strict=request.strict)
@@ -223,13 +245,13 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
     if c.fused_attention_off is not None:
         reasons.append(c.fused_attention_off)
     return Plan(ladder=tuple(ladder), environment=env, reasons=tuple(_dedupe(reasons)), env_vars=dict(c.env),
-                fused_attention=fused, request=request.to_dict())
+                fused_attention=fused, request=request.to_dict(), cuda_graphs=graphs)
 
 
 def experts_allowed(env: Environment, request: PrecisionRequest) -> list[str]:
     """The recipes the rules allow the experts under ``request`` (a recipe allowed only when named is allowed only
     if ``request`` names it)."""
-    c = _fold(env, request)
+    c = _fold(env, request, cuda_graphs_for(env, request)[0])
     return [name for name in RECIPE_NAMES if c.why_forbidden(name, experts=True) is None]
 
 

@@ -68,6 +68,7 @@ class Plan:
     env_vars: dict[str, str] = field(default_factory=dict)
     fused_attention: bool = False
     request: dict[str, Any] = field(default_factory=dict)
+    cuda_graphs: bool = False  # decoder layers replayed as CUDA graphs (the request's, or the rules' default)
 
     @property
     def dense(self) -> RecipeSpec:
@@ -90,6 +91,7 @@ class Plan:
             "ladder": [r.to_dict() for r in self.ladder],
             "env_vars": dict(self.env_vars),
             "fused_attention": self.fused_attention,
+            "cuda_graphs": self.cuda_graphs,
             "reasons": [r.to_dict() for r in self.reasons],
             "request": dict(self.request),
             "environment": self.environment.to_dict(),
@@ -107,6 +109,7 @@ class Plan:
             env_vars=dict(data.get("env_vars") or {}),
             fused_attention=bool(data.get("fused_attention", False)),
             request=dict(data.get("request") or {}),
+            cuda_graphs=bool(data.get("cuda_graphs", (data.get("request") or {}).get("cuda_graphs"))),
         )
 
     def summary(self) -> str:
@@ -135,6 +138,8 @@ class Plan:
         if experts and any(r.experts_gemm for r in self.ladder):
             rows.append(("experts GEMM", "; ".join(dict.fromkeys(r.gemm_text() for r in self.ladder))))
         rows.append(("attention", "TE fused" if self.fused_attention else "model's own"))
+        if self.environment.device_type == "cuda":
+            rows.append(("CUDA graphs", "decoder layers replayed as CUDA graphs" if self.cuda_graphs else "off"))
         if self.env_vars:
             rows.append(("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items())))
         for name, value in rows:

@@ -37,11 +37,12 @@ class When:
     torch_compile: Optional[bool] = None
     cuda_graphs: Optional[bool] = None  # the plugin's cuda_graphs=True: a GPU-bound step, where host costs weigh less
     sharded: Optional[bool] = None  # parameters sharded over several ranks (Lightning's FSDP / FSDP2 strategies)
+    multi_process: Optional[bool] = None  # the run has several processes (DDP, FSDP)
     params_dtype: Optional[str] = None  # the dtype TEMoEPrecision keeps parameters in
     te_reports_unavailable: Optional[str] = None  # a family of TE's is_*_available checks
 
     def matches(self, env: Environment, torch_compile: bool = False, params_dtype: str = "float32",
-                cuda_graphs: bool = False, sharded: bool = False) -> bool:
+                cuda_graphs: bool = False, sharded: bool = False, multi_process: bool = False) -> bool:
         if self.device is not None and env.device_type != self.device:
             return False
         if self.cc_min is not None and (env.cc is None or env.cc < self.cc_min):
@@ -74,6 +75,8 @@ class When:
         if self.cuda_graphs is not None and cuda_graphs != self.cuda_graphs:
             return False
         if self.sharded is not None and sharded != self.sharded:
+            return False
+        if self.multi_process is not None and multi_process != self.multi_process:
             return False
         if self.params_dtype is not None and params_dtype != self.params_dtype:
             return False
@@ -111,6 +114,8 @@ class When:
             parts.append("with CUDA graphs" if self.cuda_graphs else "without CUDA graphs")
         if self.sharded is not None:
             parts.append("parameters sharded (FSDP)" if self.sharded else "parameters not sharded")
+        if self.multi_process is not None:
+            parts.append("several processes" if self.multi_process else "one process")
         if self.params_dtype:
             parts.append(f"parameters in {self.params_dtype}")
         if self.te_reports_unavailable:
@@ -136,6 +141,7 @@ class Effect:
     backward_override: Optional[str] = None  # the override value the ladder's middle step uses
     env: dict[str, str] = field(default_factory=dict)
     fused_attention: Optional[bool] = None
+    cuda_graphs: Optional[bool] = None  # CUDA graphs of the decoder layers by default (the user's cuda_graphs= wins)
 
     def describe(self) -> str:
         parts = []
@@ -165,6 +171,9 @@ class Effect:
             parts.append("sets " + ", ".join(f"{k}={v}" for k, v in self.env.items()))
         if self.fused_attention is False:
             parts.append("attention stays off TE's fused backend")
+        if self.cuda_graphs is not None:
+            parts.append("CUDA graphs of the decoder layers " + ("on" if self.cuda_graphs else "off")
+                         + " unless cuda_graphs= says otherwise")
         return "; ".join(parts) or "note"
 
 
@@ -207,6 +216,31 @@ RULES: tuple[Rule, ...] = (
          When(device="cuda", cc_min=8.9, cc_below=9.0, cublaslt_below="12.1.3"),
          Effect(forbid=_QUANTIZED),
          "FP8 on Ada needs cuBLASLt >= 12.1.3."),
+    # -- CUDA graphs by default (decided before the rules below, which may read it) -----------------
+    Rule("cuda-graphs-one-process",
+         "measured (GPT-OSS-20B LoRA fine-tune on one H100 80GB, TE 2.20.2, 2026-11-27/28, benchmarks/full_model.py):"
+         " docs/cuda-graphs.md, docs/performance.md",
+         When(device="cuda", te_installed=True, multi_process=False, torch_compile=False),
+         Effect(cuda_graphs=True),
+         "One process on CUDA with TE: the eager step is host-bound (the host issues about 8,000 launches a step more"
+         " slowly than the GPU runs them: GPU busy 13-40%, 0.52-0.82x transformers + flex attention at full size);"
+         " with each decoder layer's forward and backward replayed as CUDA graphs the same plan ran 1.8-2.4x the"
+         " reference at 1,024 tokens, GPU busy 92-97%, at a lower peak memory. So they are on unless"
+         " cuda_graphs=False. Layers that synchronize with the host run eagerly (recorded), and a step out of"
+         " memory drops the graphs (the memory fallback)."),
+    Rule("cuda-graphs-several-processes",
+         "not measured under DDP; FSDP gathers parameters into new memory at every call (lightning_te_moe/graphs.py)",
+         When(device="cuda", multi_process=True),
+         Effect(cuda_graphs=False),
+         "Several processes (DDP, FSDP): CUDA graphs are off by default. Sharded layers cannot be replayed (FSDP"
+         " gathers their weights into new memory at every call) and graphs under DDP are not measured;"
+         " cuda_graphs=True turns them on where a layer allows."),
+    Rule("cuda-graphs-compile",
+         "torch.compile(mode='reduce-overhead') captures CUDA graphs of its own",
+         When(device="cuda", torch_compile=True),
+         Effect(cuda_graphs=False),
+         "Under torch.compile the decoder layers are not graphed by default: the compiler decides (its"
+         " mode='reduce-overhead' captures CUDA graphs itself)."),
     Rule("hopper-sharded-bf16",
          "measured (GPT-OSS-20B, all parameters trainable, FSDP2 on 4 GPUs, sequence 4,096, TE 2.20.2, "
          "benchmarks/distributed.py): docs/distributed.md, 4 x H200 cuBLASLt 13.10 (2026-11-28) and 4 x H100 "
@@ -231,9 +265,9 @@ RULES: tuple[Rule, ...] = (
          " projections are small): full-size LoRA fine-tune on one H100 357.7 vs 291.5 ms at 1,024 tokens and 465.2"
          " vs 338.0 ms at 4,096; full fine-tune on 4 x H100 (FSDP2) 1.15 vs 0.80 s a step; 4-layer step 126.4 vs"
          " 117.8 ms, all eager. The experts measured fastest in BF16 on this stack too, so auto runs BF16 there; a"
-         " named recipe (recipe='fp8_current') still runs FP8. Not measured against BF16 with CUDA graphs (a"
-         " GPU-bound step: cuda_graphs=True keeps the FP8 plan, measured 1.84x the reference at 1,024 tokens) nor"
-         " on a current stack: the rule does not apply there."),
+         " named recipe (recipe='fp8_current') still runs FP8. It applies only without CUDA graphs (cuda_graphs=False,"
+         " several processes): with them the step is GPU-bound and the FP8 plan stands (1.81x the reference at 1,024"
+         " tokens, H100, 2026-11-28). It does not apply on a current stack either."),
     Rule("hopper-fp8", "TE is_mxfp8_available / is_nvfp4_available: CC >= 10.0",
          When(device="cuda", cc_min=9.0, cc_below=10.0),
          Effect(forbid=("mxfp8", "nvfp4"), prefer=("fp8_current", "fp8_block", "fp8_delayed", "bf16", "fp32")),
@@ -390,6 +424,7 @@ RULES: tuple[Rule, ...] = (
 
 
 def matching_rules(env: Environment, torch_compile: bool = False, params_dtype: str = "float32",
-                   cuda_graphs: bool = False, sharded: bool = False) -> list[Rule]:
+                   cuda_graphs: bool = False, sharded: bool = False, multi_process: bool = False) -> list[Rule]:
     return [rule for rule in RULES if rule.when.matches(env, torch_compile=torch_compile, params_dtype=params_dtype,
-                                                        cuda_graphs=cuda_graphs, sharded=sharded)]
+                                                        cuda_graphs=cuda_graphs, sharded=sharded,
+                                                        multi_process=multi_process)]

@@ -24,10 +24,12 @@ def _graph_decisions(plugin) -> list[str]:
 
 @pytest.mark.grouped_mm
 def test_a_graphed_fit_trains(tmp_path: Path) -> None:
-    """Under the default plan both decoder layers are captured once, at the third step, and the fit trains as the
-    eager one does (no rollback, no step-down, the loss falls as far)."""
-    graphed, g = gpu_fit(tiny_model("gpt_oss", **SIZES), tmp_path / "graphs", steps=12, cuda_graphs=True)
-    eager, e = gpu_fit(tiny_model("gpt_oss", **SIZES), tmp_path / "eager", steps=12)
+    """The default plan (one GPU with TE: graphs by default) captures both decoder layers once, at the third step,
+    and the fit trains as the eager one (cuda_graphs=False) does: no rollback, no step-down, the loss falls as far."""
+    graphed, g = gpu_fit(tiny_model("gpt_oss", **SIZES), tmp_path / "graphs", steps=12)
+    eager, e = gpu_fit(tiny_model("gpt_oss", **SIZES), tmp_path / "eager", steps=12, cuda_graphs=False)
+    assert graphed.plan.cuda_graphs and "cuda-graphs-one-process" in {r.rule for r in graphed.plan.reasons}
+    assert not eager.plan.cuda_graphs
     decisions = _graph_decisions(graphed)
     print("plan:", graphed.plan.summary(), "decisions:", decisions, "status:", graph_status(g))
     print("losses graphed:", [round(v, 4) for v in g.losses], "eager:", [round(v, 4) for v in e.losses])
