@@ -282,7 +282,8 @@ def precision(args: argparse.Namespace) -> Any:
     from lightning_te_moe import GuardConfig, TEMoEPrecision
 
     guard = GuardConfig(snapshot_every=1) if args.tiny else GuardConfig()
-    return TEMoEPrecision(args.recipe, print_plan=False, guard_config=guard, params_dtype=args.params_dtype)
+    return TEMoEPrecision(args.recipe, print_plan=False, guard_config=guard, params_dtype=args.params_dtype,
+                          cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -404,7 +405,9 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
         *([] if args.tiny else [  # the CPU runs no FP8
             ["--name", "fsdp2-fp8", "--strategy", "fsdp2", "--devices", str(args.devices), "--recipe", "fp8_current",
              "--nan-at", *map(str, args.nan_at or [12, 13]), *common]]),
-        ["--name", "ddp-1", "--strategy", "ddp", "--devices", "1", "--recipe", "auto", *ddp_layers, *common],
+        # one process runs CUDA graphs by default, two do not: ddp-1 turns them off so the scaling compares one step
+        ["--name", "ddp-1", "--strategy", "ddp", "--devices", "1", "--recipe", "auto", "--cuda-graphs", "off",
+         *ddp_layers, *common],
         ["--name", "ddp-2", "--strategy", "ddp", "--devices", "2", "--recipe", "auto", *ddp_layers, *common],
     ]
 
@@ -520,6 +523,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="run")
     p.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2")
     p.add_argument("--recipe", default="auto")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="the plugin's cuda_graphs: auto (None: on for one process with TE), on, off")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--checkpoint", action="store_true")
     p.add_argument("--resume-from-checkpoint", action="store_true",

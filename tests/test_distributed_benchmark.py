@@ -112,6 +112,10 @@ def test_all_passes_the_batch_and_runs_fp8_only_on_a_gpu() -> None:
     assert all(c[c.index("--batch") + 1] == "2" for c in configs.values())
     fp8 = configs["fsdp2-fp8"]
     assert fp8[fp8.index("--recipe") + 1] == "fp8_current" and fp8[fp8.index("--nan-at") + 1:][:2] == ["12", "13"]
+    # one process would run CUDA graphs by default and two would not: the DDP scaling compares the same eager step
+    ddp1 = configs["ddp-1"]
+    assert ddp1[ddp1.index("--cuda-graphs") + 1] == "off" and "--cuda-graphs" not in configs["ddp-2"]
+    assert parser().parse_args(["run", "--out", "x", *ddp1[:ddp1.index("--seq")]]).cuda_graphs == "off"
     tiny = parser().parse_args(["all", "--out", "x", "--tiny"])
     tiny.seq, tiny.steps, tiny.warmup, tiny.devices = 16, 6, 1, 2
     assert "fsdp2-fp8" not in {c[1] for c in configurations(tiny)}
