@@ -280,10 +280,11 @@ def precision(args: argparse.Namespace) -> Any:
     """The plugin: the guard snapshots every step on the tiny model (so a rollback has a recent copy); on GPUs its
     own cadence decides (a host copy of a 20B model's shards and AdamW state is 84 GB every time)."""
     from lightning_te_moe import GuardConfig, TEMoEPrecision
+    from lightning_te_moe.cli import CUDA_GRAPHS_ARG
 
     guard = GuardConfig(snapshot_every=1) if args.tiny else GuardConfig()
     return TEMoEPrecision(args.recipe, print_plan=False, guard_config=guard, params_dtype=args.params_dtype,
-                          cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+                          cuda_graphs=CUDA_GRAPHS_ARG[args.cuda_graphs])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -523,7 +524,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="run")
     p.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2")
     p.add_argument("--recipe", default="auto")
-    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",  # lightning_te_moe.cli's choices
                    help="the plugin's cuda_graphs: auto (None: on for one process with TE), on, off")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--checkpoint", action="store_true")

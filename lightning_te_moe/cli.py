@@ -43,6 +43,10 @@ def _cc_arg(text: str) -> str:
     return text
 
 
+#: ``--cuda-graphs`` on the command line -> the plugin's ``cuda_graphs`` (``auto``: None, the plan decides).
+CUDA_GRAPHS_ARG = {"auto": None, "on": True, "off": False}
+
+
 def plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-te-moe plan",
                                      description="Show the precision plan for this machine, or for an assumed one.")
@@ -59,7 +63,7 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefer-stability", action="store_true")
     parser.add_argument("--no-strict", action="store_true", help="step down instead of failing on a forbidden recipe")
     parser.add_argument("--torch-compile", action="store_true", help="plan for a model run under torch.compile")
-    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--cuda-graphs", choices=tuple(CUDA_GRAPHS_ARG), default="auto",
                         help="the plugin's cuda_graphs: auto (None: the plan decides), on (True) or off (False)")
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="processes in the run (DDP / FSDP ranks); rules differ for several")
@@ -88,7 +92,7 @@ def plan_command(argv: list[str]) -> int:
     request = PrecisionRequest(recipe=args.recipe, allow=tuple(args.allow), deny=tuple(args.deny),
                                auto_nvfp4=args.auto_nvfp4, prefer_stability=args.prefer_stability,
                                strict=not args.no_strict, torch_compile=args.torch_compile,
-                               cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                               cuda_graphs=CUDA_GRAPHS_ARG[args.cuda_graphs],
                                sharded=args.sharded, processes=args.processes)
     try:
         plan = make_plan(environment_from_args(args), request)

@@ -35,7 +35,7 @@ class When:
     cublaslt_below: Optional[str] = None
     cpu_bf16: Optional[bool] = None
     torch_compile: Optional[bool] = None
-    cuda_graphs: Optional[bool] = None  # the plugin's cuda_graphs=True: a GPU-bound step, where host costs weigh less
+    cuda_graphs: Optional[bool] = None  # the plan runs CUDA graphs: a GPU-bound step, where host costs weigh less
     sharded: Optional[bool] = None  # parameters sharded over several ranks (Lightning's FSDP / FSDP2 strategies)
     multi_process: Optional[bool] = None  # the run has several processes (DDP, FSDP)
     params_dtype: Optional[str] = None  # the dtype TEMoEPrecision keeps parameters in
