@@ -463,11 +463,14 @@ class TEMoEPrecision(FSDPPrecision):
         saved_rung = saved.ladder[int(state_dict["rung"])].label()
         history = state_dict.get("decisions", [])
         step = self._resume_step or 0
-        changed = _changed_arguments(saved.request, self.request.to_dict())
+        # cuda_graphs compares as planned (None is the rules' choice): a checkpoint whose run planned the same
+        # graphs resumes its rung, whether it named them or left them to the plan.
+        fresh = self.state.plan if self.state is not None else self.make_plan(
+            _default_device(), sharded=self._sharded, processes=self._processes)
+        changed = _changed_arguments({**saved.request, "cuda_graphs": saved.cuda_graphs},
+                                     {**self.request.to_dict(), "cuda_graphs": fresh.cuda_graphs})
         if self.state is None:  # restored before setup (e.g. a strategy that restores early)
-            device = _default_device()
-            self._set_up(self.make_plan(device, sharded=self._sharded, processes=self._processes) if changed else saved,
-                         device)
+            self._set_up(fresh if changed else saved, _default_device())
         current_env = self.state.plan.environment
         same = _stack(saved.environment) == _stack(current_env)
         self._guard_state = state_dict.get("guard")

@@ -34,6 +34,7 @@ class CpuLadderPrecision(TEMoEPrecision):
         ladder = tuple(r for r in self.ladders[self.request.recipe] if r.dense.name not in self.request.deny)
         request = dataclasses.replace(self.request, sharded=sharded, processes=processes)
         return Plan(ladder=ladder, environment=probe_environment(device), request=request.to_dict(),
+                    cuda_graphs=bool(request.cuda_graphs),
                     reasons=(Reason("test", "CPU ladder for guard tests"),))
 
 

@@ -119,3 +119,12 @@ def test_a_resume_before_setup_with_changed_arguments_plans_from_the_new_ones() 
     graphed = CpuLadderPrecision(print_plan=False, cuda_graphs=True)  # a rule may read cuda_graphs: a plan argument
     graphed.load_state_dict({"plan": saved.to_dict(), "rung": 1, "decisions": []})
     assert graphed.state.index == 0 and "cuda_graphs" in graphed.decisions.decisions[-1].reason
+    # graphs compare as planned: a checkpoint that named cuda_graphs=False resumes under the default where the
+    # plan runs none either (here, on the CPU), and one planned by the default resumes under an explicit equal choice
+    named_off = CpuLadderPrecision(print_plan=False, cuda_graphs=False).make_plan(torch.device("cpu"))
+    default = CpuLadderPrecision(print_plan=False)
+    default.load_state_dict({"plan": named_off.to_dict(), "rung": 1, "decisions": []})
+    assert default.state.index == 1 and default.decisions.decisions[-1].rule == "checkpoint"
+    explicit = CpuLadderPrecision(print_plan=False, cuda_graphs=False)
+    explicit.load_state_dict({"plan": saved.to_dict(), "rung": 1, "decisions": []})
+    assert explicit.state.index == 1 and explicit.decisions.decisions[-1].rule == "checkpoint"
