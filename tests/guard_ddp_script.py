@@ -5,8 +5,8 @@ NaN loss on rank 1 only at step 31.
 
 ``late`` reads each step's values a step late and gives the guard no way to look before the update, as on CUDA
 (on a GPU that is what happens anyway); ``fused`` uses AdamW(fused=True), which skips on the device. ``every``
-snapshots after every step; ``adaptive`` lets the guard choose the interval, with rank 1's snapshots measured
-4 times slower than they are (the ranks must still snapshot at the same steps); ``tight-host-rank1`` gives rank 1
+snapshots after every step; ``adaptive`` lets the guard choose the interval from fixed costs, rank 1's snapshots
+4 times rank 0's (the ranks must still snapshot at the same steps); ``tight-host-rank1`` gives rank 1
 a host with 1 KiB available (the guard's copies do not fit it there, but do on rank 0). Each rank writes what it
 decided, the steps it lost, the steps it snapshot and its final parameters to ``OUT_DIR/rank<N>.json``.
 """
@@ -26,22 +26,28 @@ from lightning_te_moe.guard import host_budget  # noqa: E402
 from lightning_te_moe.guard.cadence import SnapshotCadence  # noqa: E402
 
 
+#: ``adaptive``: each step measures this, each snapshot this (4 times it on rank 1): rank 0 asks for an interval of
+#: 2 steps, rank 1 for 5 (at the guard's 2% budget), and both must take 5.
+STEP_MS, SNAPSHOT_MS = 10.0, 0.2
+
+
 def main(out: Path, accelerator: str, reads: str, optimizer: str, cadence: str) -> None:
     if reads == "late":
         DivergenceGuard._reads_late = staticmethod(lambda device: True)
     captures: list[int] = []
-    capture, measure = DivergenceGuard._capture, SnapshotCadence.add_snapshot
+    capture, measure, measure_step = DivergenceGuard._capture, SnapshotCadence.add_snapshot, SnapshotCadence.add_step
 
     def spy(guard, trainer, pl_module, step, verified):
         captures.append(step)
         capture(guard, trainer, pl_module, step, verified)
 
-    def slow_on_rank_1(self, ms, nbytes):
-        measure(self, ms * (4 if torch.distributed.get_rank() == 1 else 1), nbytes)
+    def slow_on_rank_1(self, ms, nbytes):  # fixed costs: measured ones made the interval depend on the host's load
+        measure(self, SNAPSHOT_MS * (4 if torch.distributed.get_rank() == 1 else 1), nbytes)
 
     DivergenceGuard._capture = spy
     if cadence == "adaptive":
         SnapshotCadence.add_snapshot = slow_on_rank_1
+        SnapshotCadence.add_step = lambda self, ms: measure_step(self, STEP_MS)
     if cadence == "tight-host-rank1":
         host_budget.available_host_bytes = lambda: 2**10 if torch.distributed.get_rank() == 1 else 2**50
     config = GuardConfig(snapshot_every=1 if cadence == "every" else None)

@@ -47,6 +47,9 @@ def test_ranks_with_different_snapshot_costs_agree_on_the_interval_and_snapshot_
     assert ranks[0]["captures"][:2] == [0, 1] and 2 not in ranks[0]["captures"] and 3 not in ranks[0]["captures"]
     assert len(ranks[0]["captures"]) > 2  # and the same steps at the agreed interval
     assert ranks[0]["intervals"] and min(ranks[0]["intervals"]) > 1  # rank 1's proposal, on rank 0 too
+    assert set(ranks[0]["intervals"]) == {5}  # rank 1's 5 steps against rank 0's 2 (guard_ddp_script.STEP_MS)
+    later = ranks[0]["captures"][2:]
+    assert all(b - a == 5 for a, b in zip(later, later[1:])), ranks[0]["captures"]
     assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["params"] == ranks[1]["params"]
 
 
