@@ -625,6 +625,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         p.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.memory_cap_gib is not None and args.memory_cap_gib <= 0:
+        p.error(f"--memory-cap-gib must be more than 0 (GiB of GPU memory a process), got {args.memory_cap_gib:g}")
     graphed = [key for key in args.rows if BY_KEY[key].graphed]
     if graphed and args.warmup < GRAPH_WARMUP:
         p.error(f"--warmup {args.warmup}: rows {', '.join(graphed)} capture their CUDA graphs at step {GRAPH_WARMUP}, "

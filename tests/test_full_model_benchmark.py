@@ -310,6 +310,8 @@ def test_help_works_and_a_run_without_cuda_fails_clearly(tmp_path: Path) -> None
     bad = _script("--append", str(tmp_path / "none.json"))
     assert bad.returncode == 2 and "no such results file" in bad.stderr
     assert _script("--steps", "0").returncode == 2 and _script("--shapes", "2x1024").returncode == 2
+    capped = _script("--memory-cap-gib", "0")
+    assert capped.returncode == 2 and "--memory-cap-gib must be more than 0" in capped.stderr
     few = _script("--rows", "flex", "plugin-default", "--warmup", "2")
     assert few.returncode == 2 and "rows plugin-default capture their CUDA graphs at step 3" in few.stderr
     assert "capture" not in _script("--rows", "flex", "plugin-default-eager", "--warmup", "2").stderr
