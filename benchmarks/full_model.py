@@ -5,7 +5,8 @@ top-4, vocab 201,088, window 128 on alternate layers, YaRN rope; router aux loss
 built on the GPU in BF16. Implementations (``--rows``): transformers grouped_mm experts + flex attention (the
 reference: what GPT-OSS users run), transformers + eager attention, and the plugin (its module swaps and forward
 context, without a Trainer) with its default plan and in BF16, both starting from the eager-attention model; the
-default plan also with dense layers left in BF16 (issue 15) and with transformers' gradient checkpointing. The plugin
+default plan also with dense layers left in BF16 (issue 15), with transformers' gradient checkpointing, and with
+transformers' own RMSNorm in place of TE's fused one (``plugin-default-model-norms``). The plugin
 rows keep its ``cuda_graphs`` default, which on one GPU with TE replays the decoder layers as CUDA graphs (they need
 3 warm-up steps); the ``-eager`` rows turn them off (``cuda_graphs=False``).
 Fine-tunes (``--finetunes``): experts frozen + PEFT LoRA r=16 on q/k/v/o_proj, and PEFT LoRA also on the experts
@@ -70,6 +71,7 @@ class Implementation(NamedTuple):
     swap_dense: bool = True  # the plugin's swap_dense: False leaves the dense layers in BF16 (issue 15's comparison)
     cuda_graphs: Optional[bool] = None  # the plugin's cuda_graphs: None lets its plan decide (on, one GPU with TE)
     checkpointing: bool = False  # transformers' gradient_checkpointing_enable() (non-reentrant) before the plugin
+    swap_norms: bool = True  # the plugin's swap_norms: False keeps transformers' RMSNorm (the fused norms' A/B)
 
     @property
     def graphed(self) -> bool:
@@ -89,6 +91,8 @@ IMPLEMENTATIONS = (
     Implementation("plugin-bf16-eager", "plugin bf16, CUDA graphs off", "eager", "bf16", cuda_graphs=False),
     Implementation("plugin-default-checkpointing", "plugin default plan, gradient checkpointing", "eager", "auto",
                    checkpointing=True),
+    Implementation("plugin-default-model-norms", "plugin default plan, transformers' RMSNorm", "eager", "auto",
+                   swap_norms=False),
 )
 BY_KEY = {impl.key: impl for impl in IMPLEMENTATIONS}
 ATTENTION_LORA = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -162,7 +166,7 @@ def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], Abstra
     from lightning_te_moe import TEMoEPrecision
 
     plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense,
-                            cuda_graphs=impl.cuda_graphs)
+                            swap_norms=impl.swap_norms, cuda_graphs=impl.cuda_graphs)
     plugin.convert_module(model)
     assert plugin.plan is not None
     info = {"plan": plugin.plan.summary(), "swaps": [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]}

@@ -12,6 +12,7 @@ from .experts import (
 from .fabric import TEMoEFabricPrecision
 from .guard import DivergenceError, DivergenceGuard, GuardConfig
 from .interrupt import InterruptCheckpoint
+from .norms import NormSwapConfig, swap_norms, unswap_norms
 from .plugin import TEMoEPrecision
 from .policy import (
                      RECIPE_NAMES,
@@ -37,6 +38,7 @@ __all__ = [
     "GroupedExperts",
     "GuardConfig",
     "InterruptCheckpoint",
+    "NormSwapConfig",
     "Plan",
     "PlanError",
     "PrecisionRequest",
@@ -52,8 +54,10 @@ __all__ = [
     "swap_attention",
     "swap_dense",
     "swap_experts",
+    "swap_norms",
     "unswap_attention",
     "unswap_dense",
     "unswap_experts",
+    "unswap_norms",
 ]
 __version__ = "0.1.0"

@@ -69,6 +69,9 @@ class TEMoEPrecision(FSDPPrecision):
         swap_dense: run dense linear layers (attention projections, shared experts, dense MLPs) on TE's
             ``te.Linear`` where the plan runs a quantized dense recipe on CUDA with TE; routers, the output head,
             embeddings and layers TE cannot run stay as they are, with the reason (docs/dense.md).
+        swap_norms: run RMSNorms on TE's fused kernels (one kernel forward, one backward) on CUDA with TE, where
+            TE's kernel is the model's own math (GPT-OSS); other norms stay the model's own, with the reason
+            (:mod:`lightning_te_moe.norms`).
         guard: watch for divergence and step down the ladder / roll back / stop (attaches a
             :class:`~lightning_te_moe.guard.DivergenceGuard` callback to the Trainer).
         guard_config: the guard's thresholds and limits: a :class:`~lightning_te_moe.guard.config.GuardConfig`, or a
@@ -111,6 +114,7 @@ class TEMoEPrecision(FSDPPrecision):
         cache_quantized_weights: bool = True,
         swap_attention: bool = True,
         swap_dense: bool = True,
+        swap_norms: bool = True,
         guard: bool = True,
         guard_config: Optional[GuardConfig] = None,
         autotune: bool = False,
@@ -120,8 +124,9 @@ class TEMoEPrecision(FSDPPrecision):
     ) -> None:
         _check_arguments(recipe, params_dtype, auto_nvfp4=auto_nvfp4, prefer_stability=prefer_stability,
                          strict=strict, print_plan=print_plan, swap_experts=swap_experts,
-                         cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention, guard=guard,
-                         autotune=autotune, memory_fallback=memory_fallback)
+                         cache_quantized_weights=cache_quantized_weights, swap_attention=swap_attention,
+                         swap_dense=swap_dense, swap_norms=swap_norms, guard=guard, autotune=autotune,
+                         memory_fallback=memory_fallback)
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise TypeError(f"{_OWNER}(cuda_graphs={cuda_graphs!r}): cuda_graphs must be None (the plan decides), True"
                             f" or False, got {type(cuda_graphs).__name__}")
@@ -166,6 +171,10 @@ class TEMoEPrecision(FSDPPrecision):
 
             config = DenseSwapConfig(cache_quantized_weights=cache_quantized_weights)
             self.module_swaps.append(functools.partial(swap_dense_for_plugin, config=config))
+        if swap_norms:
+            from .norms import swap_for_plugin as swap_norms_for_plugin
+
+            self.module_swaps.append(swap_norms_for_plugin)
         from .recompute import recompute_for_plugin
 
         self.module_swaps.append(recompute_for_plugin)  # after the swaps: checkpointed layers recompute on TE too

@@ -1,6 +1,6 @@
-"""A stand-in for Transformer Engine on the CPU: the parts of TE's interface the dense swap, the recompute and the
-plugin's forward context use (``te.Linear``, ``autocast``, recipes, the FP8 global state, the alignment helper,
-the activation-recompute phases), implemented in torch.
+"""A stand-in for Transformer Engine on the CPU: the parts of TE's interface the dense swap, the recompute, the norm
+kernels and the plugin's forward context use (``te.Linear``, ``autocast``, recipes, the FP8 global state, the
+alignment helper, the activation-recompute phases, ``rmsnorm_fwd/_bwd`` with their dtype combinations), in torch.
 
 Its ``Linear`` runs a quantized recipe as FP8 would change the numbers: input and weight go through a per-tensor
 E4M3 round trip (straight-through gradients), so a layer that runs outside the recipe (or on a stale cached
@@ -191,6 +191,25 @@ class Linear(nn.Module):
         return F.linear(inp, weight, self.bias)
 
 
+#: TE's RMSNorm kernels without FP8 output: (weight, input) dtypes are one dtype; the output is that dtype or, from
+#: FP32, a narrower one (TE's registered launchers). Backward: gradient, input and weight in one dtype.
+def rmsnorm_fwd(x: Tensor, w: Tensor, eps: float, ln_out: Any, quantizer: Any, otype: torch.dtype, sm_margin: int,
+                zero_centered_gamma: bool) -> list[Any]:
+    assert x.dtype == w.dtype and (otype == x.dtype or x.dtype == torch.float32), (x.dtype, w.dtype, otype)
+    assert x.dim() == 2 and ln_out is None and quantizer is None and not zero_centered_gamma
+    rsigma = torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+    return [(x.float() * rsigma[:, None] * w.float()).to(otype), None, rsigma]
+
+
+def rmsnorm_bwd(dz: Tensor, x: Tensor, rsigma: Tensor, gamma: Tensor, sm_margin: int,
+                zero_centered_gamma: bool) -> list[Tensor]:
+    assert dz.dtype == x.dtype == gamma.dtype and rsigma.dtype == torch.float32, (dz.dtype, x.dtype, gamma.dtype)
+    normed = x.float() * rsigma[:, None]
+    dnormed = dz.float() * gamma.float()
+    dx = rsigma[:, None] * (dnormed - normed * (dnormed * normed).mean(-1, keepdim=True))
+    return [dx.to(x.dtype), (dz.float() * normed).sum(0).to(gamma.dtype)]
+
+
 def _module(name: str, **attrs: Any) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
@@ -199,8 +218,10 @@ def _module(name: str, **attrs: Any) -> types.ModuleType:
 
 def install(monkeypatch: pytest.MonkeyPatch) -> State:
     """Put the stand-in in ``sys.modules`` as ``transformer_engine`` and let the dense layers take the TE path on
-    CPU tensors; returns the state (fresh for each test)."""
+    CPU tensors (and the norm swap find TE: on CPU tensors a swapped norm runs the model's own forward); returns the
+    state (fresh for each test)."""
     import lightning_te_moe.dense.module as dense_module
+    import lightning_te_moe.norms.swap as norm_swap
 
     state = State()
     monkeypatch.setattr(sys.modules[__name__], "STATE", state)
@@ -212,10 +233,14 @@ def install(monkeypatch: pytest.MonkeyPatch) -> State:
                            get_align_size_for_quantization=get_align_size_for_quantization)
     distributed = _module("transformer_engine.pytorch.distributed",
                           activation_recompute_forward=activation_recompute_forward)
+    constants = _module("transformer_engine.pytorch.constants",
+                        TE_DType={dtype: dtype for dtype in (torch.float32, torch.bfloat16, torch.float16)})
     pytorch = _module("transformer_engine.pytorch", Linear=Linear, autocast=autocast, quantization=quantization,
-                      distributed=distributed)
+                      distributed=distributed, constants=constants)
     root = _module("transformer_engine", pytorch=pytorch, common=common)
-    for module in (root, common, recipe, pytorch, quantization, distributed):
+    tex = _module("transformer_engine_torch", rmsnorm_fwd=rmsnorm_fwd, rmsnorm_bwd=rmsnorm_bwd)
+    for module in (root, common, recipe, pytorch, quantization, distributed, constants, tex):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(dense_module, "te_runs", lambda x: True)
+    monkeypatch.setattr(norm_swap, "te_available", lambda: True)
     return state

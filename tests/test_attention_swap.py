@@ -104,5 +104,6 @@ def test_plugin_on_cpu_prints_the_reason_and_plans_attention_as_the_models_own(c
     assert not _swapped(model)
     from lightning_te_moe.recompute import recompute_for_plugin
 
-    swaps = TEMoEPrecision(swap_attention=False, swap_experts=False, swap_dense=False, cuda_graphs=False).module_swaps
+    swaps = TEMoEPrecision(swap_attention=False, swap_experts=False, swap_dense=False, swap_norms=False,
+                           cuda_graphs=False).module_swaps
     assert swaps == [recompute_for_plugin]  # no module swap left, only the checkpointing wrapper
