@@ -133,8 +133,10 @@ def test_te_attention_model_no_worse_than_its_own_bf16(padded: bool) -> None:
 def test_fit_with_everything_swapped_loss_falls(tmp_path: Path) -> None:
     from lightning_te_moe.experts import GroupedExperts
 
+    # eager steps: a replayed CUDA graph (the default plan's, where every layer can be captured, e.g. on cuBLASLt
+    # 13.10) runs the attention core without calling it, and this test counts the calls (graphs: test_graphs_gpu.py)
     plugin, module = gpu_fit(tiny_model("gpt_oss", hidden=256, intermediate=256, experts=8, top_k=2, layers=2),
-                             tmp_path, seq_len=128)
+                             tmp_path, seq_len=128, cuda_graphs=False)
     calls = [m.__dict__[SWAP_ATTR].calls for m in module.modules() if SWAP_ATTR in m.__dict__]
     print("plan:", plugin.plan.summary(), "attention calls:", calls, "losses:", [round(v, 3) for v in module.losses[::5]])
     assert sum(isinstance(m, GroupedExperts) for m in module.modules()) == 2
