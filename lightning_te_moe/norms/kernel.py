@@ -15,14 +15,22 @@ import torch
 from torch import Tensor
 
 
+def _tex() -> Any:
+    """TE's extension module: importing ``transformer_engine.pytorch`` loads it (it is not on ``sys.path``)."""
+    import transformer_engine.pytorch  # noqa: F401
+    import transformer_engine_torch
+
+    return transformer_engine_torch
+
+
 class TERMSNormFunction(torch.autograd.Function):
     """``y = (w * x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` computed in FP32; saves the input and ``rsigma``."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        import transformer_engine_torch as tex
         from transformer_engine.pytorch.constants import TE_DType
 
+        tex = _tex()
         compute = torch.promote_types(x.dtype, weight.dtype)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).contiguous()
@@ -34,8 +42,7 @@ class TERMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
-        import transformer_engine_torch as tex
-
+        tex = _tex()
         rows, rsigma, weight = ctx.saved_tensors
         compute = ctx.compute
         dy = grad.reshape(rows.shape).to(compute).contiguous()
