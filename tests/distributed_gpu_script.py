@@ -21,6 +21,7 @@ from test_experts_fit import TinyGptOss  # noqa: E402
 
 from lightning_te_moe import GroupedExperts, GuardConfig, TEMoEPrecision  # noqa: E402
 from lightning_te_moe.distributed import shard_model  # noqa: E402
+from lightning_te_moe.norms import TERMSNorm  # noqa: E402
 
 
 class Sharded(TinyGptOss):
@@ -61,6 +62,7 @@ def main(out: Path, kind: str, recipe: str) -> None:
         + sum(r._quantized is not None for m in experts for r in m._resident.values()),
         "cache_enabled": any(e.weight_cache.enabled for m in experts for e in m._engines.values()),
         "engines": sum(len(m._engines) for m in experts),
+        "te_norms": sum(isinstance(m, TERMSNorm) for m in model.modules()),
     }))
 
 

@@ -33,6 +33,7 @@ def test_sharded_fit_with_a_nan_on_one_rank(tmp_path: Path, kind: str, recipe: s
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 6
     for rank in ranks:
         assert rank["finite"] and rank["experts"] == 2
+        assert rank["te_norms"] == 5  # GPT-OSS's norms on TE's kernels, swapped before sharding
         assert (rank["fsdp_units"] if kind == "fsdp" else rank["fsdp2_units"]) == 2
         if recipe != "bf16":
             assert "fp8-sharded-params" in rank["rules"]
