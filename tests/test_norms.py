@@ -120,6 +120,8 @@ def test_the_run_decides_where_norms_may_swap() -> None:
     assert plan_reason(cpu) == "device is cpu: norms stay the model's own (TE's kernels need a GPU)"
     no_te = make_plan(_env("cuda", False), PrecisionRequest())
     assert plan_reason(no_te) == "Transformer Engine is not installed: norms stay the model's own"
+    compiled = make_plan(_env("cuda", True), PrecisionRequest(torch_compile=True))
+    assert plan_reason(compiled).startswith("the model runs under torch.compile, which fuses its RMSNorm itself")
 
 
 def test_the_plugin_leaves_norms_alone_on_the_cpu(capsys: pytest.CaptureFixture) -> None:

@@ -49,6 +49,9 @@ def plan_reason(plan: Plan) -> Optional[str]:
         return f"device is {env.device_type}: norms stay the model's own (TE's kernels need a GPU)"
     if not env.has_te:
         return "Transformer Engine is not installed: norms stay the model's own"
+    if plan.request.get("torch_compile"):
+        return ("the model runs under torch.compile, which fuses its RMSNorm itself (TE's kernels would break the"
+                " compiled graph at every norm): norms stay the model's own")
     if not te_available():
         return "Transformer Engine does not import in this process: norms stay the model's own"
     return None
