@@ -36,19 +36,18 @@ class TERMSNormFunction(torch.autograd.Function):
         rows = x.reshape(-1, shape[-1]).contiguous()
         w = weight.to(compute).contiguous()
         y, _, rsigma = tex.rmsnorm_fwd(rows.to(compute), w, eps, None, None, TE_DType[x.dtype], 0, False)
-        ctx.save_for_backward(rows, rsigma, weight)
-        ctx.compute = compute
+        ctx.save_for_backward(rows, rsigma, w)  # w: the weight itself where it is already in the compute dtype
+        ctx.weight_dtype = weight.dtype
         return y.view(shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
         tex = _tex()
-        rows, rsigma, weight = ctx.saved_tensors
-        compute = ctx.compute
-        dy = grad.reshape(rows.shape).to(compute).contiguous()
-        dx, dw = tex.rmsnorm_bwd(dy, rows.to(compute), rsigma, weight.to(compute).contiguous(), 0, False)
+        rows, rsigma, w = ctx.saved_tensors
+        dy = grad.reshape(rows.shape).to(w.dtype).contiguous()
+        dx, dw = tex.rmsnorm_bwd(dy, rows.to(w.dtype), rsigma, w, 0, False)
         grad_x = dx.to(rows.dtype).view(grad.shape) if ctx.needs_input_grad[0] else None
-        grad_w = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = dw.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
