@@ -16,6 +16,16 @@ graphs launches each as one call. A layer is graphed only where replaying is the
 - one forward at a time: a second forward before the first one's backward runs eagerly (the graph's saved
   activations are static).
 
+In recompute mode (:func:`recompute_in_graphs`: the memory fallback's first rung where the plan says so, rules
+``graphed-recompute-*``) a layer's graphs are activation checkpointing: the forward graph runs the training forward
+and keeps only its output (the layer's input stays in the graph's static input), and the backward graph runs the
+forward again and then its backward. A layer then holds its input and output between forward and backward instead
+of its saved activations, and the step stays two launches a layer. As torch's checkpoint does, the backward replays
+from the random-number state the forward replayed from (dropout draws the same masks), then puts the state back.
+Calls that cannot replay (warm-up, refused, ineligible) run under torch's non-reentrant checkpoint instead of plainly
+eager, recomputing under the forward's precision (:mod:`.recompute`). Not graphed in this mode: delayed scaling
+(TE's recompute phases swap its scales in Python, which a replay would skip).
+
 A parameter's gradient leaves the graph as its static buffer (autograd then keeps it as ``.grad``, no copy); where
 ``.grad`` still is that buffer at the next backward (gradient accumulation, ``zero_grad(set_to_none=False)``) it
 moves to a copy first, so accumulation behaves as without graphs. Trainable weights are never cached quantized across
@@ -25,6 +35,7 @@ TE's quantized copies (:mod:`.experts.resident`) are read by address, and holdin
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -34,6 +45,9 @@ from typing import Any, Callable, Hashable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
+
+from .recompute import PrecisionRecompute, PrecisionSnapshot, delayed_autocast
 
 #: Eager calls of a new signature before its capture: the first sets up lazily built state (TE engines, frozen
 #: weights held quantized), the second is checked for host synchronization.
@@ -45,6 +59,10 @@ MAX_GRAPHS = 3
 _STATIC_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 _epoch = 0
+
+#: A layer's call in recompute mode without a graph: torch's non-reentrant checkpoint, recomputing under the forward's
+#: precision (TE's recompute phases under delayed scaling).
+_CHECKPOINT = PrecisionRecompute(functools.partial(checkpoint, use_reentrant=False))
 
 
 def invalidate_graphs() -> None:
@@ -69,8 +87,20 @@ class _Graph:
     grads: tuple[Optional[Tensor], ...]  # for the inputs that require grad, then the trainable parameters
     params: list[Tensor]  # the trainable parameters at capture
     pending: bool = False  # a replayed forward whose backward has not run yet
+    #: Recompute mode: the random-number state the forward replayed from (the backward's recompute replays from it).
+    rng: Optional[Tensor] = None
+    recompute: bool = False
     #: Captures ``backward`` and fills ``grads``; called by the first backward, in the model's backward order.
     capture_backward: Optional[Callable[["_Graph"], None]] = None
+
+    def release(self) -> None:
+        """Free the graphs and the static tensors in their pool now, not when the last reference goes (an autograd
+        graph of a failed step, or its exception's frames, may still refer to this object)."""
+        for captured in (self.forward, self.backward):
+            if captured is not None:
+                captured.reset()
+        self.inputs, self.grads, self.params, self.capture_backward = (), (), [], None
+        self.output = self.grad_output = torch.empty(0)
 
 
 class GraphPools:
@@ -135,6 +165,8 @@ class _Replay(torch.autograd.Function):
                 # Through ``.data``: the static inputs are saved tensors of the captured forward, whose backward is
                 # captured later in this step; a version bump would fail autograd's in-place check there.
                 static.data.copy_(value)
+        if graph.recompute:
+            graph.rng = _rng_state()
         graph.forward.replay()
         graph.pending = True
         ctx.graph = graph
@@ -156,7 +188,13 @@ class _Replay(torch.autograd.Function):
         for param, static in zip(graph.params, param_grads):
             if param.grad is not None and static is not None and param.grad.data_ptr() == static.data_ptr():
                 param.grad = param.grad.clone()
-        graph.backward.replay()
+        if graph.rng is not None:
+            now = _rng_state()
+            _set_rng_state(graph.rng)
+            graph.backward.replay()
+            _set_rng_state(now)
+        else:
+            graph.backward.replay()
         graph.pending = False
         grads = iter(graph.grads)
         out: list[Optional[Tensor]] = []
@@ -181,19 +219,21 @@ class LayerGraphs:
         #: Calls that ran eagerly without being considered for a graph, by reason.
         self.skipped: Counter[str] = Counter()
         self.epoch = graph_epoch()
+        #: Activation checkpointing inside the graphs (see the module doc); set by :func:`recompute_in_graphs`.
+        self.recompute = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         reason = self._ineligible(leaves)
         if reason is not None:
             self.skipped[reason] += 1
-            return self.eager(*args, **kwargs)
+            return self._run_eager(args, kwargs)
         tensors = [t for leaf in leaves for t in _graph_tensors(leaf)]
         static = tuple(_static_key(leaf) for leaf in leaves)
         other = next((leaf for leaf, key in zip(leaves, static) if key is _UNKNOWN), None)
         if other is not None:  # an object (a KV cache, a padding mask) may change between calls without a trace
             self.skipped[f"an argument of type {type(other).__name__}"] += 1
-            return self.eager(*args, **kwargs)
+            return self._run_eager(args, kwargs)
         key = (spec, static, tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
                self.module.training)
         if self.epoch != graph_epoch():
@@ -213,8 +253,12 @@ class LayerGraphs:
             return self._eager_or_capture(key, leaves, spec, tensors, args, kwargs)
         return _Replay.apply(graph, len(tensors), *tensors, *params)
 
-    def reset(self) -> None:
-        """Drop every graph (their memory pools go with them) and warm up again."""
+    def reset(self, abandon: bool = False) -> None:
+        """Drop every graph (their memory pools go with them) and warm up again. A graph whose forward waits for its
+        backward is released with the rest only when ``abandon`` says that backward will not come."""
+        for graph in self.graphs.values():
+            if abandon or not graph.pending:
+                graph.release()
         self.graphs.clear()
         self.calls.clear()
         self.refused.clear()
@@ -227,6 +271,8 @@ class LayerGraphs:
             return "grad disabled"         # transformers model trains in eval mode unless someone calls .train())
         if getattr(module, "gradient_checkpointing", False):
             return "activation checkpointing"
+        if self.recompute and delayed_autocast():
+            return "delayed scaling in recompute mode (TE's recompute phases swap its scales in Python)"
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return "inside another capture"
         if not _on_cuda(leaves):
@@ -241,15 +287,22 @@ class LayerGraphs:
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def _run_eager(self, args: Any, kwargs: Any) -> Any:
+        """The layer without a graph: plainly, or in recompute mode under torch's non-reentrant checkpoint (where a
+        backward follows and the model does not checkpoint the layer itself)."""
+        if self.recompute and torch.is_grad_enabled() and not getattr(self.module, "gradient_checkpointing", False):
+            return _CHECKPOINT(self.eager, *args, **kwargs)
+        return self.eager(*args, **kwargs)
+
     def _eager_or_capture(self, key: Hashable, leaves: list[Any], spec: Any, tensors: list[Tensor],
                           args: Any, kwargs: Any) -> Any:
         if key in self.refused or key in self.graphs or len(self.graphs) >= MAX_GRAPHS:
-            return self.eager(*args, **kwargs)  # refused, a second forward before the first's backward, or full
+            return self._run_eager(args, kwargs)  # refused, a second forward before the first's backward, or full
         self.calls[key] += 1
         if self.calls[key] < WARMUP_CALLS:
-            return self.eager(*args, **kwargs)
+            return self._run_eager(args, kwargs)
         if self.calls[key] == WARMUP_CALLS:
-            out, syncs = _watch_syncs(lambda: self.eager(*args, **kwargs))
+            out, syncs = _watch_syncs(lambda: self._run_eager(args, kwargs))
             if syncs:
                 self._refuse(key, f"a host synchronization in its forward ({syncs[0]})",
                              {"synchronizations": syncs[:3]})
@@ -267,9 +320,9 @@ class LayerGraphs:
         self._event("skip", f"no CUDA graph for {type(self.module).__name__}: {reason}", evidence)
 
     def _capture(self, leaves: list[Any], spec: Any, tensors: list[Tensor], params: list[Tensor]) -> _Graph:
-        """Warm up, then capture the forward into the signature's shared pool (:class:`GraphPools`), on the pools' side
-        stream and against fresh leaves over the parameters (:func:`fresh_leaves`); the backward is captured at its first
-        call (:meth:`_capture_backward`)."""
+        """Warm up, then capture the forward into the signature's shared pool (:class:`GraphPools`), on the pools'
+        side stream and against fresh leaves over the parameters (:func:`fresh_leaves`); the backward is captured at
+        its first call (:meth:`_capture_backward`, or :meth:`_capture_recompute` in recompute mode)."""
         inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         it = iter(inputs)
         args, kwargs = pytree.tree_unflatten([_over_static(leaf, it) for leaf in leaves], spec)
@@ -290,15 +343,21 @@ class LayerGraphs:
                 torch.autograd.grad(out, targets, torch.zeros_like(out), allow_unused=True)
             del out
             side.synchronize()
+            precision = PrecisionSnapshot.capture(delayed_scaling=False)
             with _te_capturing(), torch.cuda.graph(forward, pool=pool, stream=side, capture_error_mode="thread_local"):
                 output = run()
+                if self.recompute:  # the training forward's kernels; what it saved is freed inside the graph
+                    output = output.detach()
         torch.cuda.current_stream().wait_stream(side)
 
         def capture_backward(graph: _Graph) -> None:
-            self._capture_backward(graph, targets, side, pool_key, pool)
+            if self.recompute:
+                self._capture_recompute(graph, run, precision, side, pool_key, pool)
+            else:
+                self._capture_backward(graph, targets, side, pool_key, pool)
 
         return _Graph(forward, None, inputs, output, torch.empty_like(output), (), params,
-                      capture_backward=capture_backward)
+                      capture_backward=capture_backward, recompute=self.recompute)
 
     def _capture_backward(self, graph: _Graph, targets: list[Tensor], side: torch.cuda.Stream, pool_key: Hashable,
                           pool: Any) -> None:
@@ -310,6 +369,21 @@ class LayerGraphs:
             # retain_graph: the saved activations stay allocated to the graphs that write and read them
             grads = torch.autograd.grad(graph.output, targets, graph.grad_output, allow_unused=True,
                                         retain_graph=True)
+        torch.cuda.current_stream().wait_stream(side)
+        self.pools.backward_captured(pool_key, pool)
+        graph.backward, graph.grads, graph.capture_backward = backward, tuple(grads), None
+
+    def _capture_recompute(self, graph: _Graph, run: Callable[[], Tensor], precision: PrecisionSnapshot,
+                           side: torch.cuda.Stream, pool_key: Hashable, pool: Any) -> None:
+        """Recompute mode: capture the forward again, over the static inputs and under the forward's precision
+        (autograd's backward thread has neither its autocasts nor grad mode), then its backward; what the forward
+        saved is freed inside the graph, for the next layer's capture to reuse."""
+        backward = torch.cuda.CUDAGraph()
+        side.wait_stream(torch.cuda.current_stream())
+        with fresh_leaves(self.module, graph.params) as leaves_now, precision.recompute(), torch.enable_grad():
+            targets = [t for t in graph.inputs if t.requires_grad] + leaves_now
+            with _te_capturing(), torch.cuda.graph(backward, pool=pool, stream=side, capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(run(), targets, graph.grad_output, allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
         self.pools.backward_captured(pool_key, pool)
         graph.backward, graph.grads, graph.capture_backward = backward, tuple(grads), None
@@ -372,6 +446,18 @@ def _over_static(leaf: Any, static: Iterator[Tensor]) -> Any:
         return next(static)
     tensors = _graph_tensors(leaf)
     return leaf.with_graph_tensors([next(static) for _ in tensors]) if tensors else leaf
+
+
+def _rng_state() -> Tensor:
+    """The CUDA generator's state (seed and offset: a replay draws from the offset it finds), or the CPU's."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
+
+
+def _set_rng_state(state: Tensor) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
 
 
 def _on_cuda(leaves: list[Any]) -> bool:
@@ -449,15 +535,27 @@ def graph_status(model: nn.Module) -> dict[str, Any]:
     refused = sorted({reason for d in found for reason in d.refused.values()})
     skipped = sum((d.skipped for d in found), Counter())
     return {"layers": len(found), "graphed": sum(bool(d.graphs) for d in found), "refused": refused,
-            "eager_calls": dict(skipped), "signatures": max((len(d.calls) for d in found), default=0)}
+            "eager_calls": dict(skipped), "signatures": max((len(d.calls) for d in found), default=0),
+            "recompute": sum(d.recompute for d in found)}
 
 
 def drop_graphs(model: nn.Module) -> None:
     """Drop every graph of ``model``'s layers now, their memory pools with them (:func:`invalidate_graphs` drops them
-    lazily, at each layer's next call): e.g. before training at other shapes, whose graphs would sit beside them."""
+    lazily, at each layer's next call): e.g. before training at other shapes, whose graphs would sit beside them, or
+    after a step that failed (a forward still waiting for its backward is abandoned)."""
     for dispatcher in dispatchers(model):
-        dispatcher.reset()
+        dispatcher.reset(abandon=True)
         dispatcher.pools.clear()
+
+
+def recompute_in_graphs(model: nn.Module) -> int:
+    """Turn every layer of ``model`` to recompute mode (activation checkpointing inside its graphs, see the module
+    doc): their graphs and pools are dropped now and they capture again after a warm-up. Returns how many layers."""
+    found = dispatchers(model)
+    drop_graphs(model)
+    for dispatcher in found:
+        dispatcher.recompute = True
+    return len(found)
 
 
 def release_pending(model: nn.Module) -> None:

@@ -113,7 +113,7 @@ class _Replay:
             return self.function(*args, **kwargs)
 
 
-def _delayed_autocast() -> bool:
+def delayed_autocast() -> bool:
     """Without a plan: TE's autocast runs delayed scaling now."""
     te = te_autocast_state()
     return te is not None and te[0] and bool(te[1].delayed())
@@ -123,7 +123,7 @@ class PrecisionRecompute:
     """A gradient-checkpointing function: the model's own (``inner``), recomputing under the forward's precision;
     ``delayed_scaling`` says at each forward whether the layer runs delayed scaling (the plugin's active rung)."""
 
-    def __init__(self, inner: Callable[..., Any], delayed_scaling: Callable[[], bool] = _delayed_autocast) -> None:
+    def __init__(self, inner: Callable[..., Any], delayed_scaling: Callable[[], bool] = delayed_autocast) -> None:
         self.inner, self.delayed_scaling = inner, delayed_scaling
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -152,7 +152,7 @@ def _set_gradient_checkpointing(original: Callable[..., Any], delayed_scaling: C
     return original(*args, **kwargs)
 
 
-def install(model: nn.Module, delayed_scaling: Callable[[], bool] = _delayed_autocast) -> int:
+def install(model: nn.Module, delayed_scaling: Callable[[], bool] = delayed_autocast) -> int:
     """Wrap every checkpointing function set on ``model`` and hook every transformers model's
     ``_set_gradient_checkpointing`` (instance attribute) so later ``gradient_checkpointing_enable()`` calls are
     wrapped too. Returns how many checkpointing functions it wrapped now (idempotent)."""

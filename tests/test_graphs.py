@@ -2,8 +2,10 @@
 replay computes what the eager layer computes, gradients and their accumulation included.
 
 CUDA graphs do not exist on the CPU, so the capture is replaced by a stand-in whose "graphs" re-run the layer on the
-captured static tensors when replayed: everything around it (the static inputs and outputs, which gradients go where
-and as copies, warm-up, refusals, invalidation) is the real code. ``tests/gpu/test_graphs_gpu.py`` captures for real.
+captured static tensors when replayed (in recompute mode, as the real ones: the forward keeps only its output and the
+backward runs the forward again): everything around it (the static inputs and outputs, which gradients go where
+and as copies, warm-up, refusals, invalidation, the checkpointed eager calls of recompute mode) is the real code.
+``tests/gpu/test_graphs_gpu.py`` captures for real.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class _Replayable:
     def replay(self) -> None:
         self.fn()
 
+    def reset(self) -> None:
+        self.fn = lambda: None
+
 
 def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[Tensor],
                  params: list[Tensor]) -> _Graph:
@@ -41,7 +46,8 @@ def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[
     it = iter(inputs)
     args, kwargs = pytree.tree_unflatten([graphs._over_static(leaf, it) for leaf in leaves], spec)
     targets = [t for t in inputs if t.requires_grad] + params
-    with torch.enable_grad():
+    recompute = self.recompute
+    with torch.enable_grad(), torch.random.fork_rng():  # a capture runs nothing: it draws no random numbers
         first = self.eager(*args, **kwargs)
     output, grad_output = torch.empty_like(first), torch.empty_like(first)
     grads = tuple(torch.empty_like(t) for t in targets)
@@ -50,21 +56,28 @@ def _cpu_capture(self: LayerGraphs, leaves: list[Any], spec: Any, tensors: list[
 
     def forward() -> None:
         with torch.enable_grad():
-            live["out"] = self.eager(*args, **kwargs)
-        output.copy_(live["out"].detach())
+            out = self.eager(*args, **kwargs)
+        if not recompute:  # recompute mode keeps nothing of the forward but its output
+            live["out"] = out
+        output.copy_(out.detach())
 
     def backward() -> None:
-        for static, grad in zip(grads, torch.autograd.grad(live["out"], targets, grad_output, allow_unused=True)):
+        if recompute:
+            with torch.enable_grad():
+                live["out"] = self.eager(*args, **kwargs)
+        for static, grad in zip(grads, torch.autograd.grad(live.pop("out"), targets, grad_output, allow_unused=True)):
             static.copy_(grad) if grad is not None else static.zero_()
 
     def capture_backward(graph: _Graph) -> None:  # as the real one: at the first backward, in the model's order,
         ORDER.append(f"backward {name}")         # through the captured forward's autograd graph (its saved tensors)
-        torch.autograd.grad(first, targets, grad_output, allow_unused=True, retain_graph=True)
+        if not recompute:
+            torch.autograd.grad(first, targets, grad_output, allow_unused=True, retain_graph=True)
         graph.backward, graph.grads, graph.capture_backward = _Replayable(backward), grads, None
 
     CAPTURES.append(type(self.module).__name__)
     ORDER.append(f"forward {name}")
-    return _Graph(_Replayable(forward), None, inputs, output, grad_output, (), params, capture_backward=capture_backward)
+    return _Graph(_Replayable(forward), None, inputs, output, grad_output, (), params,
+                  capture_backward=capture_backward, recompute=recompute)
 
 
 def _position(dispatcher: LayerGraphs) -> int:
@@ -278,6 +291,35 @@ def test_a_second_forward_before_the_backward_runs_eagerly(cpu_graphs: list[list
     assert all(rel_err(got[n], want[n]) < 1e-6 for n in want)
 
 
+def test_dropped_graphs_free_their_memory_unless_a_backward_still_needs_them(cpu_graphs: list[list[str]]) -> None:
+    """drop_graphs (the memory fallback, a change of shapes) releases each graph and its static tensors at once, even
+    where something still refers to it (a failed step's autograd graph); a lazy invalidation (a rung change) does not
+    release a forward whose backward is still to come: that backward runs on it and gives the eager gradients."""
+    eager, graphed = Stack(), Stack()
+    graphed.load_state_dict(eager.state_dict())
+    graphs.install_cuda_graphs(graphed)
+    _steps(graphed, [torch.randn(4, 8) for _ in range(3)])
+    held = [g for d in graphs.dispatchers(graphed) for g in d.graphs.values()]
+    assert len(held) == 3 and all(g.inputs and g.grads for g in held)
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        first = model(a.clone().requires_grad_(True), mask=torch.ones(8))  # the captured signature
+        if model is graphed:
+            pending = [g for d in graphs.dispatchers(graphed) for g in d.graphs.values()]
+            assert all(g.pending for g in pending)
+            graphs.invalidate_graphs()  # every layer drops its graphs at its next call: the second forward
+        (first.sum() + model(b.clone().requires_grad_(True), mask=torch.ones(8)).square().sum()).backward()
+    assert all(g.inputs and g.grads for g in pending)  # released only after their backward ran: kept
+    want, got = _grads(eager), _grads(graphed)
+    assert all(rel_err(got[n], want[n]) < 1e-6 for n in want)
+    _steps(graphed, [torch.randn(4, 8) for _ in range(3)])
+    held = [g for d in graphs.dispatchers(graphed) for g in d.graphs.values()]
+    assert len(held) == 3
+    graphs.drop_graphs(graphed)
+    assert all(g.inputs == () and g.grads == () and g.params == [] and g.output.numel() == 0 for g in held)
+
+
 def test_a_layer_that_synchronizes_is_refused_and_recorded(cpu_graphs: list[list[str]]) -> None:
     events: list[tuple[str, str]] = []
     model = Stack(layers=1)
@@ -307,6 +349,110 @@ def test_what_moves_under_a_graph_makes_every_layer_capture_again(cpu_graphs: li
     assert len(CAPTURES) == 5  # layer 0 only, after its own warm-up
     (_, grads) = _steps(model, x[:1])
     assert "layers.0.linear.bias" not in grads and "layers.1.linear.bias" in grads
+
+
+def _saved_tensors(model: nn.Module, x: Tensor) -> int:
+    """How many tensors one forward of ``model`` saves for its backward outside any checkpoint (which saves under
+    hooks of its own); then the backward."""
+    saved = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        saved[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x.clone().requires_grad_(True), mask=torch.ones(8))
+    out.square().sum().backward()
+    return saved[0]
+
+
+def test_recompute_mode_replays_the_eager_step_and_checkpoints_its_eager_calls(cpu_graphs: list[list[str]]) -> None:
+    """recompute_in_graphs (the first rung of the memory fallback's graphed-recompute ladder) drops the captured
+    graphs; the layers warm up again under torch's checkpoint (each saves only its input; the Stack saves its cos and
+    sin), capture at the third call, replay checkpointed graphs, and every step's outputs and gradients are the
+    eager model's."""
+    eager, graphed = Stack(), Stack()
+    graphed.load_state_dict(eager.state_dict())
+    LAYERS.extend(graphs.install_cuda_graphs(graphed))
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    plain = _saved_tensors(graphed, xs[0])
+    _steps(graphed, xs[1:3])
+    assert len(CAPTURES) == 3 and graphs.graph_status(graphed)["recompute"] == 0
+    assert graphs.recompute_in_graphs(graphed) == 3
+    status = graphs.graph_status(graphed)
+    assert status["graphed"] == 0 and status["recompute"] == 3
+    CAPTURES.clear()
+    ORDER.clear()
+    assert _saved_tensors(eager, xs[0]) == plain > 5 and _saved_tensors(graphed, xs[0]) == 2 + 3  # warm-up call 1
+    for i, x in enumerate(xs):
+        (want,), want_grads = _steps(eager, [x])
+        (got,), got_grads = _steps(graphed, [x])
+        assert rel_err(got, want) < 1e-6, i
+        assert got_grads.keys() == want_grads.keys() and all(
+            rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
+        assert len(CAPTURES) == (3 if i >= 1 else 0), i
+    assert graphs.graph_status(graphed)["graphed"] == 3
+    assert ORDER == ["forward Block0", "forward Block1", "forward Block2",
+                     "backward Block2", "backward Block1", "backward Block0"]
+
+
+class NoisyBlock(Block):
+    """A block with dropout: it draws random numbers in every training forward."""
+
+    def forward(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return nn.functional.dropout(super().forward(hidden, *args, **kwargs), 0.25, self.training)
+
+
+def _noisy_stack() -> Stack:
+    model = Stack(layers=1)
+    model.layers[0] = NoisyBlock()
+    model._no_split_modules = ["NoisyBlock"]
+    return model
+
+
+def test_recompute_mode_recomputes_dropout_with_the_forwards_random_numbers(cpu_graphs: list[list[str]]) -> None:
+    """As torch's checkpoint: the backward's recompute replays from the random-number state the forward replayed
+    from, so it draws the forward's dropout masks (the gradients are the eager step's, step after step), and puts the
+    state back (the next step draws what it would have drawn eagerly)."""
+    eager, graphed = _noisy_stack().train(), _noisy_stack().train()
+    graphed.load_state_dict(eager.state_dict())
+    graphs.install_cuda_graphs(graphed)
+    graphs.recompute_in_graphs(graphed)
+    for i in range(5):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i))
+        torch.manual_seed(100 + i)
+        (want,), want_grads = _steps(eager, [x])
+        after_eager = torch.get_rng_state()
+        torch.manual_seed(100 + i)
+        (got,), got_grads = _steps(graphed, [x])
+        assert torch.equal(torch.get_rng_state(), after_eager), i
+        assert rel_err(got, want) < 1e-6 and all(rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
+    status = graphs.graph_status(graphed)
+    assert len(CAPTURES) == 1 and status["graphed"] == 1 and not status["refused"], status
+
+
+def test_recompute_mode_under_delayed_scaling_runs_checkpointed_eagerly(cpu_graphs: list[list[str]],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under delayed scaling TE's recompute phases swap the scales in Python, which a replay would skip: in recompute
+    mode such calls run under torch's checkpoint (with those phases, lightning_te_moe.recompute), with the eager
+    gradients; without recompute mode the layers are graphed as before."""
+    monkeypatch.setattr(graphs, "delayed_autocast", lambda: True)
+    eager, graphed = Stack(), Stack()
+    graphed.load_state_dict(eager.state_dict())
+    graphs.install_cuda_graphs(graphed)
+    graphs.recompute_in_graphs(graphed)
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    _, want = _steps(eager, xs)
+    _, got = _steps(graphed, xs)
+    status = graphs.graph_status(graphed)
+    assert CAPTURES == [] and status["eager_calls"] == {
+        "delayed scaling in recompute mode (TE's recompute phases swap its scales in Python)": 12}
+    assert all(rel_err(got[n], want[n]) < 1e-6 for n in want)
+    assert _saved_tensors(graphed, xs[0]) == 2 + 3
+    plain = Stack()
+    graphs.install_cuda_graphs(plain)
+    _steps(plain, xs[:3])
+    assert len(CAPTURES) == 3
 
 
 def test_an_invalidation_before_any_capture_does_not_restart_the_warm_up(cpu_graphs: list[list[str]]) -> None:
