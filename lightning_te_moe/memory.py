@@ -2,15 +2,22 @@
 
 A step that does not fit used to end the run. The plugin's ``optimizer_step`` runs Lightning's closure (the training
 step, ``zero_grad`` and the backward) through :class:`MemoryFallback`: on ``torch.cuda.OutOfMemoryError`` it takes the
-next rung of :data:`MEMORY_LADDER` that applies to the model, records the decision (kind ``memory``) and runs the
-closure again on the same batch:
+next rung of its ladder that applies to the model, records the decision (kind ``memory``) and runs the closure again
+on the same batch. The plan says which ladder (``Plan.graphed_recompute``, rules ``graphed-recompute-*``):
 
-1. CUDA graphs off: their pools hold every layer's saved activations between steps, and a capture needs the eager
-   warm-up's memory beside them;
-2. activation checkpointing on the model's decoder layers (transformers' ``gradient_checkpointing_enable``,
-   non-reentrant; the recompute runs under the forward's precision, :mod:`.recompute`): GPT-OSS-20B with LoRA at
-   8 x 1,024 tokens ran at 58.8 GiB with it where the step without ran out of memory on an 80 GB H100 (cuBLASLt 13.10,
-   2026-11-28, ``benchmarks/full_model.py``).
+- :data:`GRAPHED_RECOMPUTE_LADDER`: first the graphed layers recompute (activation checkpointing inside the CUDA
+  graphs, :func:`.graphs.recompute_in_graphs`): a layer keeps its input and output between forward and backward
+  instead of its saved activations, and the step stays two launches a layer. GPT-OSS-20B with LoRA at 8 x 1,024
+  tokens: 486-560 ms at 98% GPU busy, against 545-633 ms at 86% on the other ladder (H200 capped at 78.5 GiB,
+  cuBLASLt 13.1, 2026-11-28, ``benchmarks/full_model.py``);
+- :data:`MEMORY_LADDER`: first the CUDA graphs off (their pools hold every layer's saved activations between steps).
+  On cuBLASLt 13.10 the graphed recompute ran out of memory at 8 x 1,024 tokens, and with LoRA on the experts the
+  eager checkpointed step after it did not fit either, where this ladder fits (same day and machine).
+
+Both end on eager activation checkpointing: the graphs removed, transformers' ``gradient_checkpointing_enable`` on
+the decoder layers (non-reentrant; the recompute runs under the forward's precision, :mod:`.recompute`).
+GPT-OSS-20B with LoRA at 8 x 1,024 tokens ran at 58.8 GiB with it where the step without ran out of memory on an
+80 GB H100 (cuBLASLt 13.10, 2026-11-28).
 
 When no rung is left the error is raised as it was. Running the closure again is the same step: Lightning zeroes the
 gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
@@ -29,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .graphs import dispatchers, drop_graphs, remove_cuda_graphs
+from .graphs import dispatchers, drop_graphs, recompute_in_graphs, remove_cuda_graphs
 from .guard.decisions import DecisionLog
 
 
@@ -53,6 +60,17 @@ def _graphs_off(model: nn.Module) -> str:
     return f"CUDA graphs removed from {layers} decoder layers (their memory pools freed); they run eagerly"
 
 
+def _graphed_without_recompute(model: nn.Module) -> bool:
+    found = dispatchers(model)
+    return bool(found) and not all(d.recompute for d in found)
+
+
+def _graphs_recompute(model: nn.Module) -> str:
+    layers = recompute_in_graphs(model)
+    return (f"the {layers} graphed decoder layers recompute their forward in the backward (activation checkpointing "
+            "inside the CUDA graphs; their memory pools freed, captured again after a warm-up)")
+
+
 def _checkpointable(model: nn.Module) -> Optional[nn.Module]:
     """The outermost transformers model in ``model`` that supports checkpointing and does not checkpoint yet."""
     for module in model.modules():
@@ -65,27 +83,35 @@ def _checkpointable(model: nn.Module) -> Optional[nn.Module]:
 def _checkpointing_on(model: nn.Module) -> str:
     target = _checkpointable(model)
     assert target is not None
+    graphed = len(dispatchers(model))
+    drop_graphs(model)
+    remove_cuda_graphs(model)
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (f"activation checkpointing on for {type(target).__name__} (non-reentrant; the decoder layers recompute "
-            "their forward in the backward, under the forward's precision)")
+    removed = f"CUDA graphs removed from {graphed} decoder layers; " if graphed else ""
+    return (f"{removed}activation checkpointing on for {type(target).__name__} (non-reentrant; the decoder layers "
+            "recompute their forward in the backward, under the forward's precision)")
 
 
-#: The rungs, in the order they are taken: the first frees memory at no cost in compute once the step is GPU-bound,
-#: the second costs a recompute of every layer's forward (+38-65% step time at 1,024-4,096 tokens, GPT-OSS-20B on one
-#: H100, cuBLASLt 13.1, 2026-11-27).
-MEMORY_LADDER: tuple[MemoryRung, ...] = (
-    MemoryRung("cuda_graphs_off", _graphed, _graphs_off),
-    MemoryRung("activation_checkpointing", lambda m: _checkpointable(m) is not None, _checkpointing_on),
-)
+#: Eager activation checkpointing, the last rung of both ladders: it costs a recompute of every layer's forward
+#: (+38-65% step time at 1,024-4,096 tokens, GPT-OSS-20B on one H100, cuBLASLt 13.1, 2026-11-27).
+_CHECKPOINTING = MemoryRung("activation_checkpointing", lambda m: _checkpointable(m) is not None, _checkpointing_on)
+
+#: The rungs, in the order they are taken, where the plan does not recompute inside the graphs.
+MEMORY_LADDER: tuple[MemoryRung, ...] = (MemoryRung("cuda_graphs_off", _graphed, _graphs_off), _CHECKPOINTING)
+#: Where it does (``Plan.graphed_recompute``).
+GRAPHED_RECOMPUTE_LADDER: tuple[MemoryRung, ...] = (
+    MemoryRung("graphs_recompute", _graphed_without_recompute, _graphs_recompute), _CHECKPOINTING)
 
 
 class MemoryFallback:
-    """Runs a training step's closure; on out-of-memory takes the next applicable :data:`MEMORY_LADDER` rung and runs
-    it again (see the module doc). ``taken``: the rungs taken so far, by name."""
+    """Runs a training step's closure; on out-of-memory takes the next applicable rung of its ladder and runs it
+    again (see the module doc). ``taken``: the rungs taken so far, by name."""
 
-    def __init__(self, decisions: DecisionLog, enabled: bool = True) -> None:
+    def __init__(self, decisions: DecisionLog, enabled: bool = True, graphed_recompute: bool = False) -> None:
         self.decisions = decisions
         self.enabled = enabled
+        #: Which ladder: the plan's ``graphed_recompute`` (set by the plugin at setup).
+        self.graphed_recompute = graphed_recompute
         self.taken: list[str] = []
 
     def run(self, closure: Callable[[], Any], model: nn.Module, trainer: Any = None) -> Any:
@@ -103,10 +129,11 @@ class MemoryFallback:
                     self.decisions.record("memory", f"out of GPU memory at step {step}, not recovered: {reason}",
                                           rule="memory-fallback", step=step, evidence={"error": error})
                     raise
-            # Outside the handler: the failed step's frames (and the tensors they hold) went with the exception.
+            # Outside the handler: the failed step's frames (and the tensors they hold) went with the exception. The
+            # rung first, then the collection: the graphs a rung drops give their pools back to the cache here.
+            change = rung.apply(model)
             gc.collect()
             torch.cuda.empty_cache()
-            change = rung.apply(model)
             self.taken.append(rung.name)
             self.decisions.record("memory", f"out of GPU memory at step {step}: {change}; the step runs again",
                                   rule="memory-fallback", step=step, to=rung.name,
@@ -125,6 +152,6 @@ class MemoryFallback:
             return "manual optimization (only Lightning's own closure zeroes the gradients before its backward)"
         return None
 
-    @staticmethod
-    def _next(model: nn.Module) -> Optional[MemoryRung]:
-        return next((rung for rung in MEMORY_LADDER if rung.applies(model)), None)
+    def _next(self, model: nn.Module) -> Optional[MemoryRung]:
+        ladder = GRAPHED_RECOMPUTE_LADDER if self.graphed_recompute else MEMORY_LADDER
+        return next((rung for rung in ladder if rung.applies(model)), None)

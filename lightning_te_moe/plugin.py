@@ -85,9 +85,11 @@ class TEMoEPrecision(FSDPPrecision):
             kernel launches. Layers that synchronize run eagerly, with the reason recorded. None (default): the
             plan decides: on for one process on CUDA with TE, off under DDP/FSDP, torch.compile and on the CPU
             (rules ``cuda-graphs-*``, docs/policy.md). Each input shape keeps a memory pool of its own: train at a
-            few fixed shapes; a step out of memory drops the graphs (``memory_fallback``). docs/cuda-graphs.md.
-        memory_fallback: a training step out of GPU memory drops the CUDA graphs, then turns on activation
-            checkpointing, and runs again on the same batch, each change a recorded decision
+            few fixed shapes; a step out of memory recomputes inside them or drops them (``memory_fallback``).
+            docs/cuda-graphs.md.
+        memory_fallback: a training step out of GPU memory recomputes inside the CUDA graphs or drops them (the
+            plan says which: rules ``graphed-recompute-*``), then turns on activation checkpointing, and runs
+            again on the same batch, each change a recorded decision
             (:mod:`lightning_te_moe.memory`; one process, automatic optimization, no gradient accumulation); False
             lets the error end the run.
 
@@ -199,6 +201,7 @@ class TEMoEPrecision(FSDPPrecision):
     def _set_up(self, plan: Plan, device: torch.device) -> None:
         self._device_type = device.type
         self.state = PrecisionState(plan)
+        self.memory.graphed_recompute = plan.graphed_recompute
         self.state.on_change(lambda old, new: self._sync_precision_label())
         self._sync_precision_label()
         os.environ.update(plan.env_vars)

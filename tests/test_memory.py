@@ -1,5 +1,6 @@
-"""Out of memory in a training step (``lightning_te_moe/memory.py``): CUDA graphs off, then activation checkpointing,
-then the error; the step runs again on the same batch and trains as if it had fit.
+"""Out of memory in a training step (``lightning_te_moe/memory.py``): CUDA graphs off or recompute inside them (the
+plan's ladder), then eager activation checkpointing, then the error; the step runs again on the same batch and
+trains as if it had fit.
 
 The CPU has no GPU memory to run out of: the tests raise ``torch.cuda.OutOfMemoryError`` themselves while the model is
 in a state that would not fit (graphs installed, no checkpointing), in the forward or half-way through the backward.
@@ -25,33 +26,44 @@ from lightning_te_moe.memory import MemoryFallback
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
 
 
-def test_each_out_of_memory_takes_the_next_rung_then_the_error_stands() -> None:
+@pytest.mark.parametrize("graphed_recompute", [False, True])
+def test_each_out_of_memory_takes_the_next_rung_then_the_error_stands(graphed_recompute: bool) -> None:
+    """The plan's ladder: graphs off, or recompute inside the graphs; then eager checkpointing (the graphs removed);
+    then the error."""
     model = tiny_model("gpt_oss").train()
     install_cuda_graphs(model)
     log = DecisionLog()
-    fallback = MemoryFallback(log)
+    fallback = MemoryFallback(log, graphed_recompute=graphed_recompute)
     failures = iter([1, 1, 0])
     states = []
 
     def closure() -> str:
-        states.append((len(dispatchers(model)), model.is_gradient_checkpointing))
+        states.append((len(dispatchers(model)), sum(d.recompute for d in dispatchers(model)),
+                       model.is_gradient_checkpointing))
         if next(failures):
             raise torch.cuda.OutOfMemoryError(OOM)
         return "loss"
 
     assert fallback.run(closure, model) == "loss"
-    assert states == [(2, False), (0, False), (0, True)]  # graphs off, then checkpointing, then it fits
-    assert fallback.taken == ["cuda_graphs_off", "activation_checkpointing"]
+    first = "graphs_recompute" if graphed_recompute else "cuda_graphs_off"
+    assert states == [(2, 0, False), (2, 2, False) if graphed_recompute else (0, 0, False), (0, 0, True)]
+    assert fallback.taken == [first, "activation_checkpointing"]
     memory = [d for d in log.decisions if d.kind == "memory"]
     assert [d.to for d in memory] == fallback.taken and all(d.rule == "memory-fallback" for d in memory)
     assert memory[0].evidence["error"] == OOM and "runs again" in memory[1].reason
+    if graphed_recompute:
+        assert "2 graphed decoder layers recompute their forward" in memory[0].reason
+        assert "CUDA graphs removed from 2 decoder layers; activation checkpointing on" in memory[1].reason
+    else:
+        assert "CUDA graphs removed from 2 decoder layers (their memory pools freed)" in memory[0].reason
+        assert memory[1].reason.startswith("out of GPU memory at step 0: activation checkpointing on")
 
     def always() -> None:
         raise torch.cuda.OutOfMemoryError(OOM)
 
     with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate 2.00 GiB"):
         fallback.run(always, model)
-    assert "not recovered: no way left to need less memory (taken: cuda_graphs_off, activation_checkpointing)" in (
+    assert f"not recovered: no way left to need less memory (taken: {first}, activation_checkpointing)" in (
         log.decisions[-1].reason)
 
 

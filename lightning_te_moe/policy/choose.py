@@ -120,6 +120,7 @@ class _Constraints:
     env: dict[str, str] = field(default_factory=dict)
     env_reasons: list[Reason] = field(default_factory=list)
     fused_attention_off: Optional[Reason] = None
+    graphed_recompute: Optional[tuple[bool, Reason]] = None  # the first rule saying what a step out of memory does
     notes: list[Reason] = field(default_factory=list)
 
     def why_forbidden(self, name: str, experts: bool = False) -> Optional[Reason]:
@@ -200,6 +201,8 @@ def _fold(env: Environment, request: PrecisionRequest, cuda_graphs: bool) -> _Co
             c.env_reasons.append(reason)
         if effect.fused_attention is False and c.fused_attention_off is None:
             c.fused_attention_off = reason
+        if effect.graphed_recompute is not None and c.graphed_recompute is None:
+            c.graphed_recompute = (effect.graphed_recompute, reason)
     for name in request.deny:
         c.forbidden.setdefault(name, Reason("request.deny", f"{name} is in deny=", "TEMoEPrecision(deny=...)"))
     if request.allow:
@@ -244,8 +247,11 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
     fused = env.device_type == "cuda" and env.has_te and c.fused_attention_off is None
     if c.fused_attention_off is not None:
         reasons.append(c.fused_attention_off)
+    recompute = graphs and c.graphed_recompute is not None and c.graphed_recompute[0]
+    if graphs and c.graphed_recompute is not None:
+        reasons.append(c.graphed_recompute[1])
     return Plan(ladder=tuple(ladder), environment=env, reasons=tuple(_dedupe(reasons)), env_vars=dict(c.env),
-                fused_attention=fused, request=request.to_dict(), cuda_graphs=graphs)
+                fused_attention=fused, request=request.to_dict(), cuda_graphs=graphs, graphed_recompute=recompute)
 
 
 def experts_allowed(env: Environment, request: PrecisionRequest) -> list[str]:

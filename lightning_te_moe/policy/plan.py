@@ -69,6 +69,7 @@ class Plan:
     fused_attention: bool = False
     request: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: bool = False  # decoder layers replayed as CUDA graphs (the request's, or the rules' default)
+    graphed_recompute: bool = False  # a step out of memory first recomputes inside the graphs (memory.py)
 
     @property
     def dense(self) -> RecipeSpec:
@@ -92,6 +93,7 @@ class Plan:
             "env_vars": dict(self.env_vars),
             "fused_attention": self.fused_attention,
             "cuda_graphs": self.cuda_graphs,
+            "graphed_recompute": self.graphed_recompute,
             "reasons": [r.to_dict() for r in self.reasons],
             "request": dict(self.request),
             "environment": self.environment.to_dict(),
@@ -110,6 +112,7 @@ class Plan:
             fused_attention=bool(data.get("fused_attention", False)),
             request=dict(data.get("request") or {}),
             cuda_graphs=bool(data.get("cuda_graphs", (data.get("request") or {}).get("cuda_graphs"))),
+            graphed_recompute=bool(data.get("graphed_recompute", False)),
         )
 
     def summary(self) -> str:
@@ -140,6 +143,9 @@ class Plan:
         rows.append(("attention", "TE fused" if self.fused_attention else "model's own"))
         if self.environment.device_type == "cuda":
             rows.append(("CUDA graphs", "decoder layers replayed as CUDA graphs" if self.cuda_graphs else "off"))
+            if self.cuda_graphs:
+                rows.append(("out of memory", "recompute inside the graphs, then eager checkpointing"
+                             if self.graphed_recompute else "graphs off, then eager checkpointing"))
         if self.env_vars:
             rows.append(("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items())))
         for name, value in rows:

@@ -142,6 +142,7 @@ class Effect:
     env: dict[str, str] = field(default_factory=dict)
     fused_attention: Optional[bool] = None
     cuda_graphs: Optional[bool] = None  # CUDA graphs of the decoder layers by default (the user's cuda_graphs= wins)
+    graphed_recompute: Optional[bool] = None  # a step out of memory first recomputes inside the graphs (memory.py)
 
     def describe(self) -> str:
         parts = []
@@ -174,6 +175,9 @@ class Effect:
         if self.cuda_graphs is not None:
             parts.append("CUDA graphs of the decoder layers " + ("on" if self.cuda_graphs else "off")
                          + " unless cuda_graphs= says otherwise")
+        if self.graphed_recompute is not None:
+            parts.append("a step out of memory first " + ("recomputes inside the CUDA graphs" if self.graphed_recompute
+                                                          else "drops the CUDA graphs"))
         return "; ".join(parts) or "note"
 
 
@@ -227,7 +231,7 @@ RULES: tuple[Rule, ...] = (
          " with each decoder layer's forward and backward replayed as CUDA graphs the same plan ran 1.8-2.4x the"
          " reference at 1,024 tokens, GPU busy 92-97%, at a lower peak memory. So they are on unless"
          " cuda_graphs=False. Layers that synchronize with the host run eagerly (recorded), and a step out of"
-         " memory drops the graphs (the memory fallback)."),
+         " memory recomputes inside the graphs or drops them (the memory fallback, rules graphed-recompute-*)."),
     Rule("cuda-graphs-several-processes",
          "not measured under DDP; FSDP gathers parameters into new memory at every call (lightning_te_moe/graphs.py)",
          When(device="cuda", multi_process=True),
@@ -241,6 +245,25 @@ RULES: tuple[Rule, ...] = (
          Effect(cuda_graphs=False),
          "Under torch.compile the decoder layers are not graphed by default: the compiler decides (its"
          " mode='reduce-overhead' captures CUDA graphs itself)."),
+    # -- what a step out of memory does first (lightning_te_moe/memory.py) ---------------------------
+    Rule("graphed-recompute-hopper-split",
+         "measured (GPT-OSS-20B LoRA fine-tunes at 8 x 1,024 tokens, one H200 capped at an H100's 78.5 GiB, TE 2.20.2,"
+         " cuBLASLt 13.1, 2026-11-28, benchmarks/full_model.py): docs/cuda-graphs.md",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_below="13.5", cuda_graphs=True),
+         Effect(graphed_recompute=True),
+         "Hopper below cuBLASLt 13.5 with CUDA graphs (BF16 experts on torch's grouped_mm): a step out of memory first"
+         " recomputes each decoder layer inside its CUDA graphs (activation checkpointing at two launches a layer)."
+         " GPT-OSS-20B at 8 x 1,024 tokens then ran 486 ms with the experts frozen and 560 ms with LoRA on them, GPU"
+         " busy 98%, against 545 and 633 ms (busy 86%) with the graphs dropped and eager checkpointing."),
+    Rule("graphed-recompute-hopper-native",
+         "measured (as graphed-recompute-hopper-split, cuBLASLt 13.10, 2026-11-28): docs/cuda-graphs.md",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_min="13.5", cuda_graphs=True),
+         Effect(graphed_recompute=False),
+         "Hopper with cuBLASLt >= 13.5 (FP8 experts on TE's native grouped GEMM): recomputing inside the CUDA graphs"
+         " ran out of memory at 8 x 1,024 tokens for both GPT-OSS-20B fine-tunes, and with LoRA on the experts the"
+         " eager checkpointed step after it no longer fit either (30.6 GiB reserved but unusable; not understood"
+         " yet). Dropping the graphs first fits (728-833 ms), so a step out of memory drops the graphs, then"
+         " checkpoints eagerly."),
     Rule("hopper-sharded-bf16",
          "measured (GPT-OSS-20B, all parameters trainable, FSDP2 on 4 GPUs, sequence 4,096, TE 2.20.2, "
          "benchmarks/distributed.py): docs/distributed.md, 4 x H200 cuBLASLt 13.10 (2026-11-28) and 4 x H100 "
