@@ -266,6 +266,30 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
 
 
+def memory_breakdown(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where the allocator's reserved memory sits (``torch.cuda.memory_snapshot()``), by stream and pool (a CUDA
+    graph's private pool, or the allocator's own): reserved, allocated and the largest free block, in GiB. Memory
+    reserved on one stream or pool is not handed to another: an out-of-memory error with much reserved but
+    unallocated says where to look."""
+    groups: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for seg in segments:
+        pool = tuple(seg.get("segment_pool_id") or (0, 0))
+        key = (seg.get("stream", 0), pool)
+        group = groups.setdefault(key, {"stream": key[0], "pool": "allocator" if pool == (0, 0) else f"graph {pool}",
+                                        "segments": 0, "reserved_gib": 0.0, "allocated_gib": 0.0,
+                                        "largest_free_gib": 0.0})
+        free = [b["size"] for b in seg.get("blocks", ()) if b.get("state") == "inactive"]
+        group["segments"] += 1
+        group["reserved_gib"] += seg["total_size"] / 2**30
+        group["allocated_gib"] += seg["allocated_size"] / 2**30
+        group["largest_free_gib"] = max(group["largest_free_gib"], max(free, default=0) / 2**30)
+    rows = sorted(groups.values(), key=lambda g: -g["reserved_gib"])
+    for group in rows:
+        for name in ("reserved_gib", "allocated_gib", "largest_free_gib"):
+            group[name] = round(group[name], 2)
+    return rows
+
+
 def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, shape: str, steps: int,
                   warmup: int, vocab: int) -> dict[str, Any]:
     batch, seq = parse_shape(shape)
@@ -281,6 +305,9 @@ def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optim
     except Exception as err:  # noqa: BLE001 - record the shape (out of memory or not) and go on to the next
         traceback.print_exc()
         result = {"shape": shape, "status": failure_status(err), "error": describe(err)}
+        if result["status"] == "oom":  # while the failed step's tensors are still held
+            result["memory_at_failure"] = memory_breakdown(torch.cuda.memory_snapshot())
+            print(f"[full_model] {shape}: memory at the failure: {result['memory_at_failure']}", flush=True)
     # Outside the except block: the traceback (and the activations its frames hold) is gone by now.
     optimizer.zero_grad(set_to_none=True)
     gc.collect()

@@ -285,6 +285,29 @@ def test_versions_failures_and_weights() -> None:
     assert abs(model.proj.weight.std().item() - 0.02) < 1e-3 and not model.input_layernorm.bias.any()
 
 
+def test_memory_at_a_failure_is_grouped_by_stream_and_pool() -> None:
+    """An out-of-memory row says where the reserved memory sits: per stream and pool (the allocator's, or a CUDA
+    graph's), reserved, allocated and the largest free block, the largest holder first."""
+    gib = 2**30
+
+    def segment(stream: int, pool: tuple[int, int], total: float, allocated: float, free: list[float]) -> dict:
+        blocks = [{"size": int(f * gib), "state": "inactive"} for f in free]
+        blocks.append({"size": int(allocated * gib), "state": "active_allocated"})
+        return {"stream": stream, "segment_pool_id": pool, "total_size": int(total * gib),
+                "allocated_size": int(allocated * gib), "blocks": blocks}
+
+    rows = fm.memory_breakdown([segment(0, (0, 0), 40, 38, [2]), segment(7, (0, 0), 12, 0.5, [6, 5.5]),
+                                segment(0, (1, 3), 20, 4, [16]), segment(0, (0, 0), 4, 4, [])])
+    assert rows == [
+        {"stream": 0, "pool": "allocator", "segments": 2, "reserved_gib": 44.0, "allocated_gib": 42.0,
+         "largest_free_gib": 2.0},
+        {"stream": 0, "pool": "graph (1, 3)", "segments": 1, "reserved_gib": 20.0, "allocated_gib": 4.0,
+         "largest_free_gib": 16.0},
+        {"stream": 7, "pool": "allocator", "segments": 1, "reserved_gib": 12.0, "allocated_gib": 0.5,
+         "largest_free_gib": 6.0}]
+    assert fm.memory_breakdown([]) == []
+
+
 def test_the_config_is_gpt_oss_20b() -> None:
     config = fm.gpt_oss_20b_config(24)
     assert (config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok, config.vocab_size) == (
