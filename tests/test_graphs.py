@@ -203,6 +203,19 @@ def test_the_capture_runs_against_fresh_leaves_over_the_parameters() -> None:
     assert kept_alive.grad_fn is not None
 
 
+def _steps_match_eager(eager: nn.Module, graphed: nn.Module, xs: list[Tensor], captured_at: int) -> dict[str, Tensor]:
+    """One step each per input: the graphed model's outputs and gradients are the eager one's, and its 3 layers
+    capture at step ``captured_at`` (0-based). Returns the last step's gradients."""
+    for i, x in enumerate(xs):
+        (want,), want_grads = _steps(eager, [x])
+        (got,), got_grads = _steps(graphed, [x])
+        assert rel_err(got, want) < 1e-6, i
+        assert got_grads.keys() == want_grads.keys() and all(
+            rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
+        assert len(CAPTURES) == (3 if i >= captured_at else 0), i
+    return got_grads
+
+
 def test_replays_compute_the_eager_outputs_and_gradients(cpu_graphs: list[list[str]]) -> None:
     """Steps 1-2 run eagerly (set-up, then the synchronization check), step 3 captures, later steps replay: the
     same outputs and gradients as the eager model, step by step, with the non-tensor arguments held static."""
@@ -210,13 +223,7 @@ def test_replays_compute_the_eager_outputs_and_gradients(cpu_graphs: list[list[s
     graphed.load_state_dict(eager.state_dict())
     LAYERS.extend(graphs.install_cuda_graphs(graphed))
     xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
-    for i, x in enumerate(xs):
-        (want,), want_grads = _steps(eager, [x])
-        (got,), got_grads = _steps(graphed, [x])
-        assert rel_err(got, want) < 1e-6, i
-        assert got_grads.keys() == want_grads.keys() and all(
-            rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
-        assert len(CAPTURES) == (3 if i >= 2 else 0), i
+    got_grads = _steps_match_eager(eager, graphed, xs, captured_at=2)
     assert not any("frozen" in n for n in got_grads)
     # The order a shared pool needs (GraphPools): every forward in the forward pass, the backwards in reverse.
     assert ORDER == ["forward Block0", "forward Block1", "forward Block2",
@@ -384,13 +391,7 @@ def test_recompute_mode_replays_the_eager_step_and_checkpoints_its_eager_calls(c
     CAPTURES.clear()
     ORDER.clear()
     assert _saved_tensors(eager, xs[0]) == plain > 5 and _saved_tensors(graphed, xs[0]) == 2 + 3  # warm-up call 1
-    for i, x in enumerate(xs):
-        (want,), want_grads = _steps(eager, [x])
-        (got,), got_grads = _steps(graphed, [x])
-        assert rel_err(got, want) < 1e-6, i
-        assert got_grads.keys() == want_grads.keys() and all(
-            rel_err(got_grads[n], want_grads[n]) < 1e-6 for n in want_grads), i
-        assert len(CAPTURES) == (3 if i >= 1 else 0), i
+    _steps_match_eager(eager, graphed, xs, captured_at=1)
     assert graphs.graph_status(graphed)["graphed"] == 3
     assert ORDER == ["forward Block0", "forward Block1", "forward Block2",
                      "backward Block2", "backward Block1", "backward Block0"]
