@@ -247,9 +247,10 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
     fused = env.device_type == "cuda" and env.has_te and c.fused_attention_off is None
     if c.fused_attention_off is not None:
         reasons.append(c.fused_attention_off)
-    recompute = graphs and c.graphed_recompute is not None and c.graphed_recompute[0]
-    if graphs and c.graphed_recompute is not None:
-        reasons.append(c.graphed_recompute[1])
+    recompute = False
+    if c.graphed_recompute is not None:  # its rules apply with CUDA graphs only
+        recompute, why = c.graphed_recompute
+        reasons.append(why)
     return Plan(ladder=tuple(ladder), environment=env, reasons=tuple(_dedupe(reasons)), env_vars=dict(c.env),
                 fused_attention=fused, request=request.to_dict(), cuda_graphs=graphs, graphed_recompute=recompute)
 
