@@ -261,8 +261,9 @@ RULES: tuple[Rule, ...] = (
          Effect(graphed_recompute=False),
          "Hopper with cuBLASLt >= 13.5 (FP8 experts on TE's native grouped GEMM): recomputing inside the CUDA graphs"
          " ran out of memory at 8 x 1,024 tokens for both GPT-OSS-20B fine-tunes, and with LoRA on the experts the"
-         " eager checkpointed step after it no longer fit either (30.6 GiB reserved but unusable; not understood"
-         " yet). Dropping the graphs first fits (728-833 ms), so a step out of memory drops the graphs, then"
+         " eager checkpointed step after it no longer fit either (30.6 GiB reserved but unusable; likely the pool of"
+         " a capture that ran out of memory: torch keeps such a pool until the process ends, pytorch/pytorch PR"
+         " #190348). Dropping the graphs first fits (728-833 ms), so a step out of memory drops the graphs, then"
          " checkpoints eagerly."),
     Rule("hopper-sharded-bf16",
          "measured (GPT-OSS-20B, all parameters trainable, FSDP2 on 4 GPUs, sequence 4,096, TE 2.20.2, "
