@@ -153,16 +153,17 @@ Runner = Callable[[Callable[[], Tensor]], Tensor]
 
 
 def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], AbstractContextManager], dict[str, Any],
-                                                             Runner, list[str]]:
+                                                             Runner, Callable[[], list[dict[str, Any]]]]:
     """The plugin's swaps, forward context and out-of-memory fallback (its ``optimizer_step`` runs the step's closure
-    through it), as Lightning would run them; plain transformers runs as it is. Also returns the memory rungs taken
-    (a live list).
+    through it), as Lightning would run them; plain transformers runs as it is. Also returns a function giving the
+    memory decisions so far (the rung taken, ``to``, and the decision's evidence: the allocator's memory at the
+    failure and after the rung).
 
     The plugin keeps its defaults: the trainable adapters become FP32 master weights, the frozen BF16 base stays
     BF16 (``params_dtype`` applies to trainable parameters).
     """
     if impl.recipe is None:
-        return nullcontext, {}, lambda closure: closure(), []
+        return nullcontext, {}, lambda closure: closure(), list
     from lightning_te_moe import TEMoEPrecision
 
     plugin = TEMoEPrecision(impl.recipe, print_plan=False, guard=False, swap_dense=impl.swap_dense,
@@ -170,7 +171,10 @@ def convert(model: nn.Module, impl: Implementation) -> tuple[Callable[[], Abstra
     plugin.convert_module(model)
     assert plugin.plan is not None
     info = {"plan": plugin.plan.summary(), "swaps": [d.reason for d in plugin.decisions.decisions if d.kind == "swap"]}
-    return plugin.forward_context, info, lambda closure: plugin.memory.run(closure, model), plugin.memory.taken
+    def memory() -> list[dict[str, Any]]:
+        return [{"to": d.to, **d.evidence} for d in plugin.decisions.decisions if d.kind == "memory"]
+
+    return plugin.forward_context, info, lambda closure: plugin.memory.run(closure, model), memory
 
 
 def training_step(model: nn.Module, context: Callable[[], AbstractContextManager], optimizer: torch.optim.Optimizer,
@@ -345,10 +349,11 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
              setup_gib=torch.cuda.memory_allocated() / 2**30, trainable=sum(p.numel() for p in trainable), **info)
         step = training_step(model, context, optimizer, run)
         for shape in shapes:
-            taken = len(memory)
+            taken = len(memory())
             result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size)
-            if len(memory) > taken:
-                result["memory"] = memory[taken:]  # out of memory at this shape: the rungs the plugin took
+            if len(memory()) > taken:  # out of memory at this shape: the rungs the plugin took, and its memory
+                result["memory"] = [decision["to"] for decision in memory()[taken:] if decision["to"]]
+                result["memory_decisions"] = memory()[taken:]
             if impl.graphed:
                 from lightning_te_moe.graphs import drop_graphs, graph_status
 

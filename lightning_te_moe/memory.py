@@ -19,7 +19,9 @@ the decoder layers (non-reentrant; the recompute runs under the forward's precis
 GPT-OSS-20B with LoRA at 8 x 1,024 tokens ran at 58.8 GiB with it where the step without ran out of memory on an
 80 GB H100 (cuBLASLt 13.10, 2026-11-28).
 
-When no rung is left the error is raised as it was. Running the closure again is the same step: Lightning zeroes the
+Each decision's evidence holds the caching allocator's allocated and reserved GiB at the failure and after the rung
+(:func:`gpu_memory`): memory a rung did not give back shows in the log. When no rung is left the error is raised as it
+was. Running the closure again is the same step: Lightning zeroes the
 gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
 cleared. That holds under automatic optimization without gradient accumulation only (a micro-batch's gradients from
 before would be lost), and on one process (the other ranks would wait in a collective): elsewhere the error is raised
@@ -103,6 +105,15 @@ GRAPHED_RECOMPUTE_LADDER: tuple[MemoryRung, ...] = (
     MemoryRung("graphs_recompute", _graphed_without_recompute, _graphs_recompute), _CHECKPOINTING)
 
 
+def gpu_memory() -> dict[str, float]:
+    """The caching allocator's allocated and reserved GiB on the current device ({} where CUDA is not in use): a
+    decision's evidence, so that memory a rung did not give back shows in the log."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
+
+
 class MemoryFallback:
     """Runs a training step's closure; on out-of-memory takes the next applicable rung of its ladder and runs it
     again (see the module doc). ``taken``: the rungs taken so far, by name."""
@@ -122,12 +133,14 @@ class MemoryFallback:
                 step = getattr(trainer, "global_step", 0)
                 text = str(err).strip()
                 error = text.splitlines()[0][:300] if text else "out of memory"
+                at_failure = gpu_memory()
                 why_not = self._not_recoverable(trainer)
                 rung = None if why_not else self._next(model)
                 if rung is None:
                     reason = why_not or f"no way left to need less memory (taken: {', '.join(self.taken) or 'none'})"
                     self.decisions.record("memory", f"out of GPU memory at step {step}, not recovered: {reason}",
-                                          rule="memory-fallback", step=step, evidence={"error": error})
+                                          rule="memory-fallback", step=step,
+                                          evidence={"error": error, "at_failure": at_failure})
                     raise
             # Outside the handler: the failed step's frames (and the tensors they hold) went with the exception. The
             # rung first, then the collection: the graphs a rung drops give their pools back to the cache here.
@@ -137,7 +150,8 @@ class MemoryFallback:
             self.taken.append(rung.name)
             self.decisions.record("memory", f"out of GPU memory at step {step}: {change}; the step runs again",
                                   rule="memory-fallback", step=step, to=rung.name,
-                                  evidence={"error": error, "taken": list(self.taken)})
+                                  evidence={"error": error, "taken": list(self.taken), "at_failure": at_failure,
+                                            "after_rung": gpu_memory()})
 
     def _not_recoverable(self, trainer: Any) -> Optional[str]:
         if not self.enabled:

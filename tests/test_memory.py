@@ -67,6 +67,41 @@ def test_each_out_of_memory_takes_the_next_rung_then_the_error_stands(graphed_re
         log.decisions[-1].reason)
 
 
+def test_a_memory_decision_records_the_allocators_memory_at_the_failure_and_after_the_rung(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory a rung does not give back shows in the decision: allocated and reserved at the failure, then after the
+    rung, the collection and ``empty_cache`` (the allocator stands in for a GPU's here)."""
+    memory = {"allocated": 70 * 2**30, "reserved": 78 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_: memory["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *_: memory["reserved"])
+
+    def empty_cache() -> None:  # the failed step's tensors went, and the cache gives back what is free
+        memory.update(allocated=31 * 2**30, reserved=int(44.5 * 2**30))
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    model = tiny_model("gpt_oss").train()
+    install_cuda_graphs(model)
+    log = DecisionLog()
+    failures = iter([1, 0])
+
+    def closure() -> str:
+        if next(failures):
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return "loss"
+
+    assert MemoryFallback(log).run(closure, model) == "loss"
+    (decision,) = [d for d in log.decisions if d.kind == "memory"]
+    assert decision.evidence["at_failure"] == {"allocated_gib": 70.0, "reserved_gib": 78.0}
+    assert decision.evidence["after_rung"] == {"allocated_gib": 31.0, "reserved_gib": 44.5}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: nothing to say
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        MemoryFallback(log, enabled=False).run(lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError(OOM)), model)
+    assert log.decisions[-1].evidence == {"error": OOM, "at_failure": {}}
+
+
 @pytest.mark.parametrize("trainer, reason", [
     (SimpleNamespace(world_size=2, accumulate_grad_batches=1, global_step=7), "several processes"),
     (SimpleNamespace(world_size=1, accumulate_grad_batches=4, global_step=7), "gradient accumulation"),
