@@ -32,7 +32,6 @@ finds them again, one failed step each.
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -104,30 +103,6 @@ MEMORY_LADDER: tuple[MemoryRung, ...] = (MemoryRung("cuda_graphs_off", _graphed,
 #: Where it does (``Plan.graphed_recompute``).
 GRAPHED_RECOMPUTE_LADDER: tuple[MemoryRung, ...] = (
     MemoryRung("graphs_recompute", _graphed_without_recompute, _graphs_recompute), _CHECKPOINTING)
-
-
-def apply_allocator_settings(settings: str) -> tuple[dict[str, str], str]:
-    """Give torch's CUDA caching allocator the plan's ``settings`` (``key:value,...``) for the memory it reserves
-    from now on. A key that ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) sets keeps the user's value,
-    and nothing is set under the ``cudaMallocAsync`` backend (it has no such settings). Returns what was set and a
-    sentence for the decision log."""
-    user = ",".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
-    user_keys = {item.split(":")[0].strip() for item in user.split(",") if item.strip()}
-    wanted = dict(item.split(":", 1) for item in settings.split(",") if item)
-    if "cudamallocasync" in user.replace(" ", "").lower():
-        return {}, f"CUDA allocator: {settings} not set: PYTORCH_CUDA_ALLOC_CONF selects the cudaMallocAsync backend"
-    applied = {key: value for key, value in wanted.items() if key not in user_keys}
-    kept = sorted(set(wanted) - set(applied))
-    if applied:
-        try:
-            torch.cuda.memory._set_allocator_settings(",".join(f"{k}:{v}" for k, v in applied.items()))
-        except RuntimeError as err:  # a torch that does not know a key: the run goes on with its allocator as it is
-            return {}, f"CUDA allocator: {settings} not set: torch refused it ({str(err).strip()[:200]})"
-    parts = [f"CUDA allocator: {', '.join(f'{k}={v}' for k, v in applied.items())} for the memory reserved from now"
-             " on"] if applied else []
-    if kept:
-        parts.append(f"{', '.join(kept)} as PYTORCH_CUDA_ALLOC_CONF sets it ({user.strip(',')})")
-    return applied, "; ".join(parts)
 
 
 def gpu_memory() -> dict[str, float]:

@@ -18,7 +18,7 @@ from .console import print_rank_zero
 from .distributed.sharding import fsdp_mixed_precision, fsdp_wrap_policy, is_sharded, ready_for_sharding
 from .distributed.strategies import amax_reduction_group, distributed_reasons, strategy_support
 from .guard import DecisionLog, DivergenceGuard, GuardConfig, attach_sinks
-from .memory import MemoryFallback, apply_allocator_settings
+from .memory import MemoryFallback
 from .policy import (
     Environment,
     Plan,
@@ -211,9 +211,6 @@ class TEMoEPrecision(FSDPPrecision):
         self.decisions.record("plan", f"start on {plan.ladder[0].label()}; ladder {plan.summary()}",
                               to=plan.ladder[0].label(), rule="policy",
                               evidence={"reasons": [r.to_dict() for r in plan.reasons]})
-        if device.type == "cuda" and plan.allocator:
-            applied, summary = apply_allocator_settings(plan.allocator)
-            self.decisions.record("memory", summary, rule="cuda-allocator", evidence={"applied": applied})
 
     def _sync_precision_label(self) -> None:
         assert self.state is not None

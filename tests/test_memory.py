@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -188,53 +188,3 @@ def test_memory_fallback_false_is_a_checked_argument() -> None:
     with pytest.raises(TypeError, match="memory_fallback must be True or False"):
         TEMoEPrecision(memory_fallback="yes")  # type: ignore[arg-type]
     assert copy.deepcopy(TEMoEPrecision()).memory.enabled
-
-
-@pytest.mark.parametrize("user, called, text", [
-    (None, "expandable_segments:True", "CUDA allocator: expandable_segments=True for the memory reserved from now on"),
-    ("expandable_segments:False", None, "expandable_segments as PYTORCH_CUDA_ALLOC_CONF sets it"),
-    ("max_split_size_mb:512", "expandable_segments:True", "expandable_segments=True"),
-    ("backend:cudaMallocAsync", None, "selects the cudaMallocAsync backend"),
-])
-def test_the_plans_allocator_settings_apply_at_setup_unless_the_user_set_them(
-        monkeypatch: pytest.MonkeyPatch, user: Optional[str], called: Optional[str], text: str) -> None:
-    """The plan's CUDA allocator settings (rule ``cuda-allocator-expandable-segments``) are given to torch's caching
-    allocator when the plugin sets up on a GPU, with a decision; a key the user's ``PYTORCH_CUDA_ALLOC_CONF`` sets
-    keeps the user's value, and the cudaMallocAsync backend gets none. On the CPU nothing is set."""
-    from lightning_te_moe.policy import PrecisionRequest, make_plan
-    from lightning_te_moe.policy.environment import Environment
-    from lightning_te_moe.policy.plan import Plan
-
-    calls: list[str] = []
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    if user is None:
-        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    else:
-        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user)
-    plan = make_plan(Environment.assume(cc="9.0", te="2.20.2", cublaslt="13.10.0"), PrecisionRequest())
-    assert plan.allocator == "expandable_segments:True"
-    assert "cuda-allocator-expandable-segments" in {r.rule for r in plan.reasons}
-    assert Plan.from_dict(plan.to_dict()).allocator == plan.allocator
-    assert "expandable_segments:True (unless PYTORCH_CUDA_ALLOC_CONF sets it)" in plan.render_text(width=250)
-
-    plugin = TEMoEPrecision(print_plan=False)
-    plugin._set_up(plan, torch.device("cuda"))
-    assert calls == ([called] if called else [])
-    (decision,) = [d for d in plugin.decisions.decisions if d.rule == "cuda-allocator"]
-    assert decision.kind == "memory" and text in decision.reason
-    assert decision.evidence["applied"] == ({"expandable_segments": "True"} if called else {})
-
-    cpu = make_plan(Environment.assume(), PrecisionRequest())
-    assert cpu.allocator == "" and "CUDA allocator" not in cpu.render_text(width=250)
-    TEMoEPrecision(print_plan=False)._set_up(cpu, torch.device("cpu"))
-    assert len(calls) == (1 if called else 0)
-
-    def refuse(_: str) -> None:
-        raise RuntimeError("Unrecognized key 'expandable_segments'")
-
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refuse)
-    refused = TEMoEPrecision(print_plan=False)
-    refused._set_up(plan, torch.device("cuda"))  # the run goes on with the allocator as it is, and says so
-    text = [d.reason for d in refused.decisions.decisions if d.rule == "cuda-allocator"][0]
-    assert ("torch refused it (Unrecognized key 'expandable_segments')" in text) is (called is not None)

@@ -156,7 +156,7 @@ def test_what_a_step_out_of_memory_does_first_follows_the_cuda_stack(cublaslt: s
     assert row in plan.render_text(width=250)
     eager = make_plan(env, PrecisionRequest(cuda_graphs=False))
     assert not eager.graphed_recompute and not any(r.rule.startswith("graphed-recompute") for r in eager.reasons)
-    assert "│ out of memory" not in eager.render_text(width=250)  # no such row in the plan table
+    assert "out of memory" not in eager.render_text(width=250)
     plugin = TEMoEPrecision(print_plan=False)
     plugin._set_up(plan, torch.device("cpu"))
     model = tiny_model("gpt_oss").train()

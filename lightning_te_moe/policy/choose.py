@@ -121,7 +121,6 @@ class _Constraints:
     env_reasons: list[Reason] = field(default_factory=list)
     fused_attention_off: Optional[Reason] = None
     graphed_recompute: Optional[tuple[bool, Reason]] = None  # the first rule saying what a step out of memory does
-    allocator: Optional[tuple[str, Reason]] = None  # the first rule setting the CUDA caching allocator
     notes: list[Reason] = field(default_factory=list)
 
     def why_forbidden(self, name: str, experts: bool = False) -> Optional[Reason]:
@@ -204,8 +203,6 @@ def _fold(env: Environment, request: PrecisionRequest, cuda_graphs: bool) -> _Co
             c.fused_attention_off = reason
         if effect.graphed_recompute is not None and c.graphed_recompute is None:
             c.graphed_recompute = (effect.graphed_recompute, reason)
-        if effect.allocator and c.allocator is None:
-            c.allocator = (effect.allocator, reason)
     for name in request.deny:
         c.forbidden.setdefault(name, Reason("request.deny", f"{name} is in deny=", "TEMoEPrecision(deny=...)"))
     if request.allow:
@@ -254,13 +251,8 @@ def make_plan(env: Environment, request: Optional[PrecisionRequest] = None) -> P
     if c.graphed_recompute is not None:  # its rules apply with CUDA graphs only
         recompute, why = c.graphed_recompute
         reasons.append(why)
-    allocator = ""
-    if c.allocator is not None:
-        allocator, why = c.allocator
-        reasons.append(why)
     return Plan(ladder=tuple(ladder), environment=env, reasons=tuple(_dedupe(reasons)), env_vars=dict(c.env),
-                fused_attention=fused, request=request.to_dict(), cuda_graphs=graphs, graphed_recompute=recompute,
-                allocator=allocator)
+                fused_attention=fused, request=request.to_dict(), cuda_graphs=graphs, graphed_recompute=recompute)
 
 
 def experts_allowed(env: Environment, request: PrecisionRequest) -> list[str]:

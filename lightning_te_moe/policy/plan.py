@@ -70,7 +70,6 @@ class Plan:
     request: dict[str, Any] = field(default_factory=dict)
     cuda_graphs: bool = False  # decoder layers replayed as CUDA graphs (the request's, or the rules' default)
     graphed_recompute: bool = False  # a step out of memory first recomputes inside the graphs (memory.py)
-    allocator: str = ""  # torch CUDA caching-allocator settings the plugin applies at setup (memory.py)
 
     @property
     def dense(self) -> RecipeSpec:
@@ -95,7 +94,6 @@ class Plan:
             "fused_attention": self.fused_attention,
             "cuda_graphs": self.cuda_graphs,
             "graphed_recompute": self.graphed_recompute,
-            "allocator": self.allocator,
             "reasons": [r.to_dict() for r in self.reasons],
             "request": dict(self.request),
             "environment": self.environment.to_dict(),
@@ -115,7 +113,6 @@ class Plan:
             request=dict(data.get("request") or {}),
             cuda_graphs=bool(data.get("cuda_graphs", (data.get("request") or {}).get("cuda_graphs"))),
             graphed_recompute=bool(data.get("graphed_recompute", False)),
-            allocator=str(data.get("allocator") or ""),
         )
 
     def summary(self) -> str:
@@ -149,8 +146,6 @@ class Plan:
             if self.cuda_graphs:
                 rows.append(("out of memory", "recompute inside the graphs, then eager checkpointing"
                              if self.graphed_recompute else "graphs off, then eager checkpointing"))
-        if self.allocator:
-            rows.append(("CUDA allocator", f"{self.allocator} (unless PYTORCH_CUDA_ALLOC_CONF sets it)"))
         if self.env_vars:
             rows.append(("env vars", ", ".join(f"{k}={v}" for k, v in self.env_vars.items())))
         for name, value in rows:

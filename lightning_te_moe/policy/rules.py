@@ -143,7 +143,6 @@ class Effect:
     fused_attention: Optional[bool] = None
     cuda_graphs: Optional[bool] = None  # CUDA graphs of the decoder layers by default (the user's cuda_graphs= wins)
     graphed_recompute: Optional[bool] = None  # a step out of memory first recomputes inside the graphs (memory.py)
-    allocator: str = ""  # torch CUDA caching-allocator settings ("key:value,..."; memory.apply_allocator_settings)
 
     def describe(self) -> str:
         parts = []
@@ -179,8 +178,6 @@ class Effect:
         if self.graphed_recompute is not None:
             parts.append("a step out of memory first " + ("recomputes inside the CUDA graphs" if self.graphed_recompute
                                                           else "drops the CUDA graphs"))
-        if self.allocator:
-            parts.append(f"CUDA caching allocator {self.allocator} unless PYTORCH_CUDA_ALLOC_CONF sets it")
         return "; ".join(parts) or "note"
 
 
@@ -248,19 +245,7 @@ RULES: tuple[Rule, ...] = (
          Effect(cuda_graphs=False),
          "Under torch.compile the decoder layers are not graphed by default: the compiler decides (its"
          " mode='reduce-overhead' captures CUDA graphs itself)."),
-    # -- the CUDA caching allocator, and what a step out of memory does first (lightning_te_moe/memory.py) --
-    Rule("cuda-allocator-expandable-segments",
-         "measured (GPT-OSS-20B, LoRA on attention and experts, 8 x 1,024 tokens, H200 capped at 78.5 GiB, cuBLASLt"
-         " 13.10, 2026-11-28, benchmarks/full_model.py): docs/cuda-graphs.md; torch docs, CUDA memory management,"
-         " PYTORCH_CUDA_ALLOC_CONF expandable_segments",
-         When(device="cuda"),
-         Effect(allocator="expandable_segments:True"),
-         "torch's CUDA caching allocator grows segments instead of reserving one per large allocation: the optimizer"
-         " state and cached copies made after the first steps otherwise pin the segments the activations used, and"
-         " their free space cannot be given back or joined. GPT-OSS-20B with LoRA on the experts at 8 x 1,024"
-         " tokens ran out of memory with 30.6 GiB reserved but free in 874 segments (largest free block 0.59 GiB) for"
-         " a 6.14 GiB request. Applied at setup, to the memory reserved from then on; PYTORCH_CUDA_ALLOC_CONF's own"
-         " setting wins."),
+    # -- what a step out of memory does first (lightning_te_moe/memory.py) ---------------------------
     Rule("graphed-recompute-hopper-split",
          "measured (GPT-OSS-20B LoRA fine-tunes at 8 x 1,024 tokens, one H200 capped at an H100's 78.5 GiB, TE 2.20.2,"
          " cuBLASLt 13.1, 2026-11-28, benchmarks/full_model.py): docs/cuda-graphs.md",
