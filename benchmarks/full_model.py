@@ -294,6 +294,38 @@ def memory_breakdown(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _site(frames: list[dict[str, Any]]) -> str:
+    """Where a block was allocated: the first two Python frames outside torch (innermost first), ``file:line``."""
+    ours = [f for f in frames if "/torch/" not in f.get("filename", "/torch/") and f.get("line", 0) > 0][:2]
+    return " < ".join(f"{'/'.join(Path(f['filename']).parts[-2:])}:{f['line']} {f['name']}" for f in ours) or "unknown"
+
+
+def pinning_sites(segments: list[dict[str, Any]], min_free_mib: int = 64, top: int = 12) -> dict[str, Any]:
+    """After a failed step, once its tensors are gone and the cache emptied: the allocator's segments that stay
+    reserved with free space in them (at least ``min_free_mib``), and the live blocks that keep them, by where they
+    were allocated (torch's memory history must be on for the frames: ``--memory-history``). Free memory the cache
+    cannot give back is pinned by these allocations."""
+    sites: dict[str, dict[str, Any]] = {}
+    free_total, pinned = 0, 0
+    for index, seg in enumerate(segments):
+        blocks = seg.get("blocks", ())
+        free = sum(b["size"] for b in blocks if b.get("state") == "inactive")
+        if tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0) or free < min_free_mib * 2**20:
+            continue
+        free_total, pinned = free_total + free, pinned + 1
+        for block in blocks:
+            if block.get("state") != "active_allocated":
+                continue
+            site = sites.setdefault(_site(block.get("frames") or []), {"blocks": 0, "bytes": 0, "segments": set()})
+            site["blocks"] += 1
+            site["bytes"] += block["size"]
+            site["segments"].add(index)
+    rows = sorted(sites.items(), key=lambda item: -item[1]["bytes"])[:top]
+    return {"segments": pinned, "free_gib": round(free_total / 2**30, 2),
+            "sites": [{"site": name, "blocks": s["blocks"], "gib": round(s["bytes"] / 2**30, 3),
+                       "segments": len(s["segments"])} for name, s in rows]}
+
+
 def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, shape: str, steps: int,
                   warmup: int, vocab: int) -> dict[str, Any]:
     batch, seq = parse_shape(shape)
@@ -316,12 +348,17 @@ def measure_shape(step: Callable[[Tensor], Tensor], optimizer: torch.optim.Optim
     optimizer.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
+    if result["status"] == "oom":
+        result["pinned_after_failure"] = pinning_sites(torch.cuda.memory_snapshot())
+        print(f"[full_model] {shape}: pinned after the failure: {result['pinned_after_failure']}", flush=True)
     return result
 
 
 def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int, warmup: int, layers: int,
-              result_file: Path, memory_cap_gib: Optional[float] = None) -> None:
+              result_file: Path, memory_cap_gib: Optional[float] = None, memory_history: bool = False) -> None:
     """Build, fine-tune setup, convert, then every shape; one JSON line per stage, flushed as it completes."""
+    if memory_history:  # the live blocks' allocation frames, for pinning_sites (current state only: cheap)
+        torch.cuda.memory._record_memory_history(enabled="state", stacks="python")
     if memory_cap_gib is not None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
@@ -418,7 +455,8 @@ def child_command(impl: str, finetune: str, args: argparse.Namespace, result_fil
     return [sys.executable, str(Path(__file__).resolve()), "--child", impl, finetune, "--shapes", *args.shapes,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--layers", str(args.layers),
             "--result-file", str(result_file),
-            *(["--memory-cap-gib", f"{args.memory_cap_gib:g}"] if args.memory_cap_gib is not None else [])]
+            *(["--memory-cap-gib", f"{args.memory_cap_gib:g}"] if args.memory_cap_gib is not None else []),
+            *(["--memory-history"] if args.memory_history else [])]
 
 
 def child_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -645,6 +683,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-cap-gib", type=float,
                    help="cap each child's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. an 80 GB H100's"
                         " on a larger GPU: a shape then fits only where it would fit there")
+    p.add_argument("--memory-history", action="store_true",
+                   help="record where each live block was allocated (torch's memory history): a shape out of memory"
+                        " then lists the allocations that keep free memory reserved (pinned_after_failure)")
     p.add_argument("--stack-label", default="default", help="names the CUDA stack: one doc section per label")
     p.add_argument("--append", type=Path, help="merge into this existing results JSON (earlier calls)")
     p.add_argument("--render", type=Path, nargs="+", help="only merge these results files and write the docs")
@@ -691,7 +732,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.child:
         impl, finetune = args.child
         run_child(BY_KEY[impl], finetune, args.shapes, args.steps, args.warmup, args.layers, args.result_file,
-                  args.memory_cap_gib)
+                  args.memory_cap_gib, args.memory_history)
         return
     results = load(args.append) if args.append else empty_results()
     try:

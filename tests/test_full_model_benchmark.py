@@ -308,6 +308,34 @@ def test_memory_at_a_failure_is_grouped_by_stream_and_pool() -> None:
     assert fm.memory_breakdown([]) == []
 
 
+def test_pinning_sites_name_the_allocations_that_keep_free_memory_reserved() -> None:
+    """After a failed step and ``empty_cache``, a segment still reserved with free space is held by its live blocks:
+    they are summed by where they were allocated (the first two frames outside torch), the largest first; segments
+    with little free space and graph pools are left out."""
+    mib = 2**20
+
+    def frames(*where: tuple[str, int, str]) -> list[dict]:
+        torch_frame = {"filename": "/x/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"}
+        return [torch_frame, *({"filename": f, "line": n, "name": name} for f, n, name in where)]
+
+    resident = frames(("/w/lightning_te_moe/experts/resident.py", 70, "keep"),
+                      ("/w/lightning_te_moe/experts/module.py", 231, "_gemm"))
+    adam = frames(("/w/benchmarks/full_model.py", 200, "step"))
+
+    def segment(pool: tuple[int, int], free: int, *live: tuple[int, list]) -> dict:
+        blocks = [{"size": free * mib, "state": "inactive"}]
+        blocks += [{"size": size * mib, "state": "active_allocated", "frames": where} for size, where in live]
+        return {"segment_pool_id": pool, "blocks": blocks}
+
+    found = fm.pinning_sites([segment((0, 0), 900, (530, resident), (2, adam)), segment((0, 0), 300, (530, resident)),
+                              segment((0, 0), 10, (4096, adam)), segment((1, 2), 2000, (1, resident))])
+    assert found == {"segments": 2, "free_gib": round(1200 / 1024, 2), "sites": [
+        {"site": "experts/resident.py:70 keep < experts/module.py:231 _gemm", "blocks": 2,
+         "gib": round(1060 / 1024, 3), "segments": 2},
+        {"site": "benchmarks/full_model.py:200 step", "blocks": 1, "gib": round(2 / 1024, 3), "segments": 1}]}
+    assert fm.pinning_sites([segment((0, 0), 100, (5, []))])["sites"][0]["site"] == "unknown"  # no history
+
+
 def test_the_config_is_gpt_oss_20b() -> None:
     config = fm.gpt_oss_20b_config(24)
     assert (config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok, config.vocab_size) == (
