@@ -19,8 +19,11 @@ the decoder layers (non-reentrant; the recompute runs under the forward's precis
 GPT-OSS-20B with LoRA at 8 x 1,024 tokens ran at 58.8 GiB with it where the step without ran out of memory on an
 80 GB H100 (cuBLASLt 13.10, 2026-11-28).
 
-Each decision's evidence holds the caching allocator's allocated and reserved GiB at the failure and after the rung
-(:func:`gpu_memory`): memory a rung did not give back shows in the log. When no rung is left the error is raised as it
+After the rung the quantized copies held for frozen weights move to the host and back
+(:func:`.experts.resident.compact_resident_weights`): made in the first forward between that step's activations, they
+keep the activations' segments reserved, their free memory unusable for a large allocation. Each decision's evidence
+holds the caching allocator's allocated and reserved GiB at the failure and after the rung (:func:`gpu_memory`):
+memory a rung did not give back shows in the log. When no rung is left the error is raised as it
 was. Running the closure again is the same step: Lightning zeroes the
 gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
 cleared. That holds under automatic optimization without gradient accumulation only (a micro-batch's gradients from
@@ -38,6 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .experts.resident import compact_resident_weights
 from .graphs import dispatchers, drop_graphs, recompute_in_graphs, remove_cuda_graphs
 from .guard.decisions import DecisionLog
 
@@ -145,13 +149,16 @@ class MemoryFallback:
             # Outside the handler: the failed step's frames (and the tensors they hold) went with the exception. The
             # rung first, then the collection: the graphs a rung drops give their pools back to the cache here.
             change = rung.apply(model)
+            compacted = compact_resident_weights(model)  # collects and empties the cache between its two moves
             gc.collect()
             torch.cuda.empty_cache()
             self.taken.append(rung.name)
+            if compacted:
+                change += f"; the frozen weights' quantized copies packed anew ({compacted / 2**30:.1f} GiB)"
             self.decisions.record("memory", f"out of GPU memory at step {step}: {change}; the step runs again",
                                   rule="memory-fallback", step=step, to=rung.name,
                                   evidence={"error": error, "taken": list(self.taken), "at_failure": at_failure,
-                                            "after_rung": gpu_memory()})
+                                            "after_rung": gpu_memory(), "compacted_gib": round(compacted / 2**30, 2)})
 
     def _not_recoverable(self, trainer: Any) -> Optional[str]:
         if not self.enabled:

@@ -188,3 +188,82 @@ def test_memory_fallback_false_is_a_checked_argument() -> None:
     with pytest.raises(TypeError, match="memory_fallback must be True or False"):
         TEMoEPrecision(memory_fallback="yes")  # type: ignore[arg-type]
     assert copy.deepcopy(TEMoEPrecision()).memory.enabled
+
+
+class _QuantizedStandIn:
+    """TE's protocol for moving a quantized tensor's buffers (``prepare_for_saving`` / ``restore_from_saved``, TE
+    2.20 ``Float8TensorStorage``): data, its transpose (here a view of the same storage) and the scale."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self._data, self._transpose, self._scale_inv = data, data.t(), torch.full((1,), 0.5)
+
+    def prepare_for_saving(self) -> tuple[list, "_QuantizedStandIn"]:
+        tensors = [self._data, self._transpose, self._scale_inv]
+        self._data = self._transpose = self._scale_inv = None
+        return tensors, self
+
+    def restore_from_saved(self, tensors: list) -> list:
+        self._data, self._transpose, self._scale_inv = tensors[:3]
+        return tensors[3:]
+
+
+class _Grouped(_QuantizedStandIn):
+    quantized_tensors: list = []  # TE's GroupedTensorStorage: prepare_for_saving drops these views for good
+
+
+def test_the_quantized_copies_of_frozen_weights_are_packed_anew_after_an_out_of_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies made in the first forward sit between that step's activations and keep their segments reserved. After
+    a rung they go to the host (every one before the cache is emptied) and come back in new memory: the same values,
+    views still views of their copy, a grouped tensor left alone, the graphs reading the old addresses dropped; the
+    decision says how much moved."""
+    import lightning_te_moe.experts.resident as resident_module
+    from lightning_te_moe.experts.resident import ResidentWeights
+    from lightning_te_moe.graphs import graph_epoch
+
+    class Frozen(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 6), requires_grad=False)
+            self.held = ResidentWeights()
+            self.copies = [_QuantizedStandIn(torch.arange(24, dtype=torch.uint8).view(4, 6)),
+                           _Grouped(torch.ones(2, 3, dtype=torch.uint8))]
+            self.held.keep(self.weight, object(), self.copies, torch.device("cpu"))
+
+        def resident_weights(self) -> list[ResidentWeights]:
+            return [self.held]
+
+    model = torch.nn.Sequential(Frozen(), torch.nn.Linear(2, 2))
+    copy, grouped = model[0].copies
+    before = copy._data.untyped_storage().data_ptr()
+    grouped_before = grouped._data.untyped_storage().data_ptr()
+    parked: list[int] = []
+
+    def collect() -> int:  # the first, between the two moves: every copy is on the host
+        parked.append(copy._data.untyped_storage().data_ptr())
+        return 0
+
+    monkeypatch.setattr(resident_module.gc, "collect", collect)
+    epoch = graph_epoch()
+    log = DecisionLog()
+    failures = iter([1, 0])
+
+    def closure() -> str:
+        if next(failures):
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return "loss"
+
+    model[0].supports_gradient_checkpointing = True  # the rung taken: checkpointing (no graphs here)
+    model[0].gradient_checkpointing_enable = lambda **_: setattr(model[0], "is_gradient_checkpointing", True)
+    assert MemoryFallback(log).run(closure, model) == "loss"
+
+    after = copy._data.untyped_storage().data_ptr()
+    assert len({before, parked[0], after}) == 3 and parked[-1] == after
+    assert torch.equal(copy._data, torch.arange(24, dtype=torch.uint8).view(4, 6))
+    assert copy._transpose.untyped_storage().data_ptr() == after and torch.equal(copy._transpose, copy._data.t())
+    assert copy._scale_inv.item() == 0.5
+    assert grouped._data.untyped_storage().data_ptr() == grouped_before
+    assert graph_epoch() > epoch
+    (decision,) = [d for d in log.decisions if d.kind == "memory"]
+    assert decision.evidence["compacted_gib"] == round((24 + 4) / 2**30, 2)
+    assert "the frozen weights' quantized copies packed anew (0.0 GiB)" in decision.reason

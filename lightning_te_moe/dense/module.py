@@ -119,6 +119,10 @@ class TEDenseLinear(nn.Linear):
         invalidate_graphs()  # a captured graph reads the weights by address
         self._resident.release(self.weight)
 
+    def resident_weights(self) -> list[ResidentWeights]:
+        """The frozen weight's quantized copies (``compact_resident_weights``)."""
+        return [self._resident]
+
     def release_quantized_weights(self) -> None:
         """Bring a frozen weight held only in quantized form back to the GPU in high precision (unswap, merge)."""
         self._resident.release(self.weight)

@@ -247,6 +247,10 @@ class GroupedExperts(nn.Module):
                                                cache_weights=self.cache_quantized_weights, native=native)
         return self._engines[key]
 
+    def resident_weights(self) -> list[ResidentWeights]:
+        """The frozen projections' quantized copies (:func:`~.resident.compact_resident_weights`)."""
+        return list(self._resident.values())
+
     def release_quantized_weights(self) -> None:
         """Bring frozen weights held only in quantized form back to the GPU in high precision (unswap, export)."""
         for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)):

@@ -18,10 +18,11 @@ recipe without quantization (a step-down to BF16), or a changed weight brings th
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional, Sequence
+import gc
+from typing import Any, Hashable, Iterable, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..graphs import invalidate_graphs
 
@@ -80,6 +81,24 @@ class ResidentWeights:
             weight.data = weight.data.to(self._home)
         self._home = None
 
+    def move_quantized(self, to_host: bool, memo: dict[Any, Tensor]) -> int:
+        """Move the held quantized copies' buffers to the host (``to_host``) or back to their GPU, through TE's
+        ``prepare_for_saving`` / ``restore_from_saved`` (the protocol TE's own autograd functions use to move them);
+        one copy per storage (``memo``), views kept. A grouped tensor stays where it is: TE 2.20's
+        ``GroupedTensorStorage.prepare_for_saving`` drops its per-member views for good. Returns the bytes moved."""
+        if self._quantized is None or self._home is None:
+            return 0
+        device = self.host if to_host else self._home
+        moved = 0
+        for tensor in self._quantized:
+            if hasattr(tensor, "quantized_tensors"):
+                continue
+            buffers, _ = tensor.prepare_for_saving()
+            before = len(memo)
+            tensor.restore_from_saved(relocate(buffers, device, memo))
+            moved += sum(memo[key].untyped_storage().nbytes() for key in list(memo)[before:])
+        return moved
+
     def __getstate__(self) -> dict[str, Any]:
         """Copies (``deepcopy`` of the model) know where the values belong but hold no quantized tensors."""
         return {**self.__dict__, "_quantized": None, "_key": None}
@@ -92,3 +111,53 @@ class ResidentWeights:
 def _backward(backward: Optional[bool]) -> bool:
     """Whether an input-gradient GEMM follows the call (it needs the transposed copies); None: grad mode says."""
     return torch.is_grad_enabled() if backward is None else backward
+
+
+def relocate(tensors: Sequence[Optional[Tensor]], device: torch.device, memo: dict[Any, Tensor]) -> list[Any]:
+    """``tensors`` copied to ``device``: one new allocation per storage (``memo`` maps the old storages to their
+    copies across calls), each tensor a view of its copy at the same offset, size and stride. ``None`` stays."""
+    out: list[Any] = []
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor):
+            out.append(tensor)
+            continue
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key not in memo:
+            source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            memo[key] = torch.empty(storage.nbytes(), dtype=torch.uint8, device=device).copy_(source)
+        view = torch.empty(0, dtype=tensor.dtype, device=device)
+        out.append(view.set_(memo[key].untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()))
+    return out
+
+
+def held_resident_weights(model: nn.Module) -> list[ResidentWeights]:
+    """Every :class:`ResidentWeights` of ``model``'s swapped modules (their ``resident_weights()``)."""
+    found: Iterable[ResidentWeights] = (
+        resident for module in model.modules() if callable(getattr(module, "resident_weights", None))
+        for resident in module.resident_weights())
+    return [resident for resident in found if resident._quantized is not None]
+
+
+def compact_resident_weights(model: nn.Module) -> int:
+    """Give the quantized copies held for ``model``'s frozen weights new, packed GPU memory: to the host, the
+    allocator's cache emptied, back. They are made in the first forward, between that step's activations, and each
+    keeps the segment it landed in reserved after the activations are freed: GPT-OSS-20B with LoRA on the experts
+    at 8 x 1,024 tokens ran out of memory with 30.4 GiB free in 74 segments held by 1,806 such copies (15.4 GiB;
+    H200 capped at 78.5 GiB, cuBLASLt 13.10, 2026-11-28, ``benchmarks/full_model.py --memory-history``). Returns
+    the bytes of the copies moved (each once). The graphs that read the old addresses are dropped."""
+    held = held_resident_weights(model)
+    if not held:
+        return 0
+    to_host: dict[Any, Tensor] = {}
+    moved = sum(resident.move_quantized(True, to_host) for resident in held)
+    del to_host  # the buffers point at the host copies now: the GPU memory goes with the last reference
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    back: dict[Any, Tensor] = {}
+    for resident in held:
+        resident.move_quantized(False, back)
+    invalidate_graphs()
+    return moved
+
