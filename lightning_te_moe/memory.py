@@ -3,16 +3,16 @@
 A step that does not fit used to end the run. The plugin's ``optimizer_step`` runs Lightning's closure (the training
 step, ``zero_grad`` and the backward) through :class:`MemoryFallback`: on ``torch.cuda.OutOfMemoryError`` it takes the
 next rung of its ladder that applies to the model, records the decision (kind ``memory``) and runs the closure again
-on the same batch. The plan says which ladder (``Plan.graphed_recompute``, rules ``graphed-recompute-*``):
+on the same batch. The plan says which ladder (``Plan.graphed_recompute``, rule ``graphed-recompute-hopper``):
 
-- :data:`GRAPHED_RECOMPUTE_LADDER`: first the graphed layers recompute (activation checkpointing inside the CUDA
-  graphs, :func:`.graphs.recompute_in_graphs`): a layer keeps its input and output between forward and backward
+- :data:`GRAPHED_RECOMPUTE_LADDER` (Hopper): first the graphed layers recompute (activation checkpointing inside the
+  CUDA graphs, :func:`.graphs.recompute_in_graphs`): a layer keeps its input and output between forward and backward
   instead of its saved activations, and the step stays two launches a layer. GPT-OSS-20B with LoRA at 8 x 1,024
-  tokens: 486-560 ms at 98% GPU busy, against 545-633 ms at 86% on the other ladder (H200 capped at 78.5 GiB,
-  cuBLASLt 13.1, 2026-11-28, ``benchmarks/full_model.py``);
-- :data:`MEMORY_LADDER`: first the CUDA graphs off (their pools hold every layer's saved activations between steps).
-  On cuBLASLt 13.10 the graphed recompute ran out of memory at 8 x 1,024 tokens, and with LoRA on the experts the
-  eager checkpointed step after it did not fit either, where this ladder fits (same day and machine).
+  tokens: 483-560 ms at 98% GPU busy on cuBLASLt 13.1, against 545-633 ms at 86% on the other ladder; 496.5 ms at 98%
+  on 13.10 with LoRA on the experts, against 728 ms at 67% (H200 capped at 78.5 GiB, 2026-11-28,
+  ``benchmarks/full_model.py``);
+- :data:`MEMORY_LADDER` (where that was not measured): first the CUDA graphs off (their pools hold every layer's
+  saved activations between steps).
 
 Both end on eager activation checkpointing: the graphs removed, transformers' ``gradient_checkpointing_enable`` on
 the decoder layers (non-reentrant; the recompute runs under the forward's precision, :mod:`.recompute`).
@@ -20,16 +20,17 @@ GPT-OSS-20B with LoRA at 8 x 1,024 tokens ran at 58.8 GiB with it where the step
 80 GB H100 (cuBLASLt 13.10, 2026-11-28).
 
 After the rung the quantized copies held for frozen weights move to the host and back
-(:func:`.experts.resident.compact_resident_weights`): made in the first forward between that step's activations, they
-keep the activations' segments reserved, their free memory unusable for a large allocation. Each decision's evidence
-holds the caching allocator's allocated and reserved GiB at the failure and after the rung (:func:`gpu_memory`):
-memory a rung did not give back shows in the log. When no rung is left the error is raised as it
-was. Running the closure again is the same step: Lightning zeroes the
-gradients inside it, after the training step and before the backward, so whatever a failed backward accumulated is
-cleared. That holds under automatic optimization without gradient accumulation only (a micro-batch's gradients from
-before would be lost), and on one process (the other ranks would wait in a collective): elsewhere the error is raised
-as is, with a decision saying why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run
-finds them again, one failed step each.
+(:func:`.experts.resident.compact_resident_weights`): made in the first forward between that step's activations,
+they keep the activations' segments reserved, their free memory unusable for a large allocation (on cuBLASLt 13.10
+the graphed LoRA step above did not fit without this: 30.4 GiB free held by 15.4 GiB of copies). Each decision's
+evidence holds the caching allocator's allocated and reserved GiB at the failure and after the rung
+(:func:`gpu_memory`): memory a rung did not give back shows in the log. When no rung is left the error is raised as
+it was. Running the closure again is the same step: Lightning zeroes the gradients inside it, after the training
+step and before the backward, so whatever a failed backward accumulated is cleared. That holds under automatic
+optimization without gradient accumulation only (a micro-batch's gradients from before would be lost), and on one
+process (the other ranks would wait in a collective): elsewhere the error is raised as is, with a decision saying
+why it was not recovered. The rungs taken are not saved in checkpoints: a resumed run finds them again, one failed
+step each.
 """
 
 from __future__ import annotations

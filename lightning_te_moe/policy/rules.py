@@ -246,25 +246,18 @@ RULES: tuple[Rule, ...] = (
          "Under torch.compile the decoder layers are not graphed by default: the compiler decides (its"
          " mode='reduce-overhead' captures CUDA graphs itself)."),
     # -- what a step out of memory does first (lightning_te_moe/memory.py) ---------------------------
-    Rule("graphed-recompute-hopper-split",
+    Rule("graphed-recompute-hopper",
          "measured (GPT-OSS-20B LoRA fine-tunes at 8 x 1,024 tokens, one H200 capped at an H100's 78.5 GiB, TE 2.20.2,"
-         " cuBLASLt 13.1, 2026-11-28, benchmarks/full_model.py): docs/cuda-graphs.md",
-         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_below="13.5", cuda_graphs=True),
+         " 2026-11-28, benchmarks/full_model.py): cuBLASLt 13.1 and 13.10, docs/cuda-graphs.md",
+         When(device="cuda", cc_min=9.0, cc_below=10.0, cuda_graphs=True),
          Effect(graphed_recompute=True),
-         "Hopper below cuBLASLt 13.5 with CUDA graphs (BF16 experts on torch's grouped_mm): a step out of memory first"
-         " recomputes each decoder layer inside its CUDA graphs (activation checkpointing at two launches a layer)."
-         " GPT-OSS-20B at 8 x 1,024 tokens then ran 486 ms with the experts frozen and 560 ms with LoRA on them, GPU"
-         " busy 98%, against 545 and 633 ms (busy 86%) with the graphs dropped and eager checkpointing."),
-    Rule("graphed-recompute-hopper-native",
-         "measured (as graphed-recompute-hopper-split, cuBLASLt 13.10, 2026-11-28): docs/cuda-graphs.md",
-         When(device="cuda", cc_min=9.0, cc_below=10.0, cublaslt_min="13.5", cuda_graphs=True),
-         Effect(graphed_recompute=False),
-         "Hopper with cuBLASLt >= 13.5 (FP8 experts on TE's native grouped GEMM): recomputing inside the CUDA graphs"
-         " ran out of memory at 8 x 1,024 tokens for both GPT-OSS-20B fine-tunes, and with LoRA on the experts the"
-         " eager checkpointed step after it no longer fit either (30.6 GiB reserved but unusable; likely the pool of"
-         " a capture that ran out of memory: torch keeps such a pool until the process ends, pytorch/pytorch PR"
-         " #190348). Dropping the graphs first fits (728-833 ms), so a step out of memory drops the graphs, then"
-         " checkpoints eagerly."),
+         "Hopper with CUDA graphs: a step out of memory first recomputes each decoder layer inside its CUDA graphs"
+         " (activation checkpointing at two launches a layer). GPT-OSS-20B at 8 x 1,024 tokens then ran, on cuBLASLt"
+         " 13.1, 483-486 ms with the experts frozen and 558-560 ms with LoRA on them, GPU busy 98%, against 545 and"
+         " 633 ms (busy 86%) with the graphs dropped and eager checkpointing; on cuBLASLt 13.10, with LoRA on the"
+         " experts, 496.5 ms at 98% busy (peak 64.9 GiB) where the other ladder took 728 ms at 67%, once the memory"
+         " fallback packs the frozen weights' quantized copies anew (before that, they kept 30.4 GiB of freed"
+         " activation memory reserved and the step did not fit). Experts frozen on 13.10: not measured since."),
     Rule("hopper-sharded-bf16",
          "measured (GPT-OSS-20B, all parameters trainable, FSDP2 on 4 GPUs, sequence 4,096, TE 2.20.2, "
          "benchmarks/distributed.py): docs/distributed.md, 4 x H200 cuBLASLt 13.10 (2026-11-28) and 4 x H100 "
