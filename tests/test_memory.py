@@ -211,12 +211,17 @@ class _Grouped(_QuantizedStandIn):
     quantized_tensors: list = []  # TE's GroupedTensorStorage: prepare_for_saving drops these views for good
 
 
+class _WithoutProtocol:  # a quantized tensor of a TE without prepare_for_saving / restore_from_saved
+    def __init__(self) -> None:
+        self._data = torch.zeros(3, dtype=torch.uint8)
+
+
 def test_the_quantized_copies_of_frozen_weights_are_packed_anew_after_an_out_of_memory(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Copies made in the first forward sit between that step's activations and keep their segments reserved. After
     a rung they go to the host (every one before the cache is emptied) and come back in new memory: the same values,
-    views still views of their copy, a grouped tensor left alone, the graphs reading the old addresses dropped; the
-    decision says how much moved."""
+    views still views of their copy, a grouped tensor and one without TE's protocol left alone, the graphs reading
+    the old addresses dropped; the decision says how much moved."""
     import lightning_te_moe.experts.resident as resident_module
     from lightning_te_moe.experts.resident import ResidentWeights
     from lightning_te_moe.graphs import graph_epoch
@@ -227,16 +232,16 @@ def test_the_quantized_copies_of_frozen_weights_are_packed_anew_after_an_out_of_
             self.weight = torch.nn.Parameter(torch.randn(4, 6), requires_grad=False)
             self.held = ResidentWeights()
             self.copies = [_QuantizedStandIn(torch.arange(24, dtype=torch.uint8).view(4, 6)),
-                           _Grouped(torch.ones(2, 3, dtype=torch.uint8))]
+                           _Grouped(torch.ones(2, 3, dtype=torch.uint8)), _WithoutProtocol()]
             self.held.keep(self.weight, object(), self.copies, torch.device("cpu"))
 
         def resident_weights(self) -> list[ResidentWeights]:
             return [self.held]
 
     model = torch.nn.Sequential(Frozen(), torch.nn.Linear(2, 2))
-    copy, grouped = model[0].copies
+    copy, grouped, plain = model[0].copies
     before = copy._data.untyped_storage().data_ptr()
-    grouped_before = grouped._data.untyped_storage().data_ptr()
+    left = [t._data.untyped_storage().data_ptr() for t in (grouped, plain)]
     parked: list[int] = []
 
     def collect() -> int:  # the first, between the two moves: every copy is on the host
@@ -262,7 +267,7 @@ def test_the_quantized_copies_of_frozen_weights_are_packed_anew_after_an_out_of_
     assert torch.equal(copy._data, torch.arange(24, dtype=torch.uint8).view(4, 6))
     assert copy._transpose.untyped_storage().data_ptr() == after and torch.equal(copy._transpose, copy._data.t())
     assert copy._scale_inv.item() == 0.5
-    assert grouped._data.untyped_storage().data_ptr() == grouped_before
+    assert [t._data.untyped_storage().data_ptr() for t in (grouped, plain)] == left
     assert graph_epoch() > epoch
     (decision,) = [d for d in log.decisions if d.kind == "memory"]
     assert decision.evidence["compacted_gib"] == round((24 + 4) / 2**30, 2)

@@ -84,14 +84,15 @@ class ResidentWeights:
     def move_quantized(self, to_host: bool, memo: dict[Any, Tensor]) -> int:
         """Move the held quantized copies' buffers to the host (``to_host``) or back to their GPU, through TE's
         ``prepare_for_saving`` / ``restore_from_saved`` (the protocol TE's own autograd functions use to move them);
-        one copy per storage (``memo``), views kept. A grouped tensor stays where it is: TE 2.20's
-        ``GroupedTensorStorage.prepare_for_saving`` drops its per-member views for good. Returns the bytes moved."""
+        one copy per storage (``memo``), views kept. A grouped tensor stays where it is (TE 2.20's
+        ``GroupedTensorStorage.prepare_for_saving`` drops its per-member views for good), as does one without that
+        protocol. Returns the bytes moved."""
         if self._quantized is None or self._home is None:
             return 0
         device = self.host if to_host else self._home
         moved = 0
         for tensor in self._quantized:
-            if hasattr(tensor, "quantized_tensors"):
+            if hasattr(tensor, "quantized_tensors") or not hasattr(tensor, "restore_from_saved"):
                 continue
             buffers, _ = tensor.prepare_for_saving()
             before = len(memo)
