@@ -26,6 +26,18 @@ from lightning_te_moe.memory import MemoryFallback
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
 
 
+def _out_of_memory_once() -> Any:
+    """A step's closure that runs out of memory the first time and returns ``"loss"`` after."""
+    failures = iter([True])
+
+    def closure() -> str:
+        if next(failures, False):
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return "loss"
+
+    return closure
+
+
 @pytest.mark.parametrize("graphed_recompute", [False, True])
 def test_each_out_of_memory_takes_the_next_rung_then_the_error_stands(graphed_recompute: bool) -> None:
     """The plan's ladder: graphs off, or recompute inside the graphs; then eager checkpointing (the graphs removed);
@@ -84,13 +96,7 @@ def test_a_memory_decision_records_the_allocators_memory_at_the_failure_and_afte
     model = tiny_model("gpt_oss").train()
     install_cuda_graphs(model)
     log = DecisionLog()
-    failures = iter([1, 0])
-
-    def closure() -> str:
-        if next(failures):
-            raise torch.cuda.OutOfMemoryError(OOM)
-        return "loss"
-
+    closure = _out_of_memory_once()
     assert MemoryFallback(log).run(closure, model) == "loss"
     (decision,) = [d for d in log.decisions if d.kind == "memory"]
     assert decision.evidence["at_failure"] == {"allocated_gib": 70.0, "reserved_gib": 78.0}
@@ -251,13 +257,7 @@ def test_the_quantized_copies_of_frozen_weights_are_packed_anew_after_an_out_of_
     monkeypatch.setattr(resident_module.gc, "collect", collect)
     epoch = graph_epoch()
     log = DecisionLog()
-    failures = iter([1, 0])
-
-    def closure() -> str:
-        if next(failures):
-            raise torch.cuda.OutOfMemoryError(OOM)
-        return "loss"
-
+    closure = _out_of_memory_once()
     model[0].supports_gradient_checkpointing = True  # the rung taken: checkpointing (no graphs here)
     model[0].gradient_checkpointing_enable = lambda **_: setattr(model[0], "is_gradient_checkpointing", True)
     assert MemoryFallback(log).run(closure, model) == "loss"
