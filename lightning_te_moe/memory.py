@@ -20,7 +20,7 @@ GPT-OSS-20B with LoRA at 8 x 1,024 tokens ran at 58.8 GiB with it where the step
 80 GB H100 (cuBLASLt 13.10, 2026-11-28).
 
 After the rung the quantized copies held for frozen weights move to the host and back
-(:func:`.experts.resident.compact_resident_weights`): made in the first forward between that step's activations,
+(:func:`.experts.resident.parked_resident_weights`): made in the first forward between that step's activations,
 they keep the activations' segments reserved, their free memory unusable for a large allocation (on cuBLASLt 13.10
 the graphed LoRA step above did not fit without this: 30.4 GiB free held by 15.4 GiB of copies). Each decision's
 evidence holds the caching allocator's allocated and reserved GiB at the failure and after the rung
@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .experts.resident import compact_resident_weights
+from .experts.resident import parked_resident_weights
 from .graphs import dispatchers, drop_graphs, recompute_in_graphs, remove_cuda_graphs
 from .guard.decisions import DecisionLog
 
@@ -150,9 +150,9 @@ class MemoryFallback:
             # Outside the handler: the failed step's frames (and the tensors they hold) went with the exception. The
             # rung first, then the collection: the graphs a rung drops give their pools back to the cache here.
             change = rung.apply(model)
-            compacted = compact_resident_weights(model)  # collects and empties the cache between its two moves
-            gc.collect()
-            torch.cuda.empty_cache()
+            with parked_resident_weights(model) as compacted:  # back in packed memory once the cache is emptied
+                gc.collect()
+                torch.cuda.empty_cache()
             self.taken.append(rung.name)
             if compacted:
                 change += f"; the frozen weights' quantized copies packed anew ({compacted / 2**30:.1f} GiB)"

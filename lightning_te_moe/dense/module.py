@@ -120,7 +120,7 @@ class TEDenseLinear(nn.Linear):
         self._resident.release(self.weight)
 
     def resident_weights(self) -> list[ResidentWeights]:
-        """The frozen weight's quantized copies (``compact_resident_weights``)."""
+        """The frozen weight's quantized copies (``parked_resident_weights``)."""
         return [self._resident]
 
     def release_quantized_weights(self) -> None:

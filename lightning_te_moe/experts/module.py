@@ -248,7 +248,7 @@ class GroupedExperts(nn.Module):
         return self._engines[key]
 
     def resident_weights(self) -> list[ResidentWeights]:
-        """The frozen projections' quantized copies (:func:`~.resident.compact_resident_weights`)."""
+        """The frozen projections' quantized copies (:func:`~.resident.parked_resident_weights`)."""
         return list(self._resident.values())
 
     def release_quantized_weights(self) -> None:

@@ -18,8 +18,8 @@ recipe without quantization (a step-down to BF16), or a changed weight brings th
 
 from __future__ import annotations
 
-import gc
-from typing import Any, Hashable, Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Hashable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -140,25 +140,24 @@ def held_resident_weights(model: nn.Module) -> list[ResidentWeights]:
     return [resident for resident in found if resident._quantized is not None]
 
 
-def compact_resident_weights(model: nn.Module) -> int:
-    """Give the quantized copies held for ``model``'s frozen weights new, packed GPU memory: to the host, the
-    allocator's cache emptied, back. They are made in the first forward, between that step's activations, and each
-    keeps the segment it landed in reserved after the activations are freed: GPT-OSS-20B with LoRA on the experts
-    at 8 x 1,024 tokens ran out of memory with 30.4 GiB free in 74 segments held by 1,806 such copies (15.4 GiB;
-    H200 capped at 78.5 GiB, cuBLASLt 13.10, 2026-11-28, ``benchmarks/full_model.py --memory-history``). Returns
-    the bytes of the copies moved (each once). The graphs that read the old addresses are dropped."""
+@contextmanager
+def parked_resident_weights(model: nn.Module) -> Iterator[int]:
+    """The quantized copies held for ``model``'s frozen weights wait on the host inside the block (empty the
+    allocator's cache there) and come back in new, packed GPU memory after it. They are made in the first forward,
+    between that step's activations, and each keeps the segment it landed in reserved after the activations are
+    freed: GPT-OSS-20B with LoRA on the experts at 8 x 1,024 tokens ran out of memory with 30.4 GiB free in 74
+    segments held by 1,806 such copies (15.4 GiB; H200 capped at 78.5 GiB, cuBLASLt 13.10, 2026-11-28,
+    ``benchmarks/full_model.py --memory-history``). Yields the bytes of the copies moved. The graphs that read the
+    old addresses are dropped."""
     held = held_resident_weights(model)
-    if not held:
-        return 0
     to_host: dict[Any, Tensor] = {}
     moved = sum(resident.move_quantized(True, to_host) for resident in held)
     del to_host  # the buffers point at the host copies now: the GPU memory goes with the last reference
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-    back: dict[Any, Tensor] = {}
-    for resident in held:
-        resident.move_quantized(False, back)
-    invalidate_graphs()
-    return moved
-
+    try:
+        yield moved
+    finally:
+        back: dict[Any, Tensor] = {}
+        for resident in held:
+            resident.move_quantized(False, back)
+        if moved:
+            invalidate_graphs()
