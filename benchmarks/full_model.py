@@ -388,9 +388,10 @@ def run_child(impl: Implementation, finetune: str, shapes: list[str], steps: int
         for shape in shapes:
             taken = len(memory())
             result = measure_shape(step, optimizer, shape, steps, warmup, config.vocab_size)
-            if len(memory()) > taken:  # out of memory at this shape: the rungs the plugin took, and its memory
-                result["memory"] = [decision["to"] for decision in memory()[taken:] if decision["to"]]
-                result["memory_decisions"] = memory()[taken:]
+            decisions = memory()[taken:]
+            if decisions:  # out of memory at this shape: the rungs the plugin took, and its memory
+                result["memory"] = [decision["to"] for decision in decisions if decision["to"]]
+                result["memory_decisions"] = decisions
             if impl.graphed:
                 from lightning_te_moe.graphs import drop_graphs, graph_status
 
