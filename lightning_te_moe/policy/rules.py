@@ -257,7 +257,9 @@ RULES: tuple[Rule, ...] = (
          " 633 ms (busy 86%) with the graphs dropped and eager checkpointing; on cuBLASLt 13.10, with LoRA on the"
          " experts, 496.5 ms at 98% busy (peak 64.9 GiB) where the other ladder took 728 ms at 67%, once the memory"
          " fallback packs the frozen weights' quantized copies anew (before that, they kept 30.4 GiB of freed"
-         " activation memory reserved and the step did not fit). Experts frozen on 13.10: not measured since."),
+         " activation memory reserved and the step did not fit). With the final code (2 x H200 capped, 15:05 UTC):"
+         " 13.10 422.2 ms with the experts frozen (833.3 ms at 49% on the other ladder) and 499.6 ms with LoRA on"
+         " them; 13.1 480.6 and 555.7 ms; GPU busy 98-99%."),
     Rule("hopper-sharded-bf16",
          "measured (GPT-OSS-20B, all parameters trainable, FSDP2 on 4 GPUs, sequence 4,096, TE 2.20.2, "
          "benchmarks/distributed.py): docs/distributed.md, 4 x H200 cuBLASLt 13.10 (2026-11-28) and 4 x H100 "
